@@ -1,0 +1,1 @@
+"""Learners (one module per algorithm) built from shared actor-critic pieces."""

@@ -1,0 +1,75 @@
+"""Environment registry: name -> (VecEnv class, typed options dataclass).
+
+``envs`` depends on nothing in ``rlmem`` or ``agents``, so it keeps its own small registry; the CLI
+reads it the same way as the core and learner registries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from envs.base import EnvError, VecEnv
+
+
+@dataclass
+class EnvOptions:
+    """Options every environment has; an environment's own options dataclass extends this one."""
+
+    num_envs: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_envs, int) or self.num_envs <= 0:
+            raise EnvError(f"env.num_envs must be a positive integer, got {self.num_envs!r}")
+
+
+@dataclass(frozen=True)
+class EnvEntry:
+    name: str
+    cls: type[VecEnv]
+    options: type
+    summary: str
+
+
+ENVS: dict[str, EnvEntry] = {}
+
+
+def register_env(name: str, options: type = EnvOptions):
+    """Class decorator: ``@register_env("cue_recall", CueRecallOptions)``."""
+
+    def decorate(cls: type[VecEnv]) -> type[VecEnv]:
+        if name in ENVS:
+            raise ValueError(f"environment {name!r} is registered twice")
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        ENVS[name] = EnvEntry(name, cls, options, summary)
+        return cls
+
+    return decorate
+
+
+def env_entry(name: str) -> EnvEntry:
+    if name not in ENVS:
+        raise EnvError(f"unknown environment {name!r}; valid choices: {', '.join(sorted(ENVS))}")
+    return ENVS[name]
+
+
+def env_options(spec: Mapping[str, Any]) -> Any:
+    values = {k: (list(v) if type(v).__name__ == "ListConfig" else v) for k, v in dict(spec).items()}
+    if "name" not in values:
+        raise EnvError(f"env.name is missing; valid choices: {', '.join(sorted(ENVS))}")
+    entry = env_entry(values.pop("name"))
+    fields = {f.name for f in dataclasses.fields(entry.options)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise EnvError(f"unknown key env.{unknown[0]}; valid keys: {', '.join(sorted(fields))}")
+    return entry.options(**values)
+
+
+def make_env(spec: Mapping[str, Any], device: torch.device | str = "cpu", seed: int = 0) -> VecEnv:
+    """Build a VecEnv from ``{"name": ..., "num_envs": ..., <env options>}``; it is reset by the caller."""
+    options = env_options(spec)
+    return env_entry(str(spec["name"])).cls(options, device=torch.device(device), seed=seed)

@@ -1,0 +1,1 @@
+"""CUDA kernels for the sensitivity recursion; ``rlmem/rtrl.py`` holds their PyTorch oracle."""

@@ -1,0 +1,32 @@
+"""Memory cores behind one contract (see ``rlmem.memory.base``). Importing this package registers them."""
+
+from rlmem.memory.base import (
+    CORES,
+    CoreOptions,
+    MemoryCore,
+    State,
+    cat_states,
+    clone_state,
+    core_options,
+    detach_state,
+    make_core,
+    register_core,
+    reset_state,
+    select_state,
+)
+from rlmem.memory import rnn  # noqa: F401  (registers gru, lstm, none)
+
+__all__ = [
+    "CORES",
+    "CoreOptions",
+    "MemoryCore",
+    "State",
+    "cat_states",
+    "clone_state",
+    "core_options",
+    "detach_state",
+    "make_core",
+    "register_core",
+    "reset_state",
+    "select_state",
+]
