@@ -1,0 +1,218 @@
+"""The `rlmem` command line: train, eval, list, plot, bench.
+
+Every error a user can cause (config, arguments, env ids, files) ends in one message on stderr and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlmem.errors import ConfigError
+
+BENCHES = {
+    "envs": ("envs.bench", "environment steps/s: raw library vs rlmem VecEnv (vs rollout with a policy)"),
+    "memory": ("rlmem.bench.memory", "per-env memory and time per step of rtrl vs bptt as the window grows"),
+    "ffm": ("rlmem.bench.ffm", "FFM associative-scan window vs fused GRU, forward+backward"),
+    "cfc": ("rlmem.bench.cfc", "CfC per-step time and memory: rtrl vs snap1 vs bptt"),
+    "kernels": ("rlmem.bench.kernels", "CUDA sensitivity kernels vs the eager PyTorch reference"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like every other user error
+        self.exit(2, f"rlmem: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rlmem", description="Online RL with recurrent memory (RTRL, FFM, CCN, CfC).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser(
+        "train",
+        help="train an agent",
+        description="rlmem train [CONFIG] [group=choice ...] [section.key=value ...]; "
+        "with no CONFIG, the embedded default (a GRU actor-critic on cue_recall, CPU, minutes).",
+    )
+    train.add_argument("args", nargs="*", help="CONFIG file, group choices (memory=lstm) and dotted overrides")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+    ev = sub.add_parser("eval", help="evaluate the saved policy of a run")
+    ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", help="env.key=value overrides, e.g. env.start_level=1000")
+    ev.add_argument("--episodes", type=int, default=20)
+    ev.add_argument("--num-envs", type=int, default=None)
+    ev.add_argument("--seed", type=int, default=12345, help="evaluation seed (differs from training by default)")
+    ev.add_argument("--greedy", action="store_true", help="take the most likely action instead of sampling")
+    ev.add_argument("--obs-noise", type=float, default=0.0, metavar="SIGMA", help="Gaussian observation noise")
+    ev.add_argument("--device", default=None)
+
+    sub.add_parser("list", help="list memory cores, environments and learners with their options")
+
+    plot = sub.add_parser("plot", help="draw learning curves from runs' event files")
+    plot.add_argument("run_dirs", nargs="+")
+    plot.add_argument("-o", "--output", default="curves.png")
+    plot.add_argument("--tag", default="charts/episodic_return")
+    plot.add_argument("--title", default=None)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks (ratios measured side by side in one run)",
+        description="\n".join(f"  {name:8s} {text}" for name, (_, text) in BENCHES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("what", help=f"one of: {', '.join(BENCHES)}")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from rlmem import config as cfg
+    from rlmem.train import train
+
+    if ns.resume:
+        run_dir = Path(ns.resume)
+        _choices, dotted = cfg.parse_overrides(ns.args)
+        allowed = [a for a in dotted if a.split("=", 1)[0] == "train.total_steps"]
+        if len(allowed) != len(ns.args):
+            raise ConfigError("with --resume only train.total_steps=N may be changed; the rest comes from the run")
+        config = cfg.load_saved(run_dir, allowed)
+        config.train.run_dir = str(run_dir)
+        train(config, resume=True)
+        return 0
+    args = list(ns.args)
+    config_path = args.pop(0) if args and "=" not in args[0] else None
+    if config_path is not None and not Path(config_path).is_file():
+        raise ConfigError(f"config file not found: {config_path}")
+    config = cfg.load(config_path, args)
+    train(config)
+    return 0
+
+
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from agents.evaluate import evaluate
+
+    from rlmem import config as cfg
+    from rlmem.checkpoint import load_checkpoint
+    from rlmem.train import build
+
+    run_dir = Path(ns.run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run dir not found: {run_dir}")
+    if ns.episodes <= 0:
+        raise ConfigError(f"--episodes must be positive, got {ns.episodes}")
+    _choices, dotted = cfg.parse_overrides(ns.overrides)
+    if any(not a.startswith("env.") for a in dotted):
+        raise ConfigError("eval accepts env.key=value overrides only")
+    overrides = list(dotted)
+    if ns.num_envs is not None:
+        overrides.append(f"env.num_envs={ns.num_envs}")
+    if ns.device is not None:
+        overrides.append(f"train.device={ns.device}")
+    config = cfg.load_saved(run_dir, overrides)
+    checkpoint = load_checkpoint(run_dir)
+    env, learner, device = build(config, seed=ns.seed)
+    try:
+        learner.network.load_state_dict(checkpoint["network"])
+        if ns.obs_noise < 0:
+            raise ConfigError(f"--obs-noise must be >= 0, got {ns.obs_noise}")
+        if ns.obs_noise > 0:
+            from envs.wrappers import ObservationNoise
+
+            env = ObservationNoise(env, sigma=ns.obs_noise, seed=ns.seed)
+        with torch.no_grad():
+            returns, lengths = evaluate(learner.network, env, ns.episodes, device, greedy=ns.greedy, seed=ns.seed)
+    finally:
+        env.close()
+    returns = np.asarray(returns, dtype=np.float64)
+    print(
+        f"{run_dir}: {len(returns)} episodes, return {returns.mean():.4g} ± {returns.std():.4g} "
+        f"(min {returns.min():.4g}, max {returns.max():.4g}), mean length {np.mean(lengths):.1f}"
+        + (f", obs noise σ={ns.obs_noise}" if ns.obs_noise else "")
+    )
+    return 0
+
+
+def _describe_options(options_cls: type) -> str:
+    parts = []
+    for f in dataclasses.fields(options_cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "required"
+        parts.append(f"{f.name}={default!r}")
+    return ", ".join(parts)
+
+
+def _cmd_list(ns: argparse.Namespace) -> int:
+    import agents.actor_critic  # noqa: F401
+
+    import envs
+    import rlmem.memory
+    from agents.base import LEARNERS
+
+    print("memory cores (memory=<name>):")
+    for entry in rlmem.memory.CORES:
+        modes = ", ".join(entry.cls.grad_modes)
+        print(f"  {entry.name:10s} {entry.summary}\n             grad: {modes}\n             options: "
+              f"{_describe_options(entry.options)}")
+    print("\nenvironments (env=<name>):")
+    for name in sorted(envs.ENVS):
+        entry = envs.ENVS[name]
+        print(f"  {name:16s} {entry.summary}\n                   options: {_describe_options(entry.options)}")
+    print("\nlearners (agent=<name>):")
+    for entry in LEARNERS:
+        print(f"  {entry.name:14s} {entry.summary}\n                 options: {_describe_options(entry.options)}")
+    return 0
+
+
+def _cmd_plot(ns: argparse.Namespace) -> int:
+    from rlmem.plot import plot_runs
+
+    path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=ns.tag, title=ns.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_bench(ns: argparse.Namespace) -> int:
+    if ns.what not in BENCHES:
+        raise ConfigError(f"unknown benchmark {ns.what!r}; valid choices: {', '.join(BENCHES)}")
+    module_name = BENCHES[ns.what][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            raise ConfigError(f"benchmark {ns.what!r} is not available in this installation") from None
+        raise
+    module.run(list(ns.args))
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "list": _cmd_list, "plot": _cmd_plot, "bench": _cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    from envs.base import EnvError
+
+    try:
+        return COMMANDS[ns.command](ns)
+    except (ConfigError, EnvError) as err:
+        print(f"rlmem: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlmem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Configuration: YAML groups, dotted overrides and typed validation (OmegaConf does the merging).
+
+A run is described by five sections. Three are *groups* whose choice picks a file (or a registered
+name) and two are fixed::
+
+    memory:  a memory core   (configs/memory/<choice>.yaml or any registered core name)
+    env:     an environment  (configs/env/<choice>.yaml or any registered environment name)
+    agent:   a learner       (configs/agent/<choice>.yaml or any registered learner name)
+    model:   the network around the core (agents.base.ModelOptions)
+    train:   the run itself (TrainOptions below)
+
+A runnable file names its group choices under ``defaults`` and overrides any option::
+
+    defaults: {memory: gru, env: cue_recall, agent: actor_critic}
+    memory: {hidden_size: 64}
+    train: {total_steps: 300000}
+
+The command line then applies ``group=choice`` and ``dotted.key=value`` arguments on top. Options are
+checked against each component's options dataclass: an unknown key, a wrong type, an unknown choice
+or an invalid value raises ``ConfigError`` with one message naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlmem.errors import ConfigError
+
+GROUPS = ("memory", "env", "agent")
+SECTIONS = (*GROUPS, "model", "train")
+DEFAULT_CHOICES = {"memory": "gru", "env": "cue_recall", "agent": "actor_critic"}
+
+
+@dataclass
+class TrainOptions:
+    """Options of the run itself."""
+
+    total_steps: int = 200_000  # environment steps, all envs together
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    run_dir: str | None = None  # default: runs/<name>
+    name: str | None = None  # default: <env>_<memory>_<agent>_s<seed>
+    checkpoint_every: int = 50_000  # environment steps between checkpoints (also at the end and on Ctrl-C)
+    progress: bool = True  # console progress bar
+    torch_threads: int = 0  # 0 keeps PyTorch's default
+
+    def __post_init__(self) -> None:
+        if self.total_steps <= 0:
+            raise ConfigError(f"train.total_steps must be positive, got {self.total_steps}")
+        if self.checkpoint_every <= 0:
+            raise ConfigError(f"train.checkpoint_every must be positive, got {self.checkpoint_every}")
+        if self.torch_threads < 0:
+            raise ConfigError(f"train.torch_threads must be >= 0, got {self.torch_threads}")
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device must be one of cpu, cuda, cuda:N, auto; got {self.device!r}")
+
+
+@dataclass
+class RunConfig:
+    """A fully resolved and validated run configuration."""
+
+    memory: dict[str, Any]  # core spec for make_core: name + options
+    env: dict[str, Any]  # env spec for make_env: name + options
+    agent: dict[str, Any]  # learner name + options
+    model: Any  # agents.base.ModelOptions
+    train: TrainOptions
+    choices: dict[str, str] = field(default_factory=dict)  # the group choices that produced it
+
+    def agent_options(self) -> Any:
+        from agents.base import LEARNERS
+
+        values = dict(self.agent)
+        return LEARNERS.get(values.pop("name")).options(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "memory": dict(self.memory),
+            "env": dict(self.env),
+            "agent": dict(self.agent),
+            "model": dataclasses.asdict(self.model),
+            "train": dataclasses.asdict(self.train),
+            "choices": dict(self.choices),
+        }
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Registries, imported lazily so that `rlmem.config` stays cheap to import.
+
+
+def _registries() -> dict[str, tuple[Any, Any]]:
+    """group -> (lookup(name) -> options class, list of valid names)."""
+    import agents.actor_critic  # noqa: F401  (registers learners)
+
+    import envs
+    import rlmem.memory
+    from agents.base import LEARNERS
+
+    return {
+        "memory": (lambda n: rlmem.memory.CORES.get(n).options, rlmem.memory.CORES.names()),
+        "env": (lambda n: envs.registry.env_entry(n).options, sorted(envs.ENVS)),
+        "agent": (lambda n: LEARNERS.get(n).options, LEARNERS.names()),
+    }
+
+
+def config_search_dirs(config_file: Path | None) -> list[Path]:
+    """Where group files are looked up: next to the runnable file, ./configs, the source tree."""
+    dirs: list[Path] = []
+    if config_file is not None:
+        parent = config_file.resolve().parent
+        dirs += [parent, parent / "configs", parent.parent / "configs"]
+    dirs.append(Path.cwd() / "configs")
+    dirs.append(Path(__file__).resolve().parent.parent / "configs")
+    unique: list[Path] = []
+    for d in dirs:
+        if d not in unique and d.is_dir():
+            unique.append(d)
+    return unique
+
+
+def group_choices_available(group: str, search_dirs: Sequence[Path]) -> list[str]:
+    names = set(_registries()[group][1])
+    for d in search_dirs:
+        names.update(p.stem for p in (d / group).glob("*.yaml"))
+    return sorted(names)
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (OmegaConfBaseException, OSError, ValueError) as err:
+        raise ConfigError(f"cannot read {what} {path}: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of options, not {type(data).__name__}")
+    return data
+
+
+def _group_file(group: str, choice: str, search_dirs: Sequence[Path]) -> dict[str, Any]:
+    for d in search_dirs:
+        path = d / group / f"{choice}.yaml"
+        if path.is_file():
+            values = _read_yaml(path, f"{group} config")
+            values.setdefault("name", choice)
+            return values
+    if choice in _registries()[group][1]:
+        return {"name": choice}
+    raise ConfigError(
+        f"unknown {group} choice {choice!r}; valid choices: {', '.join(group_choices_available(group, search_dirs))}"
+    )
+
+
+def embedded_default() -> dict[str, Any]:
+    """The runnable config that `rlmem train` uses when no file is given."""
+    text = resources.files("rlmem").joinpath("configs/default.yaml").read_text()
+    return OmegaConf.to_container(OmegaConf.create(text), resolve=True)  # type: ignore[return-value]
+
+
+def parse_overrides(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Split command-line arguments into group choices (``memory=lstm``) and dotted overrides."""
+    choices: dict[str, str] = {}
+    dotted: list[str] = []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"cannot read argument {arg!r}: expected group=choice or section.key=value")
+        key, value = arg.split("=", 1)
+        if "." not in key:
+            if key not in GROUPS:
+                raise ConfigError(
+                    f"unknown group {key!r} in {arg!r}; groups: {', '.join(GROUPS)} "
+                    f"(options are set as section.key=value, sections: {', '.join(SECTIONS)})"
+                )
+            choices[key] = value
+        else:
+            section = key.split(".", 1)[0]
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown section {section!r} in {arg!r}; valid sections: {', '.join(SECTIONS)}")
+            dotted.append(arg)
+    return choices, dotted
+
+
+def _typed(section: str, options_cls: type, values: Mapping[str, Any]) -> Any:
+    """Check ``values`` against ``options_cls`` (unknown keys, types) and build the dataclass."""
+    valid = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ConfigError(f"unknown key {section}.{unknown[0]}; valid keys: {', '.join(sorted(valid))}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(options_cls), OmegaConf.create(dict(values)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        message = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"{section}.{key}: {message}") from None
+    except ValueError as err:  # __post_init__ validation (ConfigError, EnvError)
+        raise ConfigError(str(err)) from None
+
+
+def _section_dict(section: str, options: Any, name: str | None) -> dict[str, Any]:
+    values = dataclasses.asdict(options)
+    return {"name": name, **values} if name is not None else values
+
+
+def resolve(
+    base: Mapping[str, Any], args: Sequence[str] = (), config_file: Path | None = None
+) -> RunConfig:
+    """Compose a runnable config (``base``) with command-line ``args`` into a validated RunConfig."""
+    from agents.base import ModelOptions
+
+    base = dict(base)
+    unknown = sorted(set(base) - {*SECTIONS, "defaults"})
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}; valid sections: {', '.join((*SECTIONS, 'defaults'))}")
+    defaults = base.get("defaults") or {}
+    if not isinstance(defaults, Mapping) or set(defaults) - set(GROUPS):
+        raise ConfigError(f"defaults must map groups to choices, e.g. {{memory: gru}}; groups: {', '.join(GROUPS)}")
+    cli_choices, dotted = parse_overrides(args)
+    try:
+        cli_values = OmegaConf.to_container(OmegaConf.from_dotlist(dotted)) if dotted else {}
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot read overrides: {str(err).splitlines()[0]}") from None
+    search_dirs = config_search_dirs(config_file)
+    registries = _registries()
+
+    sections: dict[str, Any] = {}
+    choices: dict[str, str] = {}
+    for group in GROUPS:
+        choice = str(cli_choices.get(group, defaults.get(group, DEFAULT_CHOICES[group])))
+        choices[group] = choice
+        merged = OmegaConf.merge(
+            _group_file(group, choice, search_dirs), base.get(group) or {}, cli_values.get(group) or {}
+        )
+        values = OmegaConf.to_container(merged, resolve=True)
+        # the group file's own `name` says which registered component it configures
+        name = str(values.pop("name", choice))
+        lookup, names = registries[group]
+        if name not in names:
+            raise ConfigError(f"unknown {group} {name!r}; valid choices: {', '.join(names)}")
+        sections[group] = _section_dict(group, _typed(group, lookup(name), values), name)
+
+    for section, options_cls in (("model", ModelOptions), ("train", TrainOptions)):
+        values = OmegaConf.to_container(
+            OmegaConf.merge(base.get(section) or {}, cli_values.get(section) or {}), resolve=True
+        )
+        sections[section] = _typed(section, options_cls, values)
+
+    config = RunConfig(choices=choices, **sections)
+    check_combination(config)
+    return config
+
+
+def check_combination(config: RunConfig) -> None:
+    """Cross-section checks that no single options dataclass can make."""
+    from rlmem.memory import CORES
+
+    core_cls = CORES.get(config.memory["name"]).cls
+    if config.memory.get("grad") not in core_cls.grad_modes:
+        raise ConfigError(
+            f"memory.grad={config.memory.get('grad')!r} is not supported by core {config.memory['name']!r}; "
+            f"valid choices: {', '.join(core_cls.grad_modes)}"
+        )
+
+
+def load(config_path: str | None, args: Sequence[str] = ()) -> RunConfig:
+    """Load a runnable file (or the embedded default) and apply command-line arguments."""
+    if config_path is None:
+        return resolve(embedded_default(), args)
+    path = Path(config_path)
+    return resolve(_read_yaml(path, "config file"), args, config_file=path)
+
+
+def load_saved(run_dir: Path, args: Sequence[str] = ()) -> RunConfig:
+    """The resolved config saved in a run directory (used by resume and eval), plus overrides."""
+    data = _read_yaml(run_dir / "config.yaml", "run config")
+    choices = data.pop("choices", {}) or {}
+    base = {k: v for k, v in data.items() if k in SECTIONS}
+    # the saved sections are complete: resolve them against their registered names, not group files
+    base["defaults"] = {group: str((base.get(group) or {}).get("name", DEFAULT_CHOICES[group])) for group in GROUPS}
+    config = resolve(base, args)
+    config.choices = dict(choices)
+    return config
+
+
+def as_plain(node: Any) -> Any:
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
