@@ -1,5 +1,9 @@
 """Memory cores behind one contract (see ``rlmem.memory.base``). Importing this package registers them."""
 
+from rlmem.memory import (
+    ffm,  # noqa: F401  (registers ffm)
+    rnn,  # noqa: F401  (registers gru, lstm, none)
+)
 from rlmem.memory.base import (
     CORES,
     CoreOptions,
@@ -14,7 +18,6 @@ from rlmem.memory.base import (
     reset_state,
     select_state,
 )
-from rlmem.memory import rnn  # noqa: F401  (registers gru, lstm, none)
 
 __all__ = [
     "CORES",

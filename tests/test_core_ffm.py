@@ -1,0 +1,219 @@
+"""The ffm core: the associative scan against the step-by-step recurrence, float32 stability on long
+windows, the contract (shapes, detached state, resets, options), and the rtrl gradients against
+autograd BPTT over the whole sequence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlmem.errors import ConfigError
+from rlmem.memory import make_core
+from rlmem.memory.ffm import FFMCore
+from rlmem.scan import linear_scan, linear_scan_adjoint
+
+D, H, M, C = 5, 6, 3, 2
+
+
+def ffm(grad: str = "bptt", dtype: torch.dtype = torch.float64, seed: int = 0, **extra) -> FFMCore:
+    torch.manual_seed(seed)
+    core = make_core({"name": "ffm", "hidden_size": H, "grad": grad, "traces": M, "context": C, **extra}, D)
+    return core.to(dtype)
+
+
+def random_resets(T: int, B: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(T, B, generator=generator) < p
+
+
+def reference_ffm(core: FFMCore, x: torch.Tensor, reset: torch.Tensor, aggregate: torch.Tensor):
+    """FFM written out step by step from the paper's equations, with its own complex arithmetic."""
+    m, c, H = core.traces, core.context, core.hidden_size
+    a = -torch.exp(core.log_decay_rate)
+    gamma = torch.exp(torch.complex(a.unsqueeze(1).expand(m, c), core.frequency.unsqueeze(0).expand(m, c)))
+    S = torch.complex(aggregate[..., 0], aggregate[..., 1])
+    ys = []
+    for t in range(x.shape[0]):
+        pre = x[t] @ core.pre.weight.T + core.pre.bias
+        value, input_gate, skip, output_gate = pre.split([m, m, H, H], dim=-1)
+        S = torch.where(reset[t].view(-1, 1, 1), torch.zeros_like(S), S)
+        S = gamma * S + (value * torch.sigmoid(input_gate)).unsqueeze(-1)
+        z = torch.cat([S.real.unsqueeze(-1), S.imag.unsqueeze(-1)], -1).flatten(1) @ core.mix.weight.T
+        z = z + core.mix.bias
+        normed = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        q = torch.sigmoid(output_gate)
+        ys.append(normed * q + skip * (1 - q))
+    return torch.stack(ys), torch.stack([S.real, S.imag], -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The scan
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 64, 2048])
+def test_scan_equals_the_recurrence_with_resets(T):
+    g = torch.Generator().manual_seed(T)
+    shape = (T, 3, 2)
+    decay = torch.polar(torch.rand(shape, generator=g, dtype=torch.float64),
+                        torch.randn(shape, generator=g, dtype=torch.float64))
+    decay = decay * (torch.rand(shape, generator=g) > 0.05)
+    value = torch.randn(shape, generator=g, dtype=torch.complex128)
+    initial = torch.randn(shape[1:], generator=g, dtype=torch.complex128)
+    states = linear_scan(decay, value, initial)
+    S, expected = initial, []
+    for t in range(T):
+        S = decay[t] * S + value[t]
+        expected.append(S)
+    torch.testing.assert_close(states, torch.stack(expected), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_scan_gradients_match_autograd(dtype):
+    g = torch.Generator().manual_seed(1)
+    T = 11
+    decay = (torch.rand(T, 4, generator=g, dtype=torch.float64) * 0.9).to(dtype)
+    decay[3, 1] = 0
+    decay[8, 2] = 0
+    value = torch.randn(T, 4, generator=g, dtype=torch.float64).to(dtype)
+    initial = torch.randn(4, generator=g, dtype=torch.float64).to(dtype)
+    if dtype.is_complex:
+        decay = decay * torch.exp(1j * torch.randn(T, 4, generator=g, dtype=torch.float64))
+        value = value + 1j * torch.randn(T, 4, generator=g, dtype=torch.float64)
+    inputs = tuple(t.clone().requires_grad_() for t in (decay, value, initial))
+    assert torch.autograd.gradcheck(linear_scan, inputs)
+
+
+def test_scan_adjoint_is_the_backward_recurrence():
+    g = torch.Generator().manual_seed(2)
+    decay = torch.rand(9, 3, generator=g, dtype=torch.float64) * torch.exp(1j * torch.randn(9, 3, generator=g))
+    errors = torch.randn(9, 3, generator=g, dtype=torch.complex128)
+    adjoint = linear_scan_adjoint(decay, errors)
+    expected, running = [], torch.zeros(3, dtype=torch.complex128)
+    for t in reversed(range(9)):
+        running = errors[t] + (decay[t + 1].conj() * running if t + 1 < 9 else 0)
+        expected.append(running)
+    torch.testing.assert_close(adjoint, torch.stack(expected[::-1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The core in bptt mode
+
+
+def test_paper_initialisation_and_defaults():
+    core = make_core({"name": "ffm", "hidden_size": 256, "grad": "bptt"}, input_size=8)
+    assert (core.traces, core.context) == (32, 4)
+    assert 2 * core.traces * core.context == 256  # the paper's 256-real state
+    a = -torch.exp(core.log_decay_rate.detach())
+    torch.testing.assert_close(a, torch.linspace(-0.6731, -0.004497, 32), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(core.frequency.detach(), 2 * math.pi / torch.linspace(1, 1024, 4))
+    steps_to_one_percent = math.log(0.01) / core.decay().abs().detach()[:, 0].log()
+    assert round(float(steps_to_one_percent[0])) == 7
+    assert float(steps_to_one_percent[-1]) == pytest.approx(1024, rel=1e-3)
+    state = core.initial_state(3)
+    assert state["aggregate"].shape == (3, 32, 4, 2)
+    assert core.output_size == 256
+
+
+def test_decay_stays_negative_under_any_parameter():
+    core = ffm()
+    with torch.no_grad():
+        core.log_decay_rate.copy_(torch.tensor([-30.0, 0.0, 5.0], dtype=torch.float64))
+    assert (core.decay().abs() < 1).all()
+
+
+@pytest.mark.parametrize("T", [1, 5, 300])
+def test_window_equals_step_by_step_reference_with_resets(T):
+    core = ffm(seed=T)
+    g = torch.Generator().manual_seed(T)
+    B = 4
+    x = torch.randn(T, B, D, generator=g, dtype=torch.float64)
+    reset = random_resets(T, B, 0.02 if T > 100 else 0.3, g)
+    start = torch.randn(B, M, C, 2, generator=g, dtype=torch.float64)
+    y, state = core(x, {"aggregate": start}, reset)
+    with torch.no_grad():
+        y_ref, aggregate_ref = reference_ffm(core, x, reset, start)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state["aggregate"], aggregate_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_window_gradients_equal_the_step_loop():
+    core = ffm(seed=3)
+    g = torch.Generator().manual_seed(3)
+    T, B = 37, 3
+    x = torch.randn(T, B, D, generator=g, dtype=torch.float64, requires_grad=True)
+    reset = random_resets(T, B, 0.15, g)
+    start = torch.randn(B, M, C, 2, generator=g, dtype=torch.float64)
+    weights = torch.randn(T, B, H, generator=g, dtype=torch.float64)
+    params = dict(core.named_parameters())
+
+    y, _ = core(x, {"aggregate": start}, reset)
+    window = torch.autograd.grad((y * weights).sum(), [x, *params.values()])
+    y_ref, _ = reference_ffm(core, x, reset, start)
+    loop = torch.autograd.grad((y_ref * weights).sum(), [x, *params.values()])
+    for name, got, want in zip(["x", *params], window, loop):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
+
+
+def test_float32_window_of_4096_steps_stays_finite_and_accurate():
+    core = ffm(dtype=torch.float32, seed=4)
+    with torch.no_grad():  # the slowest decays of the paper's 1024-step range, where rescaling overflows
+        core.log_decay_rate.copy_(torch.full((M,), math.log(0.004497)))
+    g = torch.Generator().manual_seed(4)
+    T, B = 4096, 2
+    x = torch.randn(T, B, D, generator=g) * 3
+    reset = torch.zeros(T, B, dtype=torch.bool)
+    reset[3000, 1] = True
+    y, state = core(x, core.initial_state(B), reset)
+    y.square().mean().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(state["aggregate"]).all()
+    assert all(torch.isfinite(p.grad).all() for p in core.parameters())
+    core64 = ffm(seed=4)
+    core64.load_state_dict({k: v.double() for k, v in core.state_dict().items()})
+    y64, _ = core64(x.double(), core64.initial_state(B), reset)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-3, atol=1e-3)
+
+
+def test_returned_state_is_detached_and_resets_zero_it():
+    core = ffm()
+    x = torch.randn(4, 2, D, dtype=torch.float64)
+    start = torch.randn(2, M, C, 2, dtype=torch.float64, requires_grad=True)
+    reset = torch.zeros(4, 2, dtype=torch.bool)
+    _, state = core(x, {"aggregate": start}, reset)
+    assert not state["aggregate"].requires_grad and state["aggregate"].grad_fn is None
+    # A reset at step 0 makes the window independent of the carried state for that env only.
+    reset[0, 0] = True
+    y_a, _ = core(x, {"aggregate": start.detach()}, reset)
+    y_b, _ = core(x, {"aggregate": torch.zeros_like(start)}, reset)
+    torch.testing.assert_close(y_a[:, 0], y_b[:, 0])
+    assert not torch.allclose(y_a[:, 1], y_b[:, 1])
+
+
+def test_consecutive_windows_equal_one_long_window():
+    core = ffm(seed=5)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 3, D, generator=g, dtype=torch.float64)
+    reset = random_resets(30, 3, 0.2, g)
+    y_long, state_long = core(x, core.initial_state(3), reset)
+    state, parts = core.initial_state(3), []
+    for t0, t1 in [(0, 1), (1, 13), (13, 14), (14, 30)]:
+        y, state = core(x[t0:t1], state, reset[t0:t1])
+        parts.append(y)
+    torch.testing.assert_close(torch.cat(parts), y_long)
+    torch.testing.assert_close(state["aggregate"], state_long["aggregate"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"traces": 0}, ["memory.traces", "positive"]),
+        ({"context": "4"}, ["memory.context", "positive"]),
+        ({"grad": "snap1"}, ["snap1", "bptt, rtrl"]),
+        ({"memory_size": 4}, ["memory.memory_size", "traces"]),
+    ],
+)
+def test_bad_options_raise_config_errors(spec, words):
+    with pytest.raises(ConfigError) as err:
+        make_core({"name": "ffm", "hidden_size": 8, **spec}, input_size=3)
+    for word in words:
+        assert word in str(err.value)
