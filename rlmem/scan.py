@@ -60,19 +60,39 @@ def _reverse_adjoint(decay: Tensor, grad_states: Tensor) -> Tensor:
     return _scan_pairs(next_decay.flip(0), grad_states.flip(0)).flip(0)
 
 
+def scan_states(decay: Tensor, value: Tensor, initial: Tensor) -> Tensor:
+    """States S [T, ...] of S_t = d_t ⊙ S_{t-1} + v_t from S_{-1} = ``initial`` [...] (no autograd graph)."""
+    with torch.no_grad():
+        if value.shape[0] == 1:
+            return (decay[0] * initial + value[0]).unsqueeze(0)
+        # Fold the carried state into step 0: S_0 = d_0 S_{-1} + v_0.
+        first = decay[0] * initial + value[0]
+        return _scan_pairs(decay, torch.cat([first.unsqueeze(0), value[1:]], dim=0))
+
+
+def scan_adjoint(decay: Tensor, grad_states: Tensor) -> Tensor:
+    """The adjoint λ [T, ...]: λ_t = G_t + conj(d_{t+1}) ⊙ λ_{t+1}, λ_{T-1} = G_{T-1} (no autograd graph).
+
+    ``grad_states`` [T, ...] is the direct error ∂L/∂S_t of each step; λ_t is the total error on S_t
+    from steps t..T-1 of the window.
+    """
+    with torch.no_grad():
+        if grad_states.shape[0] == 1:
+            return grad_states.clone()
+        return _reverse_adjoint(decay, grad_states)
+
+
 class _LinearScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, decay: Tensor, value: Tensor, initial: Tensor) -> Tensor:
-        # Fold the carried state into step 0: S_0' = d_0 S_0 + v_0.
-        first = decay[0] * initial + value[0]
-        states = _scan_pairs(decay, torch.cat([first.unsqueeze(0), value[1:]], dim=0))
+        states = scan_states(decay, value, initial)
         ctx.save_for_backward(decay, initial, states)
         return states
 
     @staticmethod
     def backward(ctx, grad_states: Tensor):
         decay, initial, states = ctx.saved_tensors
-        adjoint = _reverse_adjoint(decay, grad_states)
+        adjoint = scan_adjoint(decay, grad_states)
         grad_decay = grad_initial = None
         if ctx.needs_input_grad[0]:
             previous = torch.cat([initial.unsqueeze(0), states[:-1]], dim=0)
@@ -101,14 +121,3 @@ def linear_scan(decay: Tensor, value: Tensor, initial: Tensor) -> Tensor:
     if value.shape[0] == 1:  # a single step is the recurrence itself
         return (decay[0] * initial + value[0]).unsqueeze(0)
     return _LinearScan.apply(decay, value, initial)
-
-
-def linear_scan_adjoint(decay: Tensor, grad_states: Tensor) -> Tensor:
-    """The adjoint λ [T, ...] of the recurrence: λ_t = G_t + conj(d_{t+1}) ⊙ λ_{t+1} (no graph).
-
-    ``grad_states`` [T, ...] is the direct error ∂L/∂S_t of each step; λ_t is the total error on S_t
-    from steps t..T-1 of the window. Cores with a hand-written backward (RTRL) use it for input gradients.
-    """
-    if grad_states.shape[0] == 1:
-        return grad_states.clone()
-    return _reverse_adjoint(decay, grad_states)

@@ -12,7 +12,7 @@ import torch
 from rlmem.errors import ConfigError
 from rlmem.memory import make_core
 from rlmem.memory.ffm import FFMCore
-from rlmem.scan import linear_scan, linear_scan_adjoint
+from rlmem.scan import linear_scan, scan_adjoint
 
 D, H, M, C = 5, 6, 3, 2
 
@@ -88,7 +88,7 @@ def test_scan_adjoint_is_the_backward_recurrence():
     g = torch.Generator().manual_seed(2)
     decay = torch.rand(9, 3, generator=g, dtype=torch.float64) * torch.exp(1j * torch.randn(9, 3, generator=g))
     errors = torch.randn(9, 3, generator=g, dtype=torch.complex128)
-    adjoint = linear_scan_adjoint(decay, errors)
+    adjoint = scan_adjoint(decay, errors)
     expected, running = [], torch.zeros(3, dtype=torch.complex128)
     for t in reversed(range(9)):
         running = errors[t] + (decay[t + 1].conj() * running if t + 1 < 9 else 0)

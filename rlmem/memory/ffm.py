@@ -38,12 +38,44 @@ from torch import Tensor, nn
 
 from rlmem.errors import ConfigError
 from rlmem.memory.base import CoreOptions, MemoryCore, State, register_core
-from rlmem.scan import linear_scan
+from rlmem.scan import scan_adjoint, scan_states
 
 # The paper's initial decay rates: the fastest trace keeps 1% after ~7 steps, the slowest after 1024.
 FASTEST_DECAY = -0.6731
 SLOWEST_DECAY = -0.004497
 LONGEST_PERIOD = 1024.0
+
+
+class _AggregatorWindow(torch.autograd.Function):
+    """S [T, B, m, c] over a window by the associative scan, differentiable in u, γ and S_{-1}.
+
+    With d_t = γ·keep_t (keep_t = 0 where an episode resets before step t) and the adjoint
+    λ_t = ∂L/∂S_t + conj(d_{t+1}) λ_{t+1} from ``rlmem.scan``, the gradients are
+    ∂L/∂u_t[i] = Σ_j Re λ_t[i, j],  ∂L/∂γ = Σ_{t,b} keep_t λ_t conj(S_{t-1}),  ∂L/∂S_{-1} = conj(d_0) λ_0,
+    so backward keeps S only and never materialises the gradient of the [T, B, m, c] decays.
+    """
+
+    @staticmethod
+    def forward(ctx, gated_input: Tensor, gamma: Tensor, keep: Tensor, initial: Tensor) -> Tensor:
+        decays = gamma * keep.unsqueeze(-1).unsqueeze(-1)
+        values = gated_input.unsqueeze(-1).expand(*gated_input.shape, gamma.shape[-1]).to(gamma.dtype)
+        states = scan_states(decays, values, initial)
+        ctx.save_for_backward(gamma, keep, initial, states)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states: Tensor):
+        gamma, keep, initial, states = ctx.saved_tensors
+        keep_cells = keep.unsqueeze(-1).unsqueeze(-1)
+        adjoint = scan_adjoint(gamma * keep_cells, grad_states)
+        grad_input = adjoint.real.sum(-1) if ctx.needs_input_grad[0] else None
+        grad_gamma = grad_initial = None
+        if ctx.needs_input_grad[1]:
+            weighted = adjoint * keep_cells
+            grad_gamma = (weighted[0] * initial.conj()).sum(0) + (weighted[1:] * states[:-1].conj()).sum((0, 1))
+        if ctx.needs_input_grad[3]:
+            grad_initial = (gamma * keep_cells[0]).conj() * adjoint[0]
+        return grad_input, grad_gamma, None, grad_initial
 
 
 @dataclass
@@ -110,20 +142,20 @@ class FFMCore(MemoryCore):
         gate = torch.sigmoid(output_gate)
         return F.layer_norm(mixed, (self.hidden_size,)) * gate + skip * (1 - gate)
 
-    def step_decays(self, reset: Tensor, dtype: torch.dtype) -> Tensor:
-        """d_t [T, B, m, c] complex: γ, or 0 where an episode resets before step t."""
-        keep = (~reset).to(dtype)
-        return self.decay().unsqueeze(0).unsqueeze(0) * keep.unsqueeze(-1).unsqueeze(-1)
+    def aggregate(self, gated_input: Tensor, reset: Tensor, initial: Tensor) -> Tensor:
+        """S [T, B, m, c] complex from u [T, B, m], ``reset`` [T, B] and S_{-1} [B, m, c] complex."""
+        gamma = self.decay()
+        keep = (~reset).to(gated_input.dtype)
+        if gated_input.shape[0] == 1:  # a single step is the recurrence itself
+            return (gamma * keep[0].view(-1, 1, 1) * initial + gated_input[0].unsqueeze(-1)).unsqueeze(0)
+        return _AggregatorWindow.apply(gated_input, gamma, keep, initial)
 
     def forward(self, x: Tensor, state: State, reset: Tensor) -> tuple[Tensor, State]:
         """Run a window. ``x``: [T, B, D]; ``reset``: [T, B] bool. Returns ``y`` [T, B, H] and the state."""
-        T, B, _ = x.shape
         pre = self.pre(x)
         aggregator_pre, output_pre = pre.split([self.aggregator_rows, 2 * self.hidden_size], dim=-1)
         initial = torch.view_as_complex(state["aggregate"].contiguous())
-        decays = self.step_decays(reset, x.dtype)
-        values = self.gated_input(aggregator_pre).unsqueeze(-1).expand(T, B, self.traces, self.context)
-        aggregate = linear_scan(decays, values.to(decays.dtype), initial)
+        aggregate = self.aggregate(self.gated_input(aggregator_pre), reset, initial)
         y = self.readout(aggregate, output_pre)
         return y, {"aggregate": torch.view_as_real(aggregate[-1]).detach().clone()}
 
