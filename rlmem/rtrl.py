@@ -1,0 +1,488 @@
+"""Exact real-time recurrent learning (RTRL) for recurrences with a block-diagonal Jacobian.
+
+The recursion
+-------------
+A core's recurrent state h_t has N units, each a block of k reals. Its step
+``h_t = φ(m_t ⊙ h_{t-1}, x_t; θ)``, where ``m_t[b] = 0`` if env b resets before step t and 1
+otherwise, couples each unit only to itself across time:
+
+    A_t[b, i] = ∂h_t[b, i] / ∂h_{t-1}[b, i]                                   (k × k)
+
+and every parameter group p (a tensor θ_p whose row i acts on unit i, or on a fixed set of units)
+enters a step through a rank-one injection, the step's own derivative at fixed h_{t-1}:
+
+    ∂h_t[b, i] / ∂θ_p[i, j] = u_t^p[b, i] v_t^p[b, j]     matrix group, θ_p [N, D_p], u ∈ R^k
+    ∂h_t[b, i] / ∂θ_p[i]    = u_t^p[b, i] v_t^p[b, i]     vector group, θ_p [N]  (v = 1 if absent)
+
+The sensitivities S_t^p = dh_t/dθ_p (total derivatives, through all earlier steps) then follow
+
+    S_t^p = m_t A_t S_{t-1}^p + u_t^p ⊗ v_t^p                                           (1)
+
+and a loss L = Σ_t ℓ_t(h_t) has the exact, untruncated gradient
+
+    G^p = Σ_t Σ_b ⟨e_t[b, i], S_t^p[b, i, :, j]⟩,      e_t = ∂ℓ_t/∂h_t (the same-step error).    (2)
+
+Evaluating (1)-(2) over a window
+--------------------------------
+A window t = 1..T starts from the carried sensitivities S_0. Write Ã_t = m_t A_t. Unrolling (1),
+
+    S_T = Φ_0 S_0 + Σ_t Φ_t (u_t ⊗ v_t),        Φ_t = Ã_T ··· Ã_{t+1}   (Φ_T = I),          (3)
+
+and substituting (1) into (2) and exchanging the sums over t,
+
+    G^p = Σ_t Σ_b ⟨δ_t[b, i], u_t^p[b, i]⟩ v_t^p[b, j]  +  Σ_b ⟨Ã_1ᵀ δ_1, S_0^p⟩[i, j],
+    δ_t = e_t + Ã_{t+1}ᵀ δ_{t+1},   δ_{T+1} = 0                                              (4)
+
+where δ_t is the error on h_t from steps t..T of the window (the adjoint). (3) and (4) are (1) and
+(2) exactly, not an approximation: forward-mode across windows (S carried), reverse-mode inside one.
+They cost what stepping (1) costs, O(T·B·N·k·D_p) per matrix group, but as one batched matrix
+product per group and direction instead of T memory-bound passes over S. T = 1 is the per-step form
+(1)-(2) itself, which streaming learners use: ``advance`` gives S_t, ``gradients`` gives ⟨e_t, S_t⟩.
+
+The same adjoint gives the gradient of the window's inputs: ∂L/∂x_t = (∂h_t/∂x_t)ᵀ δ_t, or, with
+``encoder_grad="same_step"``, (∂h_t/∂x_t)ᵀ e_t.
+
+Unit forms
+----------
+``"real"``    k = 1: A [B, N] real; state [B, N]; S [B, N, D_p] / [B, N].
+``"complex"`` k = 2 as one complex number (complex-diagonal cores: LRU, RTU, FFM): A [B, N] complex.
+              In the state, complex tensors are stored as real pairs (last dim 2): h [B, N, 2],
+              S [B, N, D_p, 2] / [B, N, 2]. The real-pair inner product is ⟨a, b⟩ = Re(conj(a) b)
+              and Aᵀ is multiplication by conj(A).
+``"block"``   general k × k blocks (a coupled pair such as CCN's (h, c)): A [B, N, k, k];
+              state [B, N, k]; S [B, N, k, D_p] / [B, N, k].
+
+A complex parameter θ = θ_re + i θ_im on which h depends holomorphically (∂h/∂θ_im = i ∂h/∂θ_re; e.g.
+the LRU's input matrix) needs one complex sensitivity, not two real ones: with u ⊗ v = ∂h/∂θ_re,
+the group's gradient w = Σ conj(e) S gives ∂L/∂θ_re = Re w and ∂L/∂θ_im = −Im w.
+
+How a core plugs in
+-------------------
+A core describes its cell with an :class:`RTRLCell` (unit form, block size, parameter groups, and
+a ``step`` that returns h_t and, on request, A_t and the named factors that the groups use as u and
+v) and calls :func:`rtrl_window`, an autograd Function: forward runs the cell over the window
+without a graph and returns h_1..h_T and S_T; backward recomputes the per-step coefficients in one
+evaluation of the step over all T·B rows, runs the adjoint (4), and returns the inputs' gradients
+and G. It saves only the window's inputs, h_0, S_0 and h_1..h_T, so its memory beyond the carried
+state is O(T·B·(N·k + D)), never O(T·|S|). The functions :func:`advance` (3) and :func:`gradients`
+(4) on :class:`WindowCoefficients` are the pieces a fused kernel replaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+UNIT_FORMS = ("real", "complex", "block")
+ENCODER_GRAD_MODES = ("window", "same_step")
+
+
+# --------------------------------------------------------------------------------------------------
+# Describing a cell
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """One parameter group p of recursion (1): its injection u ⊗ v and the parameters it trains.
+
+    Attributes:
+        name: the group's name; its sensitivity is ``sensitivities[name]``.
+        u: name of the step factor giving u_t^p: [B, N] (real / complex form) or [B, N, k] (block).
+        v: name of the step factor giving v_t^p ([B, D_p] for a matrix group, [B, N] for a vector
+            group, real in every form), or None for v = 1 (vector groups only).
+        matrix: True for θ_p[i, j] (gradient [N, D_p]), False for θ_p[i] (gradient [N]).
+        params: the parameter names that receive the group's gradient: one name, or (real part,
+            imaginary part) with ``complex_param``. Default: ``(name,)``.
+        complex_param: θ_p is complex and h is holomorphic in it (complex form only); u ⊗ v is the
+            derivative with respect to its real part.
+        reduce: maps the per-unit gradient ([N, D_p] or [N]) to the parameters' shape, for groups
+            whose parameter rows act on a fixed set of units (e.g. one decay per FFM trace shared by
+            all columns of that trace: reshape and sum). Default: identity.
+    """
+
+    name: str
+    u: str
+    v: str | None = None
+    matrix: bool = False
+    params: tuple[str, ...] = ()
+    complex_param: bool = False
+    reduce: Callable[[Tensor], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.params:
+            object.__setattr__(self, "params", (self.name,))
+        if len(self.params) != (2 if self.complex_param else 1):
+            raise ValueError(f"group {self.name!r}: a complex parameter names (real, imaginary) parameters")
+        if self.matrix and self.v is None:
+            raise ValueError(f"matrix group {self.name!r} needs a factor v")
+
+
+class StepCoefficients(NamedTuple):
+    """What one step supplies to the recursion (leading dim: the rows of the step, usually B)."""
+
+    jacobian: Tensor  # A_t: [B, N] (real / complex) or [B, N, k, k] (block), before the reset mask
+    factors: dict[str, Tensor]  # the named u and v factors of the parameter groups
+
+
+class RTRLCell:
+    """A recurrent cell in the form recursion (1) needs. Subclasses set the class attributes.
+
+    ``step`` is a pure function of its arguments, row-wise over its leading dim (so the engine can
+    evaluate it over all T·B rows of a window at once), written with ordinary differentiable ops
+    (the engine recomputes it under autograd for the inputs' gradients; ``bptt`` mode runs it so).
+    """
+
+    form: str = "real"
+    block_size: int = 1  # k
+    groups: tuple[ParamGroup, ...] = ()
+    input_names: tuple[str, ...] = ("x",)  # the window inputs, each [T, B, ...]
+    param_names: tuple[str, ...] = ()  # every parameter the step uses; each trained by one group
+
+    def prepare(self, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-window work done once over all T steps (e.g. the input projections as one matrix
+        product). Returns the per-step inputs of ``step``, each [T, B, ...]. Default: ``inputs``."""
+        return dict(inputs)
+
+    def step(
+        self, h_prev: Tensor, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor], coefficients: bool
+    ) -> tuple[Tensor, StepCoefficients | None]:
+        """h_t from h_{t-1} (already reset) and the step's prepared inputs; with ``coefficients``
+        also A_t and the factors. ``h_prev``: [B, N] (real), [B, N] complex, or [B, N, k] (block)."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Validate the description (called once by cores at construction)."""
+        if self.form not in UNIT_FORMS:
+            raise ValueError(f"unit form {self.form!r}; valid choices: {', '.join(UNIT_FORMS)}")
+        expected = {"real": 1, "complex": 2}.get(self.form, self.block_size)
+        if self.block_size != expected:
+            raise ValueError(f"form {self.form!r} has block size {expected}, got {self.block_size}")
+        trained = [name for group in self.groups for name in group.params]
+        if sorted(trained) != sorted(self.param_names):
+            raise ValueError(f"every parameter must be trained by exactly one group: {trained} vs {self.param_names}")
+        for group in self.groups:
+            if group.complex_param and self.form != "complex":
+                raise ValueError(f"group {group.name!r}: complex parameters need the complex form")
+
+
+# --------------------------------------------------------------------------------------------------
+# The algebra of one unit form: how A acts on unit vectors and on sensitivities.
+
+
+def _unit_dims(cell: RTRLCell) -> int:
+    """Trailing dims of one unit's value in the internal representation (0, or 1 for blocks)."""
+    return 1 if cell.form == "block" else 0
+
+
+def _keep(reset: Tensor, like: Tensor, trailing: int) -> Tensor:
+    """The mask m = 1 − reset [T, B] (or [B]) shaped to broadcast against ``like``'s unit dims."""
+    keep = (~reset).to(like.real.dtype if like.is_complex() else like.dtype)
+    return keep.view(*keep.shape, *([1] * trailing))
+
+
+def _act(cell: RTRLCell, A: Tensor, x: Tensor, matrix: bool) -> Tensor:
+    """A x for unit vectors x ([..., N(, k)]) or, with ``matrix``, sensitivities [..., N(, k), D]."""
+    if cell.form == "block":
+        return A @ x if matrix else (A @ x.unsqueeze(-1)).squeeze(-1)
+    return A.unsqueeze(-1) * x if matrix else A * x
+
+
+def _act_transpose(cell: RTRLCell, A: Tensor, x: Tensor) -> Tensor:
+    """Aᵀ x for unit vectors x: the adjoint's step."""
+    if cell.form == "block":
+        return (A.transpose(-1, -2) @ x.unsqueeze(-1)).squeeze(-1)
+    return A.conj() * x if cell.form == "complex" else A * x
+
+
+def _inner(cell: RTRLCell, a: Tensor, b: Tensor, matrix: bool) -> Tensor:
+    """⟨a, b⟩ per unit, over the block's components: a [..., N(, k)], b like a or [..., N(, k), D].
+
+    In the complex form the result is complex, conj(a)·b; its real part is the real-pair product."""
+    if cell.form == "block":
+        return (a.unsqueeze(-1) * b).sum(-2) if matrix else (a * b).sum(-1)
+    a = a.conj() if cell.form == "complex" else a
+    return a.unsqueeze(-1) * b if matrix else a * b
+
+
+def _suffix_products(cell: RTRLCell, jacobians: Tensor) -> Tensor:
+    """P_t = Ã_T ··· Ã_t for t = 1..T, [T, ...] (products of Jacobians only, never inverses)."""
+    if cell.form != "block":
+        return torch.cumprod(jacobians.flip(0), dim=0).flip(0)
+    products = torch.empty_like(jacobians)
+    products[-1] = jacobians[-1]
+    for t in range(jacobians.shape[0] - 2, -1, -1):
+        products[t] = products[t + 1] @ jacobians[t]
+    return products
+
+
+def _adjoint(cell: RTRLCell, jacobians: Tensor, errors: Tensor) -> Tensor:
+    """δ_t = e_t + Ã_{t+1}ᵀ δ_{t+1} over the window, [T, B, N(, k)] (equation (4))."""
+    adjoint = errors.clone()
+    for t in range(errors.shape[0] - 2, -1, -1):
+        adjoint[t] += _act_transpose(cell, jacobians[t + 1], adjoint[t + 1])
+    return adjoint
+
+
+# --------------------------------------------------------------------------------------------------
+# State representation: complex quantities live in the state as real pairs.
+
+
+def _internal(cell: RTRLCell, x: Tensor) -> Tensor:
+    return torch.view_as_complex(x.contiguous()) if cell.form == "complex" else x
+
+
+def _external(cell: RTRLCell, x: Tensor) -> Tensor:
+    return torch.view_as_real(x) if cell.form == "complex" else x
+
+
+def zero_state(cell: RTRLCell, batch: int, units: int, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """The zero recurrent state h: [B, N] (real), [B, N, 2] (complex), [B, N, k] (block)."""
+    trailing = () if cell.form == "real" else (cell.block_size,)
+    return torch.zeros(batch, units, *trailing, device=device, dtype=dtype)
+
+
+def zero_sensitivities(
+    cell: RTRLCell, batch: int, units: int, columns: Mapping[str, int], device: torch.device | str, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Zero sensitivities per group, in the state representation. ``columns``: D_p per matrix group."""
+    sensitivities = {}
+    for group in cell.groups:
+        shape = [batch, units]
+        if cell.form == "block":
+            shape.append(cell.block_size)
+        if group.matrix:
+            shape.append(columns[group.name])
+        if cell.form == "complex":
+            shape.append(2)
+        sensitivities[group.name] = torch.zeros(shape, device=device, dtype=dtype)
+    return sensitivities
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the cell
+
+
+def run_cell(
+    cell: RTRLCell, h0: Tensor, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor], reset: Tensor
+) -> Tensor:
+    """h_1..h_T [T, B, ...] (state representation) from h_0 and prepared inputs, step by step.
+
+    Differentiable when autograd is on (``bptt`` mode); ``reset`` [T, B] zeroes h before a step."""
+    T = reset.shape[0]
+    resetting = reset.any(dim=1).tolist()  # one host read per window, not per step
+    h = _internal(cell, h0)
+    keep = _keep(reset, h, h.dim() - 1)
+    outputs = []
+    for t in range(T):
+        if resetting[t]:
+            h = h * keep[t]
+        h, _ = cell.step(h, {name: value[t] for name, value in inputs.items()}, params, False)
+        outputs.append(h)
+    return _external(cell, torch.stack(outputs))
+
+
+@dataclass
+class WindowCoefficients:
+    """The per-step coefficients of recursion (1) over a window, every tensor [T, B, ...]."""
+
+    jacobians: Tensor  # Ã_t = m_t A_t (the reset mask applied)
+    factors: dict[str, Tensor]
+
+    def injection(self, group: ParamGroup) -> tuple[Tensor, Tensor | None]:
+        return self.factors[group.u], None if group.v is None else self.factors[group.v]
+
+
+def window_coefficients(
+    cell: RTRLCell,
+    h0: Tensor,
+    h_seq: Tensor,
+    inputs: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    reset: Tensor,
+) -> tuple[Tensor, WindowCoefficients]:
+    """Evaluate the step once over all T·B rows, from h_{t-1} = m_t ⊙ (h_0, h_1..h_{T-1}).
+
+    Returns the recomputed h_1..h_T (internal representation, [T·B, ...], with autograd's graph if
+    enabled, for the inputs' gradient) and the coefficients (detached)."""
+    T, B = reset.shape
+    h_seq = _internal(cell, h_seq)
+    h_prev = torch.cat([_internal(cell, h0).unsqueeze(0), h_seq[:-1]], dim=0)
+    h_prev = h_prev * _keep(reset, h_prev, h_prev.dim() - 2)
+    rows = {name: value.reshape(T * B, *value.shape[2:]) for name, value in inputs.items()}
+    h, step = cell.step(h_prev.reshape(T * B, *h_prev.shape[2:]), rows, params, True)
+    assert step is not None
+
+    def windowed(x: Tensor) -> Tensor:
+        return x.detach().reshape(T, B, *x.shape[1:])
+
+    jacobians = windowed(step.jacobian)
+    jacobians = jacobians * _keep(reset, jacobians, jacobians.dim() - 2)
+    return h, WindowCoefficients(jacobians, {name: windowed(f) for name, f in step.factors.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Equations (3) and (4)
+
+
+def advance(cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: WindowCoefficients) -> dict[str, Tensor]:
+    """S_T from S_0 over the window (equation (3)); with T = 1, one step of recursion (1).
+
+    ``sensitivities`` and the result are in the state representation, keyed by group name."""
+    products = _suffix_products(cell, coefficients.jacobians)  # P_t = Ã_T ··· Ã_t
+    carry = products[0]  # Φ_0
+    # Φ_t = P_{t+1}, Φ_T = I: each step's injection is carried by the Jacobians after it.
+    later = products[1:]
+    result = {}
+    for group in cell.groups:
+        S0 = _internal(cell, sensitivities[group.name])
+        u, v = coefficients.injection(group)
+        carried_u = torch.cat([_act(cell, later, u[:-1], matrix=False), u[-1:]], dim=0)  # Φ_t u_t
+        if group.matrix:
+            assert v is not None
+            T, B = u.shape[:2]
+            # Σ_t (Φ_t u_t) ⊗ v_t for every env: [B, N·k, T] @ [B, T, D_p]
+            left = carried_u.reshape(T, B, -1).permute(1, 2, 0)
+            right = v.to(left.dtype).permute(1, 0, 2)
+            injected = torch.bmm(left, right).reshape(S0.shape)
+        else:
+            weighted = carried_u if v is None else carried_u * (v.unsqueeze(-1) if cell.form == "block" else v)
+            injected = weighted.sum(0)
+        result[group.name] = _external(cell, _act(cell, carry, S0, group.matrix) + injected)
+    return result
+
+
+def adjoint(cell: RTRLCell, coefficients: WindowCoefficients, errors: Tensor) -> Tensor:
+    """δ [T, B, ...] (internal representation) from the same-step errors e (state representation)."""
+    return _adjoint(cell, coefficients.jacobians, _internal(cell, errors))
+
+
+def gradients(
+    cell: RTRLCell,
+    sensitivities: Mapping[str, Tensor],
+    coefficients: WindowCoefficients,
+    adjoint_errors: Tensor,
+    groups: tuple[ParamGroup, ...] | None = None,
+) -> dict[str, Tensor]:
+    """G^p of the window (equation (4)) from S_0 and the adjoint δ (internal representation).
+
+    With T = 1, δ = e and this is ⟨e_1, S_1⟩, the per-step form (2). Returns the gradient of each
+    trained parameter, by parameter name, in the parameters' shape."""
+    T, B = adjoint_errors.shape[:2]
+    carried = _act_transpose(cell, coefficients.jacobians[0], adjoint_errors[0])  # Ã_1ᵀ δ_1
+    result: dict[str, Tensor] = {}
+    for group in groups if groups is not None else cell.groups:
+        S0 = _internal(cell, sensitivities[group.name])
+        u, v = coefficients.injection(group)
+        weight = _inner(cell, adjoint_errors, u, matrix=False)  # ⟨δ_t, u_t⟩: [T, B, N]
+        if group.matrix:
+            assert v is not None
+            grad = weight.reshape(T * B, -1).transpose(0, 1) @ v.reshape(T * B, -1).to(weight.dtype)
+        else:
+            grad = (weight if v is None else weight * v).sum((0, 1))
+        grad = grad + _inner(cell, carried, S0, group.matrix).sum(0)
+        if group.reduce is not None:
+            grad = group.reduce(grad)
+        if group.complex_param:
+            result[group.params[0]], result[group.params[1]] = grad.real, -grad.imag
+        else:
+            result[group.params[0]] = grad.real if grad.is_complex() else grad
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The window as one autograd Function
+
+
+class _RTRLWindow(torch.autograd.Function):
+    """Inputs: cell, encoder_grad, reset, h0, *S_0 (by group), *inputs, *params. Outputs: h_1..h_T, *S_T."""
+
+    @staticmethod
+    def forward(ctx, cell: RTRLCell, encoder_grad: str, reset: Tensor, h0: Tensor, *tensors: Tensor):
+        sensitivities, inputs, params = _split(cell, tensors)
+        prepared = cell.prepare(inputs, params)
+        h_seq = run_cell(cell, h0, prepared, params, reset)
+        _, coefficients = window_coefficients(cell, h0, h_seq, prepared, params, reset)
+        final = advance(cell, sensitivities, coefficients)
+        ctx.cell, ctx.encoder_grad = cell, encoder_grad
+        ctx.save_for_backward(reset, h0, h_seq, *tensors)
+        outputs = [final[group.name] for group in cell.groups]
+        ctx.mark_non_differentiable(*outputs)
+        return (h_seq, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad_h_seq: Tensor | None, *_: Tensor):
+        cell: RTRLCell = ctx.cell
+        reset, h0, h_seq, *tensors = ctx.saved_tensors
+        sensitivities, inputs, params = _split(cell, tensors)
+        offset = 4 + len(cell.groups)
+        input_needs = ctx.needs_input_grad[offset : offset + len(cell.input_names)]
+        param_needs = dict(zip(cell.param_names, ctx.needs_input_grad[offset + len(cell.input_names) :]))
+        errors = torch.zeros_like(h_seq) if grad_h_seq is None else grad_h_seq
+
+        fixed = {name: p.detach() for name, p in params.items()}
+        with torch.enable_grad():
+            leaves = {name: x.detach().requires_grad_(need) for (name, x), need in zip(inputs.items(), input_needs)}
+            h, coefficients = window_coefficients(cell, h0, h_seq, cell.prepare(leaves, fixed), fixed, reset)
+            h = _external(cell, h).reshape(h_seq.shape)
+        adjoint_errors = adjoint(cell, coefficients, errors)
+
+        input_grads: list[Tensor | None] = [None] * len(leaves)
+        wanted = [i for i, need in enumerate(input_needs) if need]
+        if wanted:
+            upstream = _external(cell, adjoint_errors) if ctx.encoder_grad == "window" else errors
+            found = torch.autograd.grad(h, [list(leaves.values())[i] for i in wanted], upstream, allow_unused=True)
+            for i, grad in zip(wanted, found):
+                input_grads[i] = grad
+
+        trained = tuple(g for g in cell.groups if any(param_needs[name] for name in g.params))
+        param_grads = gradients(cell, sensitivities, coefficients, adjoint_errors, trained) if trained else {}
+        out_params = [
+            param_grads[name].to(p.dtype).reshape(p.shape) if param_needs[name] else None for name, p in params.items()
+        ]
+        return (None, None, None, None, *([None] * len(cell.groups)), *input_grads, *out_params)
+
+
+def _split(cell: RTRLCell, tensors: tuple[Tensor, ...]):
+    n_groups, n_inputs = len(cell.groups), len(cell.input_names)
+    sensitivities = {g.name: s for g, s in zip(cell.groups, tensors[:n_groups])}
+    inputs = dict(zip(cell.input_names, tensors[n_groups : n_groups + n_inputs]))
+    params = dict(zip(cell.param_names, tensors[n_groups + n_inputs :]))
+    return sensitivities, inputs, params
+
+
+def rtrl_window(
+    cell: RTRLCell,
+    h0: Tensor,
+    sensitivities: Mapping[str, Tensor],
+    inputs: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    reset: Tensor,
+    encoder_grad: str = "window",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Run a window with exact RTRL gradients for ``params`` (see the module docstring).
+
+    Args:
+        cell: the cell's description.
+        h0: the carried state [B, ...] (state representation); receives no gradient.
+        sensitivities: the carried S_0 by group name (state representation); receive no gradient.
+        inputs: the window inputs by ``cell.input_names``, each [T, B, ...]; they receive the adjoint's
+            gradient (``encoder_grad="window"``) or the same-step gradient (``"same_step"``).
+        params: every parameter in ``cell.param_names``; each receives G (equation (4)).
+        reset: [T, B] bool, zeroes h and S of env b before step t.
+
+    Returns:
+        h_1..h_T [T, B, ...] (state representation, differentiable) and S_T by group (detached).
+    """
+    if encoder_grad not in ENCODER_GRAD_MODES:
+        raise ValueError(f"encoder_grad={encoder_grad!r}; valid choices: {', '.join(ENCODER_GRAD_MODES)}")
+    tensors = (
+        *(sensitivities[g.name] for g in cell.groups),
+        *(inputs[name] for name in cell.input_names),
+        *(params[name] for name in cell.param_names),
+    )
+    h_seq, *final = _RTRLWindow.apply(cell, encoder_grad, reset, h0, *tensors)
+    return h_seq, {g.name: s for g, s in zip(cell.groups, final)}
