@@ -1,0 +1,33 @@
+"""`rlmem bench envs` runs end to end on tiny settings and refuses bad arguments with exit status 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from envs import bench
+
+
+def test_bench_prints_one_row_per_source(capsys):
+    bench.run(["--steps", "3", "--num-envs", "2", "--sources", "cartpole,cue_recall"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["source", "num_envs", "raw", "steps/s", "rlmem", "steps/s", "ratio"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(rows) == {"cartpole", "cue_recall"}
+    raw, ours, ratio = (float(x.replace(",", "")) for x in rows["cartpole"][2:5])
+    assert raw > 0 and ours > 0 and ratio == pytest.approx(ours / raw, abs=0.01)
+    assert rows["cue_recall"][1] == "2" and rows["cue_recall"][2] == "-"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sources", "pong"], "unknown source 'pong'; valid choices: cartpole"),
+        (["--steps", "0"], "--steps must be positive"),
+        (["--num-envs", "-1"], "--num-envs must be positive"),
+    ],
+)
+def test_bench_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.run(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
