@@ -1,6 +1,7 @@
 """Memory cores behind one contract (see ``rlmem.memory.base``). Importing this package registers them."""
 
 from rlmem.memory import (
+    cfc,  # noqa: F401  (registers cfc)
     ffm,  # noqa: F401  (registers ffm)
     rnn,  # noqa: F401  (registers gru, lstm, none)
 )
