@@ -1,0 +1,152 @@
+"""The element-wise LSTM (eLSTM; Irie, Gopalakrishnan and Schmidhuber, ICLR 2024): the ``elstm`` core.
+
+Its cell state c ∈ R^N recurs element-wise, so exact RTRL costs O(N·D) per step and env::
+
+    f_t = σ(F x_t + w_f ⊙ c_{t-1} + b_f)          z_t = tanh(Z x_t + w_z ⊙ c_{t-1} + b_z)
+    c_t = f_t ⊙ c_{t-1} + (1 − f_t) ⊙ z_t
+    o_t = σ(O x_t + W_o c_t + b_o)                 h_t = o_t ⊙ c_t       (the core's output)
+
+The output gate reads c_t but does not feed back, so it learns by ordinary backprop. For RTRL
+(``rlmem.rtrl``, real units, k = 1) the step supplies
+
+    ẑ = (1 − f)(1 − z²)      f̂ = (c_{t-1} − z) f (1 − f)      a = ∂c_t/∂c_{t-1} = f + w_z ⊙ ẑ + w_f ⊙ f̂
+
+and the injections ẑ ⊗ x (Z), f̂ ⊗ x (F), ẑ ⊙ c_{t-1} (w_z), f̂ ⊙ c_{t-1} (w_f), ẑ (b_z), f̂ (b_f): the
+sensitivities take 2·N·D + 4·N reals per env. (The Jacobian includes the w_z ⊙ ẑ term; dropping it
+fails the gradient test against BPTT.) All weights start at N(0, 0.1²), as in the paper.
+
+State: ``{"cell": [B, N]}``, plus ``sensitivity_<parameter>`` for the six recurrent parameters in
+``rtrl`` mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rlmem.errors import ConfigError
+from rlmem.memory.base import CoreOptions, MemoryCore, State, register_core
+from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients, rtrl_window, run_cell, zero_sensitivities
+
+SENSITIVITY = "sensitivity_"
+
+
+@dataclass
+class ELSTMOptions(CoreOptions):
+    """Options of the ``elstm`` core (``grad``: ``rtrl`` or ``bptt``)."""
+
+    init_std: float = 0.1  # every weight and bias starts at N(0, init_std²)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.init_std, (int, float)) or isinstance(self.init_std, bool) or self.init_std < 0:
+            raise ConfigError(f"memory.init_std must be a non-negative number, got {self.init_std!r}")
+
+
+class ELSTMCell(RTRLCell):
+    """The recurrence c_t of the eLSTM in the form of ``rlmem.rtrl``."""
+
+    form = "real"
+    block_size = 1
+    input_names = ("x",)
+    param_names = (
+        "forget_input",
+        "cell_input",
+        "forget_recurrent",
+        "cell_recurrent",
+        "forget_bias",
+        "cell_bias",
+    )
+    groups = (
+        ParamGroup("forget_input", u="forget_injection", v="x", matrix=True),  # F
+        ParamGroup("cell_input", u="cell_injection", v="x", matrix=True),  # Z
+        ParamGroup("forget_recurrent", u="forget_injection", v="c_prev"),  # w_f
+        ParamGroup("cell_recurrent", u="cell_injection", v="c_prev"),  # w_z
+        ParamGroup("forget_bias", u="forget_injection"),  # b_f
+        ParamGroup("cell_bias", u="cell_injection"),  # b_z
+    )
+
+    def prepare(self, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        # Both input projections of the whole window in one matrix product.
+        weights = torch.cat([params["forget_input"], params["cell_input"]], dim=0)
+        forget_drive, cell_drive = (inputs["x"] @ weights.t()).chunk(2, dim=-1)
+        return {"x": inputs["x"], "forget_drive": forget_drive, "cell_drive": cell_drive}
+
+    def step(
+        self, h_prev: Tensor, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor], coefficients: bool
+    ) -> tuple[Tensor, StepCoefficients | None]:
+        c_prev = h_prev
+        f = torch.sigmoid(inputs["forget_drive"] + params["forget_recurrent"] * c_prev + params["forget_bias"])
+        z = torch.tanh(inputs["cell_drive"] + params["cell_recurrent"] * c_prev + params["cell_bias"])
+        c = z + f * (c_prev - z)
+        if not coefficients:
+            return c, None
+        cell_injection = (1 - f) * (1 - z * z)  # ∂c/∂(pre-activation of z)
+        forget_injection = (c_prev - z) * f * (1 - f)  # ∂c/∂(pre-activation of f)
+        jacobian = f + params["cell_recurrent"] * cell_injection + params["forget_recurrent"] * forget_injection
+        factors = {
+            "cell_injection": cell_injection,
+            "forget_injection": forget_injection,
+            "c_prev": c_prev,
+            "x": inputs["x"],
+        }
+        return c, StepCoefficients(jacobian, factors)
+
+
+@register_core("elstm", ELSTMOptions)
+class ELSTMCore(MemoryCore):
+    """Element-wise LSTM with exact RTRL (Irie et al. 2024); output h = o ⊙ c."""
+
+    grad_modes = ("bptt", "rtrl")
+    cell = ELSTMCell()
+
+    def __init__(self, options: ELSTMOptions, input_size: int) -> None:
+        super().__init__(options, input_size)
+        self.cell.check()
+        self.encoder_grad = options.encoder_grad
+        N, D = self.hidden_size, input_size
+        shapes = {
+            "forget_input": (N, D),
+            "cell_input": (N, D),
+            "forget_recurrent": (N,),
+            "cell_recurrent": (N,),
+            "forget_bias": (N,),
+            "cell_bias": (N,),
+            "output_input": (N, D),
+            "output_recurrent": (N, N),
+            "output_bias": (N,),
+        }
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.randn(shape) * options.init_std))
+
+    def recurrent_params(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.cell.param_names}
+
+    def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> State:
+        dtype = dtype or self.forget_input.dtype
+        state = {"cell": torch.zeros(batch, self.hidden_size, device=device, dtype=dtype)}
+        if self.grad == "rtrl":
+            columns = {"forget_input": self.input_size, "cell_input": self.input_size}
+            sensitivities = zero_sensitivities(self.cell, batch, self.hidden_size, columns, device, dtype)
+            state.update({SENSITIVITY + name: s for name, s in sensitivities.items()})
+        return state
+
+    def forward(self, x: Tensor, state: State, reset: Tensor) -> tuple[Tensor, State]:
+        """Run a window. ``x``: [T, B, D]; ``reset``: [T, B] bool. Returns ``y`` [T, B, N] and the state."""
+        params = self.recurrent_params()
+        new_state = dict(state)
+        if self.grad == "rtrl" and torch.is_grad_enabled():
+            sensitivities = {name: state[SENSITIVITY + name] for name in self.cell.param_names}
+            cells, final = rtrl_window(
+                self.cell, state["cell"], sensitivities, {"x": x}, params, reset, self.encoder_grad
+            )
+            new_state.update({SENSITIVITY + name: s for name, s in final.items()})
+        else:
+            # bptt, or acting under no_grad (sensitivities pass through untouched).
+            cells = run_cell(self.cell, state["cell"], self.cell.prepare({"x": x}, params), params, reset)
+        new_state["cell"] = cells[-1].detach()
+        output_gate = torch.sigmoid(x @ self.output_input.t() + cells @ self.output_recurrent.t() + self.output_bias)
+        return output_gate * cells, new_state
