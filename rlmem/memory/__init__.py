@@ -1,6 +1,7 @@
 """Memory cores behind one contract (see ``rlmem.memory.base``). Importing this package registers them."""
 
 from rlmem.memory import (
+    ccn,  # noqa: F401  (registers ccn)
     cfc,  # noqa: F401  (registers cfc)
     elstm,  # noqa: F401  (registers elstm)
     ffm,  # noqa: F401  (registers ffm)
