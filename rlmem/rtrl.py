@@ -52,6 +52,18 @@ Unit forms
 ``"block"``   general k × k blocks (a coupled pair such as CCN's (h, c)): A [B, N, k, k];
               state [B, N, k]; S [B, N, k, D_p] / [B, N, k].
 
+Parameters behind a mixing layer (real form): a group may *fan out*, when θ_p's R rows act on every
+unit at once (e.g. a layer before a dense readout into the units). Each unit then keeps a sensitivity
+to the whole parameter, and the injection has one value per unit and parameter row:
+
+    ∂h_t[b, i] / ∂θ_p[r, j] = u_t^p[b, i, r] v_t^p[b, j]     fan-out matrix group, θ_p [R, D_p]
+    ∂h_t[b, i] / ∂θ_p[r]    = u_t^p[b, i, r] v_t^p[b, r]     fan-out vector group, θ_p [R]
+
+with S^p [B, N, R, D_p] or [B, N, R]; (1)-(4) hold as written, with A acting on each unit's slice. With
+a diagonal A that is the exact recursion of a diagonal core, and for a core whose true Jacobian is
+not diagonal it is SnAp-1 (A = the Jacobian's diagonal; the sensitivities keep the sparsity pattern
+of one step's injection).
+
 A complex parameter θ = θ_re + i θ_im on which h depends holomorphically (∂h/∂θ_im = i ∂h/∂θ_re; e.g.
 the LRU's input matrix) needs one complex sensitivity, not two real ones: with u ⊗ v = ∂h/∂θ_re,
 the group's gradient w = Σ conj(e) S gives ∂L/∂θ_re = Re w and ∂L/∂θ_im = −Im w.
@@ -102,6 +114,9 @@ class ParamGroup:
         reduce: maps the per-unit gradient ([N, D_p] or [N]) to the parameters' shape, for groups
             whose parameter rows act on a fixed set of units (e.g. one decay per FFM trace shared by
             all columns of that trace: reshape and sum). Default: identity.
+        fan_out: θ_p's R rows act on every unit (real form only): u is [B, N, R], v is [B, D_p]
+            (matrix) or [B, R] / None (vector), and S is [B, N, R, D_p] or [B, N, R]; the gradient
+            is [R, D_p] or [R]. Default: False.
     """
 
     name: str
@@ -111,6 +126,7 @@ class ParamGroup:
     params: tuple[str, ...] = ()
     complex_param: bool = False
     reduce: Callable[[Tensor], Tensor] | None = None
+    fan_out: bool = False
 
     def __post_init__(self) -> None:
         if not self.params:
@@ -167,6 +183,8 @@ class RTRLCell:
         for group in self.groups:
             if group.complex_param and self.form != "complex":
                 raise ValueError(f"group {group.name!r}: complex parameters need the complex form")
+            if group.fan_out and self.form != "real":
+                raise ValueError(f"group {group.name!r}: fan-out groups need the real form")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,6 +226,13 @@ def _inner(cell: RTRLCell, a: Tensor, b: Tensor, matrix: bool) -> Tensor:
     return a.unsqueeze(-1) * b if matrix else a * b
 
 
+def _act_on_sensitivity(cell: RTRLCell, A: Tensor, S: Tensor, group: ParamGroup) -> Tensor:
+    """A S for one group's sensitivities (a fan-out group's S has the parameter's rows after the unit)."""
+    if group.fan_out:
+        return A.view(*A.shape, *([1] * (S.dim() - A.dim()))) * S
+    return _act(cell, A, S, group.matrix)
+
+
 def _suffix_products(cell: RTRLCell, jacobians: Tensor) -> Tensor:
     """P_t = Ã_T ··· Ã_t for t = 1..T, [T, ...] (products of Jacobians only, never inverses)."""
     if cell.form != "block":
@@ -246,12 +271,21 @@ def zero_state(cell: RTRLCell, batch: int, units: int, device: torch.device | st
 
 
 def zero_sensitivities(
-    cell: RTRLCell, batch: int, units: int, columns: Mapping[str, int], device: torch.device | str, dtype: torch.dtype
+    cell: RTRLCell,
+    batch: int,
+    units: int,
+    columns: Mapping[str, int],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    rows: Mapping[str, int] | None = None,
 ) -> dict[str, Tensor]:
-    """Zero sensitivities per group, in the state representation. ``columns``: D_p per matrix group."""
+    """Zero sensitivities per group, in the state representation. ``columns``: D_p per matrix group;
+    ``rows``: R per fan-out group."""
     sensitivities = {}
     for group in cell.groups:
         shape = [batch, units]
+        if group.fan_out:
+            shape.append((rows or {})[group.name])
         if cell.form == "block":
             shape.append(cell.block_size)
         if group.matrix:
@@ -340,7 +374,7 @@ def advance(cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: W
     for group in cell.groups:
         S0 = _internal(cell, sensitivities[group.name])
         u, v = coefficients.injection(group)
-        carried_u = torch.cat([_act(cell, later, u[:-1], matrix=False), u[-1:]], dim=0)  # Φ_t u_t
+        carried_u = torch.cat([_act(cell, later, u[:-1], matrix=group.fan_out), u[-1:]], dim=0)  # Φ_t u_t
         if group.matrix:
             assert v is not None
             T, B = u.shape[:2]
@@ -349,9 +383,10 @@ def advance(cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: W
             right = v.to(left.dtype).permute(1, 0, 2)
             injected = torch.bmm(left, right).reshape(S0.shape)
         else:
-            weighted = carried_u if v is None else carried_u * (v.unsqueeze(-1) if cell.form == "block" else v)
-            injected = weighted.sum(0)
-        result[group.name] = _external(cell, _act(cell, carry, S0, group.matrix) + injected)
+            if v is not None:
+                v = v.unsqueeze(-1) if cell.form == "block" else v.unsqueeze(-2) if group.fan_out else v
+            injected = (carried_u if v is None else carried_u * v).sum(0)
+        result[group.name] = _external(cell, _act_on_sensitivity(cell, carry, S0, group) + injected)
     return result
 
 
@@ -377,13 +412,19 @@ def gradients(
     for group in groups if groups is not None else cell.groups:
         S0 = _internal(cell, sensitivities[group.name])
         u, v = coefficients.injection(group)
-        weight = _inner(cell, adjoint_errors, u, matrix=False)  # ⟨δ_t, u_t⟩: [T, B, N]
+        if group.fan_out:  # Σ_i δ_t[i] u_t[i, r]: [T, B, R]
+            weight = (adjoint_errors.unsqueeze(-1) * u).sum(-2)
+        else:
+            weight = _inner(cell, adjoint_errors, u, matrix=False)  # ⟨δ_t, u_t⟩: [T, B, N]
         if group.matrix:
             assert v is not None
             grad = weight.reshape(T * B, -1).transpose(0, 1) @ v.reshape(T * B, -1).to(weight.dtype)
         else:
             grad = (weight if v is None else weight * v).sum((0, 1))
-        grad = grad + _inner(cell, carried, S0, group.matrix).sum(0)
+        if group.fan_out:
+            grad = grad + _act_on_sensitivity(cell, carried, S0, group).sum((0, 1))
+        else:
+            grad = grad + _inner(cell, carried, S0, group.matrix).sum(0)
         if group.reduce is not None:
             grad = group.reduce(grad)
         if group.complex_param:

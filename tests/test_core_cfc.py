@@ -16,6 +16,7 @@ import torch
 from rlmem.errors import ConfigError
 from rlmem.memory import make_core
 from rlmem.memory.cfc import CfCCore
+from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients, rtrl_window, zero_sensitivities
 
 N, D, B = 5, 3, 3
 WINDOWS, WINDOW = 3, 4
@@ -329,3 +330,66 @@ def test_rtrl_refuses_sensitivities_over_the_budget_and_names_the_cheaper_modes(
 def test_bad_options_raise_config_errors_naming_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
         make_core({"name": "cfc", "hidden_size": 8, key: value}, input_size=D)
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine's fan-out groups (rlmem.rtrl), which snap1 uses for parameters behind the backbone
+
+
+class _MixedReadout(RTRLCell):
+    """h = tanh(r ⊙ h₋₁ + C tanh(W x + b)): a diagonal recurrence whose W and b reach every unit through C.
+
+    The Jacobian is exactly diagonal, so the engine with fan-out groups for W and b must be exact."""
+
+    form, block_size = "real", 1
+    param_names = ("W", "b", "C", "r")
+    groups = (
+        ParamGroup("W", u="through_C", v="x", matrix=True, fan_out=True),
+        ParamGroup("b", u="through_C", fan_out=True),
+        ParamGroup("C", u="slope", v="features", matrix=True),
+        ParamGroup("r", u="slope", v="h_prev"),
+    )
+
+    def step(self, h_prev, inputs, params, coefficients):
+        features = torch.tanh(inputs["x"] @ params["W"].T + params["b"])
+        h = torch.tanh(params["r"] * h_prev + features @ params["C"].T)
+        if not coefficients:
+            return h, None
+        slope = 1 - h * h
+        through_c = slope.unsqueeze(-1) * params["C"] * (1 - features * features).unsqueeze(1)
+        factors = {"through_C": through_c, "slope": slope, "features": features, "h_prev": h_prev, "x": inputs["x"]}
+        return h, StepCoefficients(slope * params["r"], factors)
+
+
+def test_engine_fan_out_groups_equal_bptt_for_a_diagonal_recurrence_behind_a_mixing_layer():
+    cell, units, hidden, inputs = _MixedReadout(), 4, 3, 2
+    cell.check()
+    generator = torch.Generator().manual_seed(12)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    params = {"W": rand(hidden, inputs), "b": rand(hidden), "C": rand(units, hidden), "r": 0.9 * rand(units)}
+    x, reset, weights, _ = _sequence(seed=13)
+    x, weights = x[..., :inputs], weights[..., :units]
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    h = torch.zeros(B, units, dtype=torch.float64)
+    outputs = []
+    for t in range(x.shape[0]):
+        h, _ = cell.step(h * (~reset[t]).to(h.dtype).unsqueeze(-1), {"x": x[t]}, leaves, False)
+        outputs.append(h)
+    _loss(torch.stack(outputs), weights).backward()
+
+    trained = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    h = torch.zeros(B, units, dtype=torch.float64)
+    sens = zero_sensitivities(
+        cell, B, units, {"W": inputs, "C": hidden}, "cpu", torch.float64, rows={"W": hidden, "b": hidden}
+    )
+    assert sens["W"].shape == (B, units, hidden, inputs) and sens["b"].shape == (B, units, hidden)
+    for k in range(WINDOWS):
+        window = slice(k * WINDOW, (k + 1) * WINDOW)
+        y, sens = rtrl_window(cell, h, sens, {"x": x[window]}, trained, reset[window])
+        _loss(y, weights[window]).backward()
+        h = y[-1].detach()
+    for name in params:
+        torch.testing.assert_close(trained[name].grad, leaves[name].grad, rtol=1e-10, atol=1e-12, msg=name)
