@@ -217,3 +217,155 @@ def test_bad_options_raise_config_errors(spec, words):
         make_core({"name": "ffm", "hidden_size": 8, **spec}, input_size=3)
     for word in words:
         assert word in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# The core in rtrl mode, against autograd BPTT
+
+
+def twins(encoder_grad: str = "window", seed: int = 0) -> tuple[FFMCore, FFMCore]:
+    """An rtrl core and a bptt core with the same weights."""
+    rtrl = ffm("rtrl", seed=seed, encoder_grad=encoder_grad)
+    bptt = ffm("bptt", seed=seed + 1)
+    bptt.load_state_dict(rtrl.state_dict())
+    return rtrl, bptt
+
+
+def loss_of(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A nonlinear loss on the outputs of every step."""
+    return (y * weights).sum() + 0.3 * torch.sin(y).pow(2).sum()
+
+
+def windows(lengths: list[int]) -> list[tuple[int, int]]:
+    bounds, t = [], 0
+    for length in lengths:
+        bounds.append((t, t + length))
+        t += length
+    return bounds
+
+
+def test_rtrl_state_holds_the_documented_sensitivities():
+    core = ffm("rtrl")
+    state = core.initial_state(3)
+    units = M * C
+    expected = {
+        "aggregate": (3, M, C, 2),
+        "sensitivity_value_weight": (3, units, D, 2),
+        "sensitivity_gate_weight": (3, units, D, 2),
+        "sensitivity_value_bias": (3, units, 2),
+        "sensitivity_gate_bias": (3, units, 2),
+        "sensitivity_log_decay_rate": (3, units, 2),
+        "sensitivity_frequency": (3, units, 2),
+    }
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    assert sum(v[0].numel() for k, v in state.items() if k != "aggregate") == 2 * units * (2 * D + 4)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "batch", "seed"),
+    [([30], 3, 0), ([1, 7, 1, 12, 9], 3, 1), ([1] * 12, 2, 2), ([5, 5, 5, 5], 4, 3)],
+)
+def test_rtrl_windows_sum_to_whole_sequence_bptt(lengths, batch, seed):
+    rtrl, bptt = twins(seed=seed)
+    T = sum(lengths)
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(T, batch, D, generator=g, dtype=torch.float64)
+    reset = random_resets(T, batch, 0.2, g)
+    reset[lengths[0] % T, 0] = True  # a reset on a window boundary
+    weights = torch.randn(T, batch, H, generator=g, dtype=torch.float64)
+
+    y_bptt, _ = bptt(x, bptt.initial_state(batch), reset)
+    loss_of(y_bptt, weights).backward()
+
+    state, outputs = rtrl.initial_state(batch), []
+    for t0, t1 in windows(lengths):
+        y, state = rtrl(x[t0:t1], state, reset[t0:t1])
+        loss_of(y, weights[t0:t1]).backward()
+        outputs.append(y.detach())
+    torch.testing.assert_close(torch.cat(outputs), y_bptt.detach(), rtol=1e-12, atol=1e-12)
+    for (name, p_rtrl), (_, p_bptt) in zip(rtrl.named_parameters(), bptt.named_parameters()):
+        assert p_bptt.grad.abs().max() > 1e-6, name  # every parameter takes part
+        torch.testing.assert_close(p_rtrl.grad, p_bptt.grad, rtol=1e-9, atol=1e-11, msg=f"gradient of {name}")
+
+
+def carried_state(core: FFMCore, batch: int, seed: int):
+    """A nonzero state (and sensitivities) reached by running a first window."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, batch, D, generator=g, dtype=torch.float64)
+    reset = torch.zeros(6, batch, dtype=torch.bool)
+    with torch.enable_grad():
+        _, state = core(x, core.initial_state(batch), reset)
+    return state
+
+
+def test_rtrl_input_gradient_within_the_window_matches_bptt():
+    rtrl, bptt = twins(seed=7)
+    state = carried_state(rtrl, 3, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(9, 3, D, generator=g, dtype=torch.float64)
+    reset = random_resets(9, 3, 0.2, g)
+    weights = torch.randn(9, 3, H, generator=g, dtype=torch.float64)
+    grads = []
+    for core, start in [(rtrl, state), (bptt, {"aggregate": state["aggregate"]})]:
+        inputs = x.clone().requires_grad_()
+        y, _ = core(inputs, start, reset)
+        grads.append(torch.autograd.grad(loss_of(y, weights), inputs)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_rtrl_same_step_input_gradient_stops_at_the_step():
+    rtrl, _ = twins("same_step", seed=9)
+    state = carried_state(rtrl, 2, seed=9)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(7, 2, D, generator=g, dtype=torch.float64, requires_grad=True)
+    reset = random_resets(7, 2, 0.2, g)
+    weights = torch.randn(7, 2, H, generator=g, dtype=torch.float64)
+    y, _ = rtrl(x, state, reset)
+    got = torch.autograd.grad(loss_of(y, weights), x)[0]
+    # The oracle: each step sees the previous aggregate as a constant, so x_t reaches only y_t.
+    expected = torch.zeros_like(x)
+    aggregate = state["aggregate"]
+    for t in range(7):
+        x_t = x[t : t + 1].detach().requires_grad_()
+        y_t, aggregate = reference_ffm(rtrl, x_t, reset[t : t + 1], aggregate.detach())
+        expected[t] = torch.autograd.grad(loss_of(y_t, weights[t : t + 1]), x_t)[0][0]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_no_grad_runs_the_scan_and_passes_sensitivities_through():
+    rtrl, bptt = twins(seed=11)
+    state = carried_state(rtrl, 2, seed=11)
+    x = torch.randn(5, 2, D, dtype=torch.float64)
+    reset = torch.zeros(5, 2, dtype=torch.bool)
+    with torch.no_grad():
+        y, acted = rtrl(x, state, reset)
+        y_bptt, expected = bptt(x, {"aggregate": state["aggregate"]}, reset)
+    torch.testing.assert_close(y, y_bptt)
+    torch.testing.assert_close(acted["aggregate"], expected["aggregate"])
+    for key in state:
+        if key.startswith("sensitivity_"):
+            assert acted[key] is state[key]
+            assert state[key].abs().sum() > 0
+
+
+def test_rtrl_state_is_detached_and_float32_windows_stay_finite():
+    core = ffm("rtrl", dtype=torch.float32, seed=12)
+    x = torch.randn(1024, 2, D)
+    reset = torch.zeros(1024, 2, dtype=torch.bool)
+    y, state = core(x, core.initial_state(2), reset)
+    y.square().mean().backward()
+    assert all(not v.requires_grad for v in state.values())
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert all(torch.isfinite(p.grad).all() for p in core.parameters())
+
+
+def test_checkpoint_loads_across_grad_modes():
+    rtrl, bptt = twins(seed=13)
+    assert list(rtrl.state_dict()) == list(bptt.state_dict())
+    fresh = ffm("bptt", seed=99)
+    fresh.load_state_dict(rtrl.state_dict(), strict=True)
+    back = ffm("rtrl", seed=98)
+    back.load_state_dict(fresh.state_dict(), strict=True)
+    x = torch.randn(4, 2, D, dtype=torch.float64)
+    reset = torch.zeros(4, 2, dtype=torch.bool)
+    torch.testing.assert_close(back(x, back.initial_state(2), reset)[0], rtrl(x, rtrl.initial_state(2), reset)[0])

@@ -18,18 +18,30 @@ Learning (``grad``):
 * ``bptt``: autograd through the window. The aggregator over a window is a linear recurrence, run by
   the log-depth associative scan of ``rlmem.scan`` with resets as zero decays, so it stays finite in
   float32 for windows of any length.
-* ``rtrl``: exact real-time recurrent learning for every parameter that reaches the aggregator
-  (W_pre and b_pre rows of ŷ and p̃, ρ, b) through the shared engine of ``rlmem.rtrl`` with units
-  = (trace, column) pairs as complex numbers (k = 2); the readout (W_mix, b_mix, the τ and q̃ rows of
-  W_pre) learns by ordinary backprop after the aggregator.
+* ``rtrl``: exact real-time recurrent learning for every parameter that reaches the aggregator,
+  through the shared engine of ``rlmem.rtrl`` with N = m·c units, unit (i, j) = S_ij a complex number
+  (k = 2), A_t = γ_ij. With W_ŷ, W_p̃ the ŷ and p̃ rows of W_pre, p = σ(p̃) and a = −exp(ρ), the
+  injections of one step are
+
+      ∂S_ij/∂W_ŷ[i, k] = p_i x_k        ∂S_ij/∂b_ŷ[i] = p_i
+      ∂S_ij/∂W_p̃[i, k] = ŷ_i p_i (1 − p_i) x_k    ∂S_ij/∂b_p̃[i] = ŷ_i p_i (1 − p_i)
+      ∂S_ij/∂ρ_i = a_i γ_ij S_{t-1,ij}               ∂S_ij/∂b_j = i γ_ij S_{t-1,ij}
+
+  Each parameter row acts on a fixed group of units (trace i: its c columns; frequency j: its m
+  traces), so the engine's per-unit gradients are summed over that group. Sensitivities take
+  2·N·(2·D + 4) reals per env. The readout (W_mix, b_mix, and the τ and q̃ rows of W_pre) learns by
+  ordinary backprop after the aggregator. Under ``torch.no_grad()`` the core runs the scan only and
+  passes the sensitivities through untouched.
 
 The state is ``{"aggregate": [B, m, c, 2]}`` (real and imaginary parts of S) plus, in ``rtrl`` mode,
-the sensitivities.
+``sensitivity_<group>`` for the groups ``value_weight``, ``gate_weight`` ([B, m·c, D, 2]) and
+``value_bias``, ``gate_bias``, ``log_decay_rate``, ``frequency`` ([B, m·c, 2]).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +50,10 @@ from torch import Tensor, nn
 
 from rlmem.errors import ConfigError
 from rlmem.memory.base import CoreOptions, MemoryCore, State, register_core
+from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients, rtrl_window, zero_sensitivities
 from rlmem.scan import scan_adjoint, scan_states
+
+SENSITIVITY = "sensitivity_"
 
 # The paper's initial decay rates: the fastest trace keeps 1% after ~7 steps, the slowest after 1024.
 FASTEST_DECAY = -0.6731
@@ -78,6 +93,66 @@ class _AggregatorWindow(torch.autograd.Function):
         return grad_input, grad_gamma, None, grad_initial
 
 
+class FFMCell(RTRLCell):
+    """The aggregator S_t of FFM in the form of ``rlmem.rtrl``: complex units (trace i, column j), i·c + j."""
+
+    form = "complex"
+    block_size = 2
+    input_names = ("x",)
+    param_names = ("value_weight", "gate_weight", "value_bias", "gate_bias", "log_decay_rate", "frequency")
+
+    def __init__(self, traces: int, context: int) -> None:
+        self.traces, self.context = traces, context
+
+        def per_trace(grad: Tensor) -> Tensor:  # [m·c(, D)] -> [m(, D)]: trace i owns its c columns
+            return grad.reshape(traces, context, *grad.shape[1:]).sum(1)
+
+        def per_column(grad: Tensor) -> Tensor:  # [m·c] -> [c]: frequency j owns its m traces
+            return grad.reshape(traces, context).sum(0)
+
+        self.groups = (
+            ParamGroup("value_weight", u="value_gain", v="x", matrix=True, reduce=per_trace),
+            ParamGroup("gate_weight", u="gate_gain", v="x", matrix=True, reduce=per_trace),
+            ParamGroup("value_bias", u="value_gain", reduce=per_trace),
+            ParamGroup("gate_bias", u="gate_gain", reduce=per_trace),
+            ParamGroup("log_decay_rate", u="decay_injection", reduce=per_trace),
+            ParamGroup("frequency", u="frequency_injection", reduce=per_column),
+        )
+
+    def prepare(self, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        # [ŷ; p̃] for the whole window in one matrix product.
+        weight = torch.cat([params["value_weight"], params["gate_weight"]], dim=0)
+        bias = torch.cat([params["value_bias"], params["gate_bias"]], dim=0)
+        value, gate_pre = F.linear(inputs["x"], weight, bias).split(self.traces, dim=-1)
+        return {"x": inputs["x"], "value": value, "gate_pre": gate_pre}
+
+    def per_unit(self, per_trace: Tensor) -> Tensor:
+        """[..., m] -> [..., m·c]: a trace's quantity copied to each of its columns."""
+        return per_trace.unsqueeze(-1).expand(*per_trace.shape, self.context).flatten(-2)
+
+    def step(
+        self, h_prev: Tensor, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor], coefficients: bool
+    ) -> tuple[Tensor, StepCoefficients | None]:
+        rate = torch.exp(params["log_decay_rate"])  # −a
+        gamma = torch.polar(
+            torch.exp(-rate).unsqueeze(1).expand(self.traces, self.context),
+            params["frequency"].unsqueeze(0).expand(self.traces, self.context),
+        ).flatten()
+        gate = torch.sigmoid(inputs["gate_pre"])
+        decayed = gamma * h_prev
+        h = decayed + self.per_unit(inputs["value"] * gate)
+        if not coefficients:
+            return h, None
+        factors = {
+            "value_gain": self.per_unit(gate).to(h.dtype),
+            "gate_gain": self.per_unit(inputs["value"] * gate * (1 - gate)).to(h.dtype),
+            "x": inputs["x"],
+            "decay_injection": -self.per_unit(rate) * decayed,
+            "frequency_injection": 1j * decayed,
+        }
+        return h, StepCoefficients(gamma.expand_as(h), factors)
+
+
 @dataclass
 class FFMOptions(CoreOptions):
     """Options of the ``ffm`` core. The state holds 2·traces·context reals per env."""
@@ -109,6 +184,8 @@ class FFMCore(MemoryCore):
         self.log_decay_rate = nn.Parameter(torch.linspace(FASTEST_DECAY, SLOWEST_DECAY, m).neg().log())
         self.frequency = nn.Parameter(2 * math.pi / torch.linspace(1.0, LONGEST_PERIOD, c))
         self.mix = nn.Linear(2 * m * c, H)
+        self.cell = FFMCell(m, c)
+        self.cell.check()
 
     @property
     def aggregator_rows(self) -> int:
@@ -123,9 +200,27 @@ class FFMCore(MemoryCore):
             self.frequency.unsqueeze(0).expand(self.traces, self.context),
         )
 
+    def recurrent_params(self) -> dict[str, Tensor]:
+        """The parameters that reach the aggregator, by the cell's names (views of W_pre, b_pre)."""
+        m = self.traces
+        return {
+            "value_weight": self.pre.weight[:m],
+            "gate_weight": self.pre.weight[m : 2 * m],
+            "value_bias": self.pre.bias[:m],
+            "gate_bias": self.pre.bias[m : 2 * m],
+            "log_decay_rate": self.log_decay_rate,
+            "frequency": self.frequency,
+        }
+
     def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> State:
         dtype = dtype or self.mix.weight.dtype
-        return {"aggregate": torch.zeros(batch, self.traces, self.context, 2, device=device, dtype=dtype)}
+        state = {"aggregate": torch.zeros(batch, self.traces, self.context, 2, device=device, dtype=dtype)}
+        if self.grad == "rtrl":
+            units = self.traces * self.context
+            columns = {"value_weight": self.input_size, "gate_weight": self.input_size}
+            sensitivities = zero_sensitivities(self.cell, batch, units, columns, device, dtype)
+            state.update({SENSITIVITY + name: s for name, s in sensitivities.items()})
+        return state
 
     # ----------------------------------------------------------------------------------------------
     # The pieces of one layer, shared by both modes.
@@ -152,12 +247,35 @@ class FFMCore(MemoryCore):
 
     def forward(self, x: Tensor, state: State, reset: Tensor) -> tuple[Tensor, State]:
         """Run a window. ``x``: [T, B, D]; ``reset``: [T, B] bool. Returns ``y`` [T, B, H] and the state."""
+        if self.grad == "rtrl" and torch.is_grad_enabled():
+            return self._rtrl_forward(x, state, reset)
+        # bptt, or acting under no_grad (sensitivities pass through untouched).
         pre = self.pre(x)
         aggregator_pre, output_pre = pre.split([self.aggregator_rows, 2 * self.hidden_size], dim=-1)
         initial = torch.view_as_complex(state["aggregate"].contiguous())
         aggregate = self.aggregate(self.gated_input(aggregator_pre), reset, initial)
         y = self.readout(aggregate, output_pre)
-        return y, {"aggregate": torch.view_as_real(aggregate[-1]).detach().clone()}
+        return y, {**state, "aggregate": torch.view_as_real(aggregate[-1]).detach().clone()}
+
+    def _rtrl_forward(self, x: Tensor, state: State, reset: Tensor) -> tuple[Tensor, State]:
+        T, B, _ = x.shape
+        m, c = self.traces, self.context
+        sensitivities = {g.name: state[SENSITIVITY + g.name] for g in self.cell.groups}
+        aggregate_pairs, final = rtrl_window(
+            self.cell,
+            state["aggregate"].reshape(B, m * c, 2),
+            sensitivities,
+            {"x": x},
+            self.recurrent_params(),
+            reset,
+            self.options.encoder_grad,
+        )
+        aggregate = torch.view_as_complex(aggregate_pairs.reshape(T, B, m, c, 2))
+        output_pre = F.linear(x, self.pre.weight[2 * m :], self.pre.bias[2 * m :])
+        y = self.readout(aggregate, output_pre)
+        new_state = {"aggregate": aggregate_pairs[-1].detach().reshape(B, m, c, 2)}
+        new_state.update({SENSITIVITY + name: s for name, s in final.items()})
+        return y, new_state
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, traces={self.traces}, context={self.context}"
