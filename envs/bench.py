@@ -1,9 +1,12 @@
 """Environment throughput: each raw library next to rlmem's VecEnv on the same id, env count and machine.
 
-``rlmem bench envs [--steps N] [--num-envs B] [--sources a,b,...]`` steps every source with uniformly
-random actions (drawn before timing) and prints env steps per second (all envs together) of the raw
-library and of the rlmem VecEnv, and their ratio (rlmem / raw; the adapter's overhead is 1 − ratio).
-The built-in memory tasks have no raw counterpart. Sources whose package is missing are skipped.
+``rlmem bench envs [--steps N] [--repeats R] [--num-envs B] [--sources a,b,...]`` steps every source
+with uniformly random actions (drawn before timing) and prints env steps per second (all envs
+together) of the raw library and of the rlmem VecEnv, and their ratio (rlmem / raw; the adapter's
+overhead is 1 − ratio). Both sides are configured alike (same game, env count, frame processing and
+same-step autoreset) and timed in alternating rounds of N vector steps; each figure is the best of R
+rounds, so that load from other processes skews both sides alike. The built-in memory tasks have no
+raw counterpart. Sources whose package is missing are skipped.
 """
 
 from __future__ import annotations
@@ -12,81 +15,111 @@ import argparse
 import importlib.util
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-# source -> (default num_envs, the optional package it needs, or None)
-SOURCES: dict[str, tuple[int, str | None]] = {
-    "cartpole": (64, None),
-    "cue_recall": (64, None),
-    "repeat_previous": (64, None),
-    "count_recall": (64, None),
-}
+
+@dataclass
+class Contender:
+    """One side of a comparison: ``step(i)`` takes the i-th precomputed vector step."""
+
+    step: Callable[[int], Any]
+    close: Callable[[], None]
 
 
-def _steps_per_second(step: Callable[[int], Any], steps: int, num_envs: int, warmup: int = 20) -> float:
-    for i in range(warmup):
-        step(i)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    return steps * num_envs / (time.perf_counter() - start)
+def _random_indices(high: int, steps: int, num_envs: int):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, high, size=(steps, num_envs))
 
 
-def _rlmem_steps_per_second(spec: dict[str, Any], steps: int, seed: int = 0) -> float:
+def _rlmem(spec: dict[str, Any], steps: int) -> Contender:
     import gymnasium as gym
     import torch
 
     from envs import make_env
 
-    with make_env(spec, seed=seed) as env:
-        env.reset(seed=seed)
-        generator = torch.Generator().manual_seed(seed)
-        space, B = env.single_action_space, env.num_envs
-        if isinstance(space, gym.spaces.Discrete):
-            actions = int(space.start) + torch.randint(int(space.n), (steps + 20, B), generator=generator)
-        else:
-            low, high = torch.as_tensor(space.low), torch.as_tensor(space.high)
-            actions = low + (high - low) * torch.rand(steps + 20, B, *space.shape, generator=generator)
-        actions = actions.to(env.device)
-        return _steps_per_second(lambda i: env.step(actions[i]), steps, B)
+    env = make_env(spec, seed=0)
+    env.reset(seed=0)
+    space, B = env.single_action_space, env.num_envs
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(space, gym.spaces.Discrete):
+        actions = int(space.start) + torch.randint(int(space.n), (steps, B), generator=generator)
+    else:
+        low, high = torch.as_tensor(space.low), torch.as_tensor(space.high)
+        actions = low + (high - low) * torch.rand(steps, B, *space.shape, generator=generator)
+    actions = actions.to(env.device)
+    return Contender(lambda i: env.step(actions[i]), env.close)
 
 
-def _cartpole(num_envs: int, steps: int) -> tuple[float | None, float]:
+def _raw_cartpole(num_envs: int, steps: int) -> Contender:
     import gymnasium as gym
-    import numpy as np
 
-    raw = gym.vector.SyncVectorEnv(
+    env = gym.vector.SyncVectorEnv(
         [lambda: gym.make("CartPole-v1") for _ in range(num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
-    raw.reset(seed=0)
-    actions = np.random.default_rng(0).integers(0, 2, size=(steps + 20, num_envs))
-    raw_sps = _steps_per_second(lambda i: raw.step(actions[i]), steps, num_envs)
-    raw.close()
-    ours = _rlmem_steps_per_second({"name": "gym", "id": "CartPole-v1", "num_envs": num_envs}, steps)
-    return raw_sps, ours
+    env.reset(seed=0)
+    actions = _random_indices(2, steps, num_envs)
+    return Contender(lambda i: env.step(actions[i]), env.close)
 
 
-def _memory_task(name: str) -> Callable[[int, int], tuple[float | None, float]]:
-    def measure(num_envs: int, steps: int) -> tuple[float | None, float]:
-        return None, _rlmem_steps_per_second({"name": name, "num_envs": num_envs}, steps)
+def _raw_atari(num_envs: int, steps: int) -> Contender:
+    import gymnasium as gym
+    from ale_py.vector_env import AtariVectorEnv
 
-    return measure
+    from envs.atari import AtariOptions
+
+    options = AtariOptions(game="pong", num_envs=num_envs)  # rlmem's defaults, the raw side set alike
+    env = AtariVectorEnv(
+        options.game, num_envs, max_num_frames_per_episode=options.max_episode_frames,
+        repeat_action_probability=options.sticky_actions, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        stack_num=options.frame_stack, frameskip=options.frameskip, noop_max=options.noop_max,
+        use_fire_reset=options.fire_reset, reward_clipping=False,
+    )
+    env.reset(seed=0)
+    actions = _random_indices(int(env.single_action_space.n), steps, num_envs)
+    return Contender(lambda i: env.step(actions[i]), env.close)
 
 
-MEASURES: dict[str, Callable[[int, int], tuple[float | None, float]]] = {
-    "cartpole": _cartpole,
-    "cue_recall": _memory_task("cue_recall"),
-    "repeat_previous": _memory_task("repeat_previous"),
-    "count_recall": _memory_task("count_recall"),
+@dataclass(frozen=True)
+class Source:
+    num_envs: int  # default env count
+    package: str | None  # the optional package it needs
+    spec: dict[str, Any]  # rlmem env spec, without num_envs
+    raw: Callable[[int, int], Contender] | None  # the raw library's vector env, if any
+
+
+SOURCES: dict[str, Source] = {
+    "cartpole": Source(64, None, {"name": "gym", "id": "CartPole-v1"}, _raw_cartpole),
+    "cue_recall": Source(64, None, {"name": "cue_recall"}, None),
+    "repeat_previous": Source(64, None, {"name": "repeat_previous"}, None),
+    "count_recall": Source(64, None, {"name": "count_recall"}, None),
+    "atari": Source(16, "ale_py", {"name": "atari", "game": "pong"}, _raw_atari),
 }
+
+
+def measure(contenders: list[Contender], steps: int, repeats: int, num_envs: int, warmup: int = 20) -> list[float]:
+    """Best env steps/s of each contender over ``repeats`` alternating rounds of ``steps`` vector steps."""
+    best = [0.0] * len(contenders)
+    for contender in contenders:
+        for i in range(min(warmup, steps)):
+            contender.step(i)
+    for _ in range(repeats):
+        for k, contender in enumerate(contenders):
+            start = time.perf_counter()
+            for i in range(steps):
+                contender.step(i)
+            best[k] = max(best[k], steps * num_envs / (time.perf_counter() - start))
+    return best
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlmem bench envs", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000, help="timed vector steps per source (default 1000)")
+    parser.add_argument("--steps", type=int, default=500, help="vector steps per timed round (default 500)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best counts (default 3)")
     parser.add_argument("--num-envs", type=int, default=None, help="envs per source (default: per source, "
-                        + ", ".join(f"{name} {n}" for name, (n, _) in SOURCES.items()) + ")")
+                        + ", ".join(f"{name} {s.num_envs}" for name, s in SOURCES.items()) + ")")
     parser.add_argument("--sources", default=",".join(SOURCES),
                         help=f"comma-separated sources among {', '.join(SOURCES)} (default: all)")
     return parser
@@ -100,21 +133,29 @@ def run(argv: list[str]) -> None:
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         parser.error(f"unknown source {unknown[0]!r}; valid choices: {', '.join(SOURCES)}")
-    if args.steps <= 0:
-        parser.error(f"--steps must be positive, got {args.steps}")
-    if args.num_envs is not None and args.num_envs <= 0:
-        parser.error(f"--num-envs must be positive, got {args.num_envs}")
+    for flag, value in (("--steps", args.steps), ("--repeats", args.repeats), ("--num-envs", args.num_envs)):
+        if value is not None and value <= 0:
+            parser.error(f"{flag} must be positive, got {value}")
 
     header = f"{'source':<16} {'num_envs':>8} {'raw steps/s':>12} {'rlmem steps/s':>14} {'ratio':>6}"
     print(header)
     print("-" * len(header))
-    for source in sources:
-        default_envs, package = SOURCES[source]
-        num_envs = args.num_envs or default_envs
-        if package is not None and importlib.util.find_spec(package) is None:
-            print(f"{source:<16} {num_envs:>8} {'skipped: ' + package + ' is not installed':>35}")
+    for name in sources:
+        source = SOURCES[name]
+        num_envs = args.num_envs or source.num_envs
+        if source.package is not None and importlib.util.find_spec(source.package) is None:
+            print(f"{name:<16} {num_envs:>8}  skipped: {source.package} is not installed")
             continue
-        raw, ours = MEASURES[source](num_envs, args.steps)
+        contenders = [_rlmem({**source.spec, "num_envs": num_envs}, args.steps)]
+        if source.raw is not None:
+            contenders.insert(0, source.raw(num_envs, args.steps))
+        try:
+            rates = measure(contenders, args.steps, args.repeats, num_envs)
+        finally:
+            for contender in contenders:
+                contender.close()
+        ours = rates[-1]
+        raw = rates[0] if source.raw is not None else None
         raw_text = f"{raw:>12,.0f}" if raw is not None else f"{'-':>12}"
         ratio_text = f"{ours / raw:>6.2f}" if raw is not None else f"{'-':>6}"
-        print(f"{source:<16} {num_envs:>8} {raw_text} {ours:>14,.0f} {ratio_text}", flush=True)
+        print(f"{name:<16} {num_envs:>8} {raw_text} {ours:>14,.0f} {ratio_text}", flush=True)

@@ -81,6 +81,17 @@ class EpisodeTracker:
         self.lengths.copy_(state["lengths"])
 
 
+def to_tensor(array: Any, device: torch.device, dtype: np.dtype | None = None) -> Tensor:
+    """A tensor on ``device`` that owns a copy of ``array`` (libraries may reuse their buffers).
+
+    The host copy is made by numpy: torch's own copy of a large array may start intra-op threads,
+    which compete with an emulator's worker threads for the same cores.
+    """
+    if device.type == "cpu":
+        return torch.from_numpy(np.array(array, dtype=dtype, copy=True))
+    return torch.from_numpy(np.asarray(array, dtype=dtype)).to(device)
+
+
 def to_numpy_actions(actions: Tensor, space: gym.Space) -> np.ndarray:
     """Actions as the numpy array a library expects (its own dtype)."""
     return actions.detach().cpu().numpy().astype(space.dtype, copy=False)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from envs.base import EnvError, StepResult, VecEnv
-from envs.common import EpisodeTracker, check_actions, to_numpy_actions
+from envs.common import EpisodeTracker, check_actions, to_numpy_actions, to_tensor
 from envs.registry import EnvOptions, register_env
 
 VECTORIZATION_MODES = ("sync", "async")
@@ -221,11 +221,11 @@ class GymVecEnv(VecEnv):
     def _observation(self, batch: Any) -> Tensor:
         """Raw batched observations -> the agent's tensor ``[B, *obs_shape]`` on ``device`` (a copy)."""
         if self._image:
-            return torch.tensor(np.asarray(batch), device=self.device)
+            return to_tensor(batch, self.device)
         flat = _flatten_batch(self.raw_observation_space, batch)
         if self._keep is not None:
             flat = flat[:, self._keep]
-        return torch.tensor(flat, device=self.device)
+        return to_tensor(flat, self.device)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -247,9 +247,9 @@ class GymVecEnv(VecEnv):
         actions = check_actions(actions, self.single_action_space, self.num_envs)
         obs, reward, terminated, truncated, info = self.env.step(to_numpy_actions(actions, self.single_action_space))
         next_obs = self._observation(obs)
-        reward = torch.tensor(reward, dtype=torch.float32, device=self.device)
-        terminated = torch.tensor(terminated, dtype=torch.bool, device=self.device)
-        truncated = torch.tensor(truncated, dtype=torch.bool, device=self.device)
+        reward = to_tensor(reward, self.device, np.float32)
+        terminated = to_tensor(terminated, self.device, np.bool_)
+        truncated = to_tensor(truncated, self.device, np.bool_)
         done = terminated | truncated
 
         final_obs = next_obs.clone()

@@ -8,7 +8,7 @@ from envs import bench
 
 
 def test_bench_prints_one_row_per_source(capsys):
-    bench.run(["--steps", "3", "--num-envs", "2", "--sources", "cartpole,cue_recall"])
+    bench.run(["--steps", "3", "--repeats", "1", "--num-envs", "2", "--sources", "cartpole,cue_recall"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["source", "num_envs", "raw", "steps/s", "rlmem", "steps/s", "ratio"]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
@@ -24,6 +24,7 @@ def test_bench_prints_one_row_per_source(capsys):
         (["--sources", "pong"], "unknown source 'pong'; valid choices: cartpole"),
         (["--steps", "0"], "--steps must be positive"),
         (["--num-envs", "-1"], "--num-envs must be positive"),
+        (["--repeats", "0"], "--repeats must be positive"),
     ],
 )
 def test_bench_bad_arguments_exit_2(argv, message, capsys):

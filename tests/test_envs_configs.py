@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -34,7 +35,8 @@ def test_preset_builds_and_steps(path):
     with make_env(spec, seed=0) as env:
         obs = env.reset(seed=0)
         assert obs.shape == (2, *env.single_observation_space.shape)
-        actions = torch.zeros(2, dtype=torch.int64)
+        space = env.single_action_space  # None for prediction tasks, which step without actions
+        actions = None if space is None else torch.as_tensor(np.stack([space.sample() for _ in range(2)]))
         next_obs, reward, *_ = env.step(actions)
         assert next_obs.shape == obs.shape and reward.shape == (2,)
 
