@@ -369,3 +369,29 @@ def test_checkpoint_loads_across_grad_modes():
     x = torch.randn(4, 2, D, dtype=torch.float64)
     reset = torch.zeros(4, 2, dtype=torch.bool)
     torch.testing.assert_close(back(x, back.initial_state(2), reset)[0], rtrl(x, rtrl.initial_state(2), reset)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The group config and the benchmark
+
+
+def test_group_config_builds_the_paper_sized_core():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "configs" / "memory" / "ffm.yaml"))
+    core = make_core(spec, input_size=4)
+    assert (core.traces, core.context, core.output_size, core.grad) == (32, 4, 256, "bptt")
+
+
+def test_bench_prints_both_cores_and_refuses_bad_arguments(capsys):
+    from rlmem.bench.ffm import run
+
+    small = ["--batch", "2", "--window", "16", "--input", "4", "--state", "8", "--traces", "2"]
+    run([*small, "--repeats", "1", "--warmup", "0", "--devices", "cpu", "--rtrl"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["cpu", "ffm"], ["cpu", "gru"], ["cpu", "ffm-rtrl"]]
+    assert float(rows[1][-1]) == 1.0  # the gru row is the reference of the ratio column
+    with pytest.raises(ConfigError, match="--state 10 must be a multiple"):
+        run([*small[:6], "--state", "10", "--traces", "2"])

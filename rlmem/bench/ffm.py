@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reset-prob", type=float, default=0.0, help="chance of an episode reset per step")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions (the median is shown)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rtrl", action="store_true", help="also time ffm with grad: rtrl (exact RTRL window)")
     parser.add_argument("--devices", default="auto", help="comma-separated: cpu, cuda; auto = cpu (+ cuda)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (0: its default)")
     return parser
@@ -94,12 +95,14 @@ def run(argv: list[str]) -> None:
         "ffm": {"name": "ffm", "hidden_size": args.state, "grad": "bptt", "traces": args.traces, "context": context},
         "gru": {"name": "gru", "hidden_size": args.state, "grad": "bptt"},
     }
+    if args.rtrl:
+        specs["ffm-rtrl"] = {**specs["ffm"], "grad": "rtrl"}
     print(
         f"forward+backward of one window: B={args.batch} T={args.window} input={args.input} "
         f"state={args.state} reals (ffm: m={args.traces}, c={context}), reset prob {args.reset_prob}, "
         f"float32, median of {args.repeats}, {torch.get_num_threads()} CPU threads"
     )
-    print(f"{'device':8s} {'core':5s} {'ms/window':>10s} {'steps/s':>12s} {'gru/ffm':>8s}")
+    print(f"{'device':8s} {'core':8s} {'ms/window':>10s} {'steps/s':>12s} {'gru/core':>8s}")
     for device in _devices(args.devices):
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(args.window, args.batch, args.input, generator=generator).to(device)
@@ -110,6 +113,5 @@ def run(argv: list[str]) -> None:
             core = make_core(spec, input_size=args.input).to(device)
             seconds[name] = _median_seconds(_window_step(core, x, reset), device, args.repeats, args.warmup)
         for name, sec in seconds.items():
-            ratio = f"{seconds['gru'] / seconds['ffm']:8.2f}" if name == "ffm" else f"{'':8s}"
             steps = args.window * args.batch / sec
-            print(f"{device.type:8s} {name:5s} {sec * 1e3:10.1f} {steps:12.0f} {ratio}")
+            print(f"{device.type:8s} {name:8s} {sec * 1e3:10.1f} {steps:12.0f} {seconds['gru'] / sec:8.2f}")
