@@ -159,8 +159,9 @@ def test_input_gradients_follow_encoder_grad(encoder_grad):
     torch.testing.assert_close(x_grad, x_ref.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_acting_without_grad_passes_sensitivities_through_untouched():
-    core = _perturbed(make_core(_spec("rtrl", rank=2, sparsity=0.5), input_size=D), seed=7)
+@pytest.mark.parametrize("grad", ["rtrl", "snap1"])
+def test_acting_without_grad_passes_sensitivities_through_untouched(grad):
+    core = _perturbed(make_core(_spec(grad, rank=2, sparsity=0.5), input_size=D), seed=7)
     x, reset, _, _ = _sequence(seed=8)
     state = core.initial_state(B, dtype=torch.float64)
     with torch.no_grad():
@@ -203,6 +204,113 @@ def _ncps_cell(core: CfCCore, x, h, ts):
         if core.mode == "no_gate":
             return ff1 + t_interp * ff2
         return ff1 * (1.0 - t_interp) + t_interp * ff2
+
+
+# --------------------------------------------------------------------------------------------------
+# SnAp-1
+
+
+def _snap1_oracle(core: CfCCore, x, reset, weights, dt):
+    """SnAp-1 by brute force: J̃_t = diag(D_t) J̃_{t−1} + I_t with D_t and I_t from autograd, every
+    parameter tracked directly (U and V too); G = Σ_t e_tᵀ J̃_t; inputs get the diagonal adjoint."""
+    twin = make_core({**_spec("bptt"), **_options_of(core)}, input_size=D).double()
+    twin.load_state_dict(core.state_dict())
+    names = [name for name, _ in twin.named_parameters()]
+    values = [p.detach() for p in twin.parameters()]
+    sens = {name: torch.zeros(B, N, *v.shape, dtype=torch.float64) for name, v in zip(names, values)}
+    grads = {name: torch.zeros_like(v) for name, v in zip(names, values)}
+    h = torch.zeros(B, N, dtype=torch.float64)
+    errors, diagonals, input_jacobians = [], [], []
+    envs = torch.arange(B)
+    for t in range(x.shape[0]):
+        span = None if dt is None else dt[t : t + 1]
+
+        def step(h_prev, x_t, *params, t=t, span=span):
+            y, _ = torch.func.functional_call(
+                twin, dict(zip(names, params)), (x_t[None], {"h": h_prev}, reset[t : t + 1]), {"time_span": span}
+            )
+            return y[0]
+
+        jacobian = torch.autograd.functional.jacobian(step, (h, x[t], *values))
+        diagonal = torch.diagonal(jacobian[0][envs, :, envs], dim1=1, dim2=2)  # [B, N]
+        h = step(h, x[t], *values).detach()
+        error = weights[t] * torch.cos(h)  # ∂ loss / ∂y_t
+        for name, injection in zip(names, jacobian[2:]):
+            sens[name] = diagonal.view(B, N, *([1] * (injection.dim() - 2))) * sens[name] + injection
+            grads[name] += torch.tensordot(error, sens[name], dims=([0, 1], [0, 1]))
+        errors.append(error)
+        diagonals.append(diagonal)
+        input_jacobians.append(jacobian[1][envs, :, envs])  # [B, N, D]
+    x_grad = torch.zeros_like(x)
+    for k in range(WINDOWS):
+        adjoint = torch.zeros(B, N, dtype=torch.float64)
+        for t in range((k + 1) * WINDOW - 1, k * WINDOW - 1, -1):
+            later = diagonals[t + 1] if t + 1 < (k + 1) * WINDOW else torch.zeros_like(adjoint)
+            adjoint = errors[t] + later * adjoint
+            x_grad[t] = torch.einsum("bn,bnd->bd", adjoint, input_jacobians[t])
+    return grads, x_grad
+
+
+SNAP_CASES = [
+    # mode, backbone layers, activation, rank, sparsity, time spans
+    ("default", 1, "lecun_tanh", 2, 0.4, False),
+    ("default", 0, "tanh", None, 0.0, True),
+    ("no_gate", 2, "silu", 3, 0.0, False),
+    ("pure", 1, "gelu", None, 0.3, True),
+    ("pure", 0, "tanh", 2, 0.5, False),
+]
+
+
+@pytest.mark.parametrize(("mode", "layers", "activation", "rank", "sparsity", "timed"), SNAP_CASES)
+def test_snap1_follows_the_diagonal_recursion_for_every_parameter(mode, layers, activation, rank, sparsity, timed):
+    options = dict(mode=mode, backbone_layers=layers, backbone_units=4, backbone_activation=activation,
+                   rank=rank, sparsity=sparsity, mask_seed=3)
+    core = _perturbed(make_core(_spec("snap1", **options), input_size=D), seed=14)
+    x, reset, weights, dt = _sequence(seed=15, time_span=timed)
+    expected, expected_x_grad = _snap1_oracle(core, x, reset, weights, dt)
+    _y, x_grad, _state = _windowed(core, x, reset, weights, dt)
+    for name, param in core.named_parameters():
+        assert expected[name].abs().max() > 1e-6, f"{name} gets no gradient"
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-9, atol=1e-11, msg=f"parameter {name}")
+    torch.testing.assert_close(x_grad, expected_x_grad, rtol=1e-9, atol=1e-11)
+
+
+def _diagonal_core(grad: str, mode: str) -> CfCCore:
+    """No backbone and every head's recurrent block masked to its diagonal: D_t is exactly diagonal."""
+    core = make_core(_spec(grad, mode=mode, backbone_layers=0, sparsity=0.5), input_size=D).double()
+    core.recurrent_mask.copy_(torch.eye(N, dtype=torch.float64).repeat(core.num_heads, 1))
+    return core
+
+
+@pytest.mark.parametrize("mode", ["default", "pure"])
+def test_snap1_equals_exact_rtrl_and_bptt_when_the_recurrent_jacobian_is_diagonal(mode):
+    snap = _perturbed(_diagonal_core("snap1", mode), seed=16)
+    exact = _diagonal_core("rtrl", mode)
+    exact.load_state_dict(snap.state_dict())
+    reference = _diagonal_core("bptt", mode)
+    reference.load_state_dict(snap.state_dict())
+    x, reset, weights, _ = _sequence(seed=17)
+    y_ref, _ = reference(x, reference.initial_state(B, dtype=torch.float64), reset)
+    _loss(y_ref, weights).backward()
+    _windowed(snap, x, reset, weights, None)
+    _windowed(exact, x, reset, weights, None)
+    for (name, p_ref), p_snap, p_exact in zip(reference.named_parameters(), snap.parameters(), exact.parameters()):
+        torch.testing.assert_close(p_snap.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=f"snap1 {name}")
+        torch.testing.assert_close(p_exact.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=f"rtrl {name}")
+
+
+def test_snap1_differs_from_the_exact_gradient_when_the_recurrence_mixes_units():
+    options = dict(backbone_layers=1, backbone_units=4, rank=2, sparsity=0.25)
+    snap = _perturbed(make_core(_spec("snap1", **options), input_size=D), seed=18)
+    exact = make_core(_spec("rtrl", **options), input_size=D).double()
+    exact.load_state_dict(snap.state_dict())
+    x, reset, weights, _ = _sequence(seed=19)
+    y_snap, _, _ = _windowed(snap, x, reset, weights, None)
+    y_exact, _, _ = _windowed(exact, x, reset, weights, None)
+    torch.testing.assert_close(y_snap, y_exact, rtol=1e-12, atol=1e-12)  # the same cell, other gradients
+    for (name, p_snap), p_exact in zip(snap.named_parameters(), exact.parameters()):
+        relative = (p_snap.grad - p_exact.grad).norm() / p_exact.grad.norm()
+        assert relative > 1e-3, f"{name}: snap1 is indistinguishable from exact RTRL"
 
 
 # --------------------------------------------------------------------------------------------------

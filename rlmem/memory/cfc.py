@@ -73,16 +73,24 @@ errors e_t = ∂L/∂h_t is G = Σ_t e_tᵀ J_t.
   when s > 0. Memory: the sensitivities, n·p floats per env, plus the window's activations;
   constant in the episode length. ``rtrl_budget_mb`` caps n·p·B: beyond it the core refuses and names
   the cheaper modes.
-* ``snap1``: SnAp-1, RTRL with the diagonal of D_t only (see ``rlmem.rtrl``).
+* ``snap1``: SnAp-1 on the shared engine (``rlmem.rtrl``): D_t is replaced by its diagonal, so
+  J̃_t = diag(D_t) J̃_{t−1} + I_t keeps the sparsity pattern of one step's injection. A head row feeds
+  one unit, so its sensitivity is one float per parameter; with a backbone, the first-layer and
+  backbone parameters reach every unit in one step and keep a sensitivity per unit (the engine's
+  fan-out groups), with R = (U Vᵀ) ⊙ M tracked as one [m, n] matrix whose gradient reaches U and V by
+  the chain rule. Cost O(n·m·(D + n) + k·n·m + (L − 1)·n·m²) per env and step, no O(n²·p) term;
+  the inputs' window gradient uses the same diagonal adjoint. Exact when D_t is diagonal (no backbone
+  and a diagonal mask on every head block).
 
 The state is ``{"h": [B, n]}`` plus, in ``rtrl`` mode, one sensitivity tensor per parameter,
-``"sensitivity.<name>": [B, n, *shape]``.
+``"sensitivity.<name>": [B, n, *shape]``, and in ``snap1`` mode one per engine group
+(``"sensitivity.<group>"``, see ``_SnapCell``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +98,7 @@ from torch import Tensor, nn
 
 from rlmem.errors import ConfigError
 from rlmem.memory.base import CoreOptions, MemoryCore, State, register_core
+from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients, rtrl_window, zero_sensitivities
 
 MODES = ("default", "no_gate", "pure")
 RECURRENT_INITS = ("spectral", "svd")
@@ -196,7 +205,7 @@ class _StepRecord:
 class CfCCore(MemoryCore):
     """Closed-form continuous-time cell with low-rank sparse recurrence; exact RTRL, SnAp-1 or BPTT."""
 
-    grad_modes = ("bptt", "rtrl")
+    grad_modes = ("bptt", "rtrl", "snap1")
 
     def __init__(self, options: CfCOptions, input_size: int) -> None:
         super().__init__(options, input_size)
@@ -229,6 +238,7 @@ class CfCCore(MemoryCore):
         mask = (torch.rand(m, n, generator=mask_generator) >= self.sparsity).float()
         self.register_buffer("recurrent_mask", mask)
         self._initialise(options)
+        self.snap_cell = _SnapCell(self) if self.grad == "snap1" else None
 
     # ----------------------------------------------------------------------------------------------
     # Initialisation
@@ -280,6 +290,22 @@ class CfCCore(MemoryCore):
     ) -> tuple[Tensor, _StepRecord | None]:
         """One step h' = F(h, x). ``x``: [B, D]; ``h``: [B, n]; ``dt``: [B, 1] or None (Δt = 1)."""
         a = torch.addmm(w.input_bias, x, w.input_weight.T) + h @ w.recurrent.T
+        h_new, layer_pre, layer_out, heads = self._above_first_layer(w, a, dt)
+        if not record:
+            return h_new, None
+        return h_new, _StepRecord(
+            x=x.detach(),
+            h=h.detach(),
+            dt=dt,
+            layer_pre=[t.detach() for t in layer_pre] if w.head is not None else [],
+            layer_out=[t.detach() for t in layer_out],
+            heads=heads.detach(),
+        )
+
+    def _above_first_layer(
+        self, w: _Weights, a: Tensor, dt: Tensor | None
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+        """From the first layer's pre-activation ``a`` [B, m] to h': (h', layer_pre, layer_out, heads)."""
         layer_pre, layer_out = [a], []
         if w.head is not None:
             z = self.activation(a)
@@ -292,17 +318,7 @@ class CfCCore(MemoryCore):
         else:
             p = a
         heads = p.view(p.shape[0], self.num_heads, self.hidden_size)
-        h_new = self._cell(heads, dt, w)
-        if not record:
-            return h_new, None
-        return h_new, _StepRecord(
-            x=x.detach(),
-            h=h.detach(),
-            dt=dt,
-            layer_pre=[t.detach() for t in layer_pre] if w.head is not None else [],
-            layer_out=[t.detach() for t in layer_out],
-            heads=heads.detach(),
-        )
+        return self._cell(heads, dt, w), layer_pre, layer_out, heads
 
     def _cell(self, heads: Tensor, dt: Tensor | None, w: _Weights) -> Tensor:
         """h' from the head pre-activations ``heads`` [B, k, n] (the mode equations of the docstring)."""
@@ -317,18 +333,20 @@ class CfCCore(MemoryCore):
             return ff1 + gate * ff2
         return ff1 * (1 - gate) + gate * ff2
 
-    def _cell_slopes(self, rec: _StepRecord, w: _Weights) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _cell_slopes(
+        self, heads: Tensor, dt: Tensor | None, w: _Weights
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """∂h'/∂p_j [B, k, n] and, in ``pure`` mode, ∂h'/∂A and ∂h'/∂w_τ [B, n] (element-wise)."""
-        dt = 1.0 if rec.dt is None else rec.dt
+        dt = 1.0 if dt is None else dt
         if self.mode == "pure":
-            p = rec.heads[:, 0]
+            p = heads[:, 0]
             decay = torch.exp(-dt * (w.tau.abs() + p.abs()))
             d_p = -w.amplitude * decay * (1 - dt * p.abs())
             d_amplitude = 1 - decay * p
             d_tau = w.amplitude * p * decay * dt * torch.sign(w.tau)
             return d_p.unsqueeze(1), d_amplitude, d_tau
-        ff1, ff2 = torch.tanh(rec.heads[:, 0]), torch.tanh(rec.heads[:, 1])
-        gate = torch.sigmoid(rec.heads[:, 2] * dt + rec.heads[:, 3])
+        ff1, ff2 = torch.tanh(heads[:, 0]), torch.tanh(heads[:, 1])
+        gate = torch.sigmoid(heads[:, 2] * dt + heads[:, 3])
         gate_slope = gate * (1 - gate)
         if self.mode == "no_gate":
             d_ff1, d_ff2, d_gate = 1 - ff1.square(), gate * (1 - ff2.square()), ff2 * gate_slope
@@ -347,7 +365,7 @@ class CfCCore(MemoryCore):
         recurrent factors are handled by the caller); ``cot_h`` [B, C, n] = cot · D (before the reset).
         """
         B, C, n = cot.shape
-        slopes, d_amplitude, d_tau = self._cell_slopes(rec, w)
+        slopes, d_amplitude, d_tau = self._cell_slopes(rec.heads, rec.dt, w)
         cot_heads = (cot.unsqueeze(2) * slopes.unsqueeze(1)).reshape(B, C, self.num_heads * n)
         pieces: dict[str, tuple[Tensor, Tensor | None]] = {}
         if self.mode == "pure":
@@ -442,6 +460,10 @@ class CfCCore(MemoryCore):
                 state[SENSITIVITY_PREFIX + name] = torch.zeros(
                     batch, self.hidden_size, *param.shape, device=device, dtype=dtype
                 )
+        elif self.snap_cell is not None:
+            cell = self.snap_cell
+            zeros = zero_sensitivities(cell, batch, self.hidden_size, cell.columns, device, dtype, rows=cell.rows)
+            state.update({SENSITIVITY_PREFIX + name: value for name, value in zeros.items()})
         return state
 
     def forward(
@@ -452,6 +474,8 @@ class CfCCore(MemoryCore):
         Returns ``y`` [T, B, n] (the states h_1..h_T) and the detached state after the window.
         """
         T, B = x.shape[0], x.shape[1]
+        if self.snap_cell is not None and torch.is_grad_enabled():
+            return self._snap_window(x, state, reset, time_span)
         keep = (~reset).to(x.dtype)
         dts = None if time_span is None else time_span.to(x.dtype).unsqueeze(-1)
         learning = torch.is_grad_enabled() and self.grad == "rtrl"
@@ -487,6 +511,25 @@ class CfCCore(MemoryCore):
             new_state.update(sens)  # acting (no_grad) and bptt pass sensitivities through untouched
         return y, new_state
 
+    def _snap_window(self, x: Tensor, state: State, reset: Tensor, time_span: Tensor | None) -> tuple[Tensor, State]:
+        """SnAp-1 over a window on the shared engine (``rlmem.rtrl.rtrl_window``)."""
+        cell = self.snap_cell
+        T, B = reset.shape
+        span = x.new_ones(T, B, 1) if time_span is None else time_span.to(x.dtype).unsqueeze(-1)
+        sensitivities = {g.name: state[SENSITIVITY_PREFIX + g.name] for g in cell.groups}
+        y, final = rtrl_window(
+            cell,
+            state["h"],
+            sensitivities,
+            {"x": x, "time_span": span},
+            cell.parameters_of(self),
+            reset,
+            encoder_grad=self.options.encoder_grad,
+        )
+        new_state = {"h": y[-1].detach()}
+        new_state.update({SENSITIVITY_PREFIX + name: value for name, value in final.items()})
+        return y, new_state
+
     def state_metrics(self, state: State) -> dict[str, float]:
         metrics = {"h_norm": float(state["h"].norm(dim=1).mean())}
         sens = [v.flatten(1) for k, v in state.items() if k.startswith(SENSITIVITY_PREFIX)]
@@ -499,6 +542,139 @@ class CfCCore(MemoryCore):
             f"{super().extra_repr()}, mode={self.mode}, backbone={self.backbone_layers}x{self.units}, "
             f"rank={self.rank}, sparsity={self.sparsity:g}"
         )
+
+
+class _SnapCell(RTRLCell):
+    """The CfC step in the engine's form, with A_t = diag(D_t): SnAp-1 (see ``rlmem.rtrl``).
+
+    Units are the n state units (k = 1). Row j·n + i of a head's weights feeds unit i only, so the
+    head parameters (and, without backbone, the first layer's rows) are ordinary groups with
+    injection u = ∂h'/∂p_j (one group per head). With a backbone, every first-layer and backbone
+    parameter reaches all units through the heads: fan-out groups whose injection is
+    Ĝ^l = ∂h'/∂pre_l [B, n, m], so each unit keeps a sensitivity to the whole backbone. The recurrent
+    weights are tracked as R = (U Vᵀ) ⊙ M (one [m, n] group), and U, V receive their gradient
+    through R by the chain rule.
+
+    Cost per env and step: O(k·n·m) for the heads, O(n·m·(D + n + 1)) for the first layer and
+    O(n·m²) per further backbone layer (against O(n·p) and O(n²·p) per window for exact RTRL);
+    memory: the head parameters plus n times the backbone parameters (with R as m·n), or, without
+    backbone, one float per parameter (R counted as k·n·n).
+    """
+
+    form, block_size = "real", 1
+    input_names = ("x", "time_span")
+
+    def __init__(self, core: CfCCore) -> None:
+        self.core = core
+        n, D, m, k = core.hidden_size, core.input_size, core.units, core.num_heads
+        groups: list[ParamGroup] = []
+        self.columns: dict[str, int] = {}
+        self.rows: dict[str, int] = {}
+
+        def add(name: str, u: str, v: str | None = None, columns: int = 0, rows: int = 0) -> None:
+            groups.append(ParamGroup(name, u=u, v=v, matrix=columns > 0, fan_out=rows > 0))
+            if columns:
+                self.columns[name] = columns
+            if rows:
+                self.rows[name] = rows
+
+        if core.backbone_layers > 0:
+            add("input_weight", u="first_fanout", v="x", columns=D, rows=m)
+            add("recurrent", u="first_fanout", v="h_prev", columns=n, rows=m)
+            add("input_bias", u="first_fanout", rows=m)
+            for i in range(core.backbone_layers - 1):
+                add(f"backbone.{i}.weight", u=f"fanout_{i}", v=f"backbone_input_{i}", columns=m, rows=m)
+                add(f"backbone.{i}.bias", u=f"fanout_{i}", rows=m)
+            for j in range(k):
+                add(f"head.weight.{j}", u=f"slope_{j}", v="z", columns=m)
+                add(f"head.bias.{j}", u=f"slope_{j}")
+        else:
+            for j in range(k):
+                add(f"input_weight.{j}", u=f"slope_{j}", v="x", columns=D)
+                add(f"recurrent.{j}", u=f"slope_{j}", v="h_prev", columns=n)
+                add(f"input_bias.{j}", u=f"slope_{j}")
+        if core.mode == "pure":
+            add("amplitude", u="d_amplitude")
+            add("tau", u="d_tau")
+        self.groups = tuple(groups)
+        self.param_names = tuple(g.name for g in groups)
+        self.check()
+
+    def parameters_of(self, core: CfCCore) -> dict[str, Tensor]:
+        """The tensors the groups train: views of the core's parameters, and R formed from U and V."""
+        n, m, k = core.hidden_size, core.units, core.num_heads
+        recurrent = core.recurrent_weight()
+        if core.backbone_layers > 0:
+            params = {"input_weight": core.input_weight, "recurrent": recurrent, "input_bias": core.input_bias}
+            for i, layer in enumerate(core.backbone):
+                params[f"backbone.{i}.weight"], params[f"backbone.{i}.bias"] = layer.weight, layer.bias
+            head_weight, head_bias = core.head.weight.view(k, n, m), core.head.bias.view(k, n)
+            for j in range(k):
+                params[f"head.weight.{j}"], params[f"head.bias.{j}"] = head_weight[j], head_bias[j]
+        else:
+            input_weight, bias = core.input_weight.view(k, n, -1), core.input_bias.view(k, n)
+            recurrent = recurrent.view(k, n, n)
+            params = {}
+            for j in range(k):
+                params[f"input_weight.{j}"], params[f"recurrent.{j}"] = input_weight[j], recurrent[j]
+                params[f"input_bias.{j}"] = bias[j]
+        if core.mode == "pure":
+            params["amplitude"], params["tau"] = core.amplitude, core.tau
+        return params
+
+    def _weights(self, params: Mapping[str, Tensor]) -> _Weights:
+        core, k = self.core, self.core.num_heads
+        if core.backbone_layers > 0:
+            backbone = [
+                (params[f"backbone.{i}.weight"], params[f"backbone.{i}.bias"]) for i in range(len(core.backbone))
+            ]
+            head = (
+                torch.cat([params[f"head.weight.{j}"] for j in range(k)]),
+                torch.cat([params[f"head.bias.{j}"] for j in range(k)]),
+            )
+            first = (params["input_weight"], params["recurrent"], params["input_bias"])
+        else:
+            backbone, head = [], None
+            names = ("input_weight", "recurrent", "input_bias")
+            first = tuple(torch.cat([params[f"{name}.{j}"] for j in range(k)]) for name in names)
+        return _Weights(*first, backbone=backbone, head=head, amplitude=params.get("amplitude"), tau=params.get("tau"))
+
+    def prepare(self, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        # the input drive W_x x + b of all T steps as one matrix product
+        w = self._weights(params)
+        drive = torch.addmm(w.input_bias, inputs["x"].flatten(0, 1), w.input_weight.T)
+        return {"drive": drive.view(*inputs["x"].shape[:2], -1), "x": inputs["x"], "time_span": inputs["time_span"]}
+
+    def step(
+        self, h_prev: Tensor, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor], coefficients: bool
+    ) -> tuple[Tensor, StepCoefficients | None]:
+        core, w = self.core, self._weights(params)
+        n, m, k = core.hidden_size, core.units, core.num_heads
+        dt = inputs["time_span"]
+        h, layer_pre, layer_out, heads = core._above_first_layer(w, inputs["drive"] + h_prev @ w.recurrent.T, dt)
+        if not coefficients:
+            return h, None
+        slopes, d_amplitude, d_tau = core._cell_slopes(heads, dt, w)
+        factors = {f"slope_{j}": slopes[:, j] for j in range(k)}
+        factors.update(x=inputs["x"], h_prev=h_prev)
+        if w.head is not None:
+            factors["z"] = layer_out[-1]
+            # Ĝ = ∂h'/∂z_L: unit i reads row j·n + i of every head
+            fanout = (slopes.unsqueeze(-1) * w.head[0].view(k, n, m)).sum(1)
+            for layer in range(core.backbone_layers - 1, -1, -1):
+                fanout = fanout * core.activation_slope(layer_pre[layer]).unsqueeze(1)
+                if layer == 0:
+                    break
+                factors[f"fanout_{layer - 1}"] = fanout
+                factors[f"backbone_input_{layer - 1}"] = layer_out[layer - 1]
+                fanout = fanout @ w.backbone[layer - 1][0]
+            factors["first_fanout"] = fanout
+            diagonal = (fanout * w.recurrent.T).sum(-1)  # D_ii = Σ_r Ĝ[i, r] R[r, i]
+        else:
+            diagonal = (slopes * torch.diagonal(w.recurrent.view(k, n, n), dim1=1, dim2=2)).sum(1)
+        if d_amplitude is not None:
+            factors["d_amplitude"], factors["d_tau"] = d_amplitude, d_tau
+        return h, StepCoefficients(diagonal, factors)
 
 
 def _detached(w: _Weights) -> _Weights:
