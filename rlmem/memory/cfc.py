@@ -410,37 +410,46 @@ class CfCCore(MemoryCore):
             )
 
     def _advance_sensitivities(self, w: _Weights, records: list[_StepRecord], keep: Tensor, sens: State) -> State:
-        """J_T = Φ_{T,0} J_0 + Σ_t Φ_{T,t} I_t for the window (see the module docstring). ``keep``: [T, B]."""
+        """J_T = Φ_{T,0} J_0 + Σ_t Φ_{T,t} I_t for the window (see the module docstring). ``keep``: [T, B].
+
+        The backward sweep over the window collects each step's Φ_{T,t}-weighted injection factors;
+        each weight's Σ_t is then one batched matrix product over t instead of T passes over J.
+        """
         first = records[0].h
-        B, n, m = first.shape[0], self.hidden_size, self.units
+        B, n = first.shape[0], self.hidden_size
         new = {name: torch.zeros_like(s) for name, s in sens.items()}
-        masked = self.sparsity > 0
-        # Σ_t Φ_{T,t} (∂F/∂R) [B, n, m, n], projected on U and V once per window when M is not all ones
-        recurrent_total = first.new_zeros(B, n, m, n) if masked else None
         u, v = self.recurrent_u.detach(), self.recurrent_v.detach()
+        rows_of: dict[str, list[Tensor]] = {}  # per weight: Φ_{T,t}-weighted rows [B, n, rows], t = T..1
+        inputs_of: dict[str, list[Tensor]] = {}  # and the matching inputs [B, cols]
         cot = torch.eye(n, dtype=first.dtype, device=first.device).expand(B, n, n)  # Φ_{T,T} = I
         for t in range(len(records) - 1, -1, -1):
             rec = records[t]
             pieces, cot_a, cot_h = self._pullback(w, rec, cot)
-            for name, (rows, inputs) in pieces.items():
-                target = new[SENSITIVITY_PREFIX + name]
-                if inputs is None:
-                    target.add_(rows)
-                else:
-                    target.addcmul_(rows.unsqueeze(-1), inputs.view(B, 1, *([1] * (rows.dim() - 2)), -1))
-            if masked:
-                recurrent_total.addcmul_(cot_a.unsqueeze(-1), rec.h.view(B, 1, 1, n))
+            if self.sparsity > 0:
+                # Σ_t Φ_{T,t} ∂F/∂R, projected on U and V once the window is summed
+                pieces["recurrent"] = (cot_a, rec.h)
             else:
-                # ∂a_i/∂U_ik = (Vᵀh)_k and ∂a_i/∂V_jk = U_ik h_j: outer products of rank-r factors
-                new[SENSITIVITY_PREFIX + "recurrent_u"].addcmul_(cot_a.unsqueeze(-1), (rec.h @ v).view(B, 1, 1, -1))
-                new[SENSITIVITY_PREFIX + "recurrent_v"].addcmul_(
-                    rec.h.view(B, 1, n, 1), (cot_a @ u).unsqueeze(2)
-                )
+                # ∂a_i/∂U_ik = (Vᵀh)_k and ∂a_i/∂V_jk = U_ik h_j: outer products of the rank-r factors
+                pieces["recurrent_u"] = (cot_a, rec.h @ v)
+                pieces["recurrent_v.transposed"] = (cot_a @ u, rec.h)
+            for name, (rows, inputs) in pieces.items():
+                if inputs is None:
+                    new[SENSITIVITY_PREFIX + name].add_(rows)
+                else:
+                    rows_of.setdefault(name, []).append(rows)
+                    inputs_of.setdefault(name, []).append(inputs)
             cot = cot_h * keep[t].view(B, 1, 1).to(cot_h.dtype)  # Φ_{T,t−1} = Φ_{T,t} D̃_t
-        if masked:
-            masked_total = recurrent_total * self.recurrent_mask
-            new[SENSITIVITY_PREFIX + "recurrent_u"] += masked_total @ v
-            new[SENSITIVITY_PREFIX + "recurrent_v"] += masked_total.transpose(-1, -2) @ u
+        for name, rows in rows_of.items():
+            injected = torch.bmm(torch.stack(rows, dim=-1).flatten(1, 2), torch.stack(inputs_of[name], dim=1))
+            injected = injected.view(B, n, rows[0].shape[-1], -1)  # [B, n, rows, cols]
+            if name == "recurrent":
+                masked = injected * self.recurrent_mask
+                new[SENSITIVITY_PREFIX + "recurrent_u"] += masked @ v
+                new[SENSITIVITY_PREFIX + "recurrent_v"] += masked.transpose(-1, -2) @ u
+            elif name == "recurrent_v.transposed":
+                new[SENSITIVITY_PREFIX + "recurrent_v"] += injected.transpose(-1, -2)
+            else:
+                new[SENSITIVITY_PREFIX + name] += injected
         for name, carried in sens.items():  # Φ_{T,0} J_0
             new[name].view(B, n, -1).baddbmm_(cot, carried.view(B, n, -1))
         return new
