@@ -501,3 +501,21 @@ def test_engine_fan_out_groups_equal_bptt_for_a_diagonal_recurrence_behind_a_mix
         h = y[-1].detach()
     for name in params:
         torch.testing.assert_close(trained[name].grad, leaves[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark entry point (`rlmem bench cfc`)
+
+
+def test_bench_prints_every_mode_side_by_side(capsys):
+    from rlmem.bench import cfc as bench
+
+    bench.run(["--sizes", "4,6", "--ranks", "full,2", "--batch", "2", "--window", "3", "--input", "3",
+               "--min-time", "0", "--budget-mb", "0.0115"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "rtrl µs/step" in lines[1] and "snap1/bptt" in lines[1] and "bptt window/env" in lines[1]
+    rows = [line.split() for line in lines[3:]]
+    assert [(row[0], row[1]) for row in rows] == [("4", "full"), ("4", "2"), ("6", "full"), ("6", "2")]
+    assert "over budget" in lines[5]  # n = 6: 12.4 KB of sensitivities at full rank, 10.1 KB at rank 2
+    with pytest.raises(ConfigError, match="--modes"):
+        bench.run(["--modes", "rtrl,tbptt"])
