@@ -73,11 +73,14 @@ How a core plugs in
 A core describes its cell with an :class:`RTRLCell` (unit form, block size, parameter groups, and
 a ``step`` that returns h_t and, on request, A_t and the named factors that the groups use as u and
 v) and calls :func:`rtrl_window`, an autograd Function: forward runs the cell over the window
-without a graph and returns h_1..h_T and S_T; backward recomputes the per-step coefficients in one
-evaluation of the step over all T·B rows, runs the adjoint (4), and returns the inputs' gradients
-and G. It saves only the window's inputs, h_0, S_0 and h_1..h_T, so its memory beyond the carried
-state is O(T·B·(N·k + D)), never O(T·|S|). The functions :func:`advance` (3) and :func:`gradients`
-(4) on :class:`WindowCoefficients` are the pieces a fused kernel replaces.
+without a graph and returns h_1..h_T and S_T; backward recomputes the per-step coefficients by
+evaluating the step over many rows at once, runs the adjoint (4), and returns the inputs' gradients
+and G. It saves only the window's inputs, h_0, S_0 and h_1..h_T, so what it keeps beyond the carried
+state is O(T·B·(N·k + D)), never O(T·|S|); and it walks the window in chunks of ``CHUNK_STEPS``
+steps ((3) composes over chunks; the adjoint crosses a chunk boundary as one vector), so its working
+memory for coefficients and the recomputation does not grow with T either. ``prepare`` must
+therefore treat steps independently. The functions :func:`advance` (3) and :func:`gradients` (4) on
+:class:`WindowCoefficients` are the pieces a fused kernel replaces.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ from torch import Tensor
 
 UNIT_FORMS = ("real", "complex", "block")
 ENCODER_GRAD_MODES = ("window", "same_step")
+# The window Function handles this many steps at a time: per-step coefficients (and the backward's
+# recomputation graph) exist for one chunk only, so its working memory does not grow with T.
+CHUNK_STEPS = 64
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,8 +165,9 @@ class RTRLCell:
     param_names: tuple[str, ...] = ()  # every parameter the step uses; each trained by one group
 
     def prepare(self, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Per-window work done once over all T steps (e.g. the input projections as one matrix
-        product). Returns the per-step inputs of ``step``, each [T, B, ...]. Default: ``inputs``."""
+        """Work done once for many steps (e.g. the input projections as one matrix product). Must
+        treat steps independently: the engine calls it on whole windows or on chunks of them.
+        Returns the per-step inputs of ``step``, each [T, B, ...]. Default: ``inputs``."""
         return dict(inputs)
 
     def step(
@@ -397,20 +404,20 @@ def adjoint(cell: RTRLCell, coefficients: WindowCoefficients, errors: Tensor) ->
 
 def gradients(
     cell: RTRLCell,
-    sensitivities: Mapping[str, Tensor],
+    sensitivities: Mapping[str, Tensor] | None,
     coefficients: WindowCoefficients,
     adjoint_errors: Tensor,
     groups: tuple[ParamGroup, ...] | None = None,
 ) -> dict[str, Tensor]:
     """G^p of the window (equation (4)) from S_0 and the adjoint δ (internal representation).
 
-    With T = 1, δ = e and this is ⟨e_1, S_1⟩, the per-step form (2). Returns the gradient of each
-    trained parameter, by parameter name, in the parameters' shape."""
+    With T = 1, δ = e and this is ⟨e_1, S_1⟩, the per-step form (2). ``sensitivities=None`` leaves
+    out the S_0 term (a later chunk of a window: its S_0 term belongs to the first chunk). Returns
+    the gradient of each trained parameter, by parameter name, in the parameters' shape."""
     T, B = adjoint_errors.shape[:2]
     carried = _act_transpose(cell, coefficients.jacobians[0], adjoint_errors[0])  # Ã_1ᵀ δ_1
     result: dict[str, Tensor] = {}
     for group in groups if groups is not None else cell.groups:
-        S0 = _internal(cell, sensitivities[group.name])
         u, v = coefficients.injection(group)
         if group.fan_out:  # Σ_i δ_t[i] u_t[i, r]: [T, B, R]
             weight = (adjoint_errors.unsqueeze(-1) * u).sum(-2)
@@ -421,10 +428,12 @@ def gradients(
             grad = weight.reshape(T * B, -1).transpose(0, 1) @ v.reshape(T * B, -1).to(weight.dtype)
         else:
             grad = (weight if v is None else weight * v).sum((0, 1))
-        if group.fan_out:
-            grad = grad + _act_on_sensitivity(cell, carried, S0, group).sum((0, 1))
-        else:
-            grad = grad + _inner(cell, carried, S0, group.matrix).sum(0)
+        if sensitivities is not None:
+            S0 = _internal(cell, sensitivities[group.name])
+            if group.fan_out:
+                grad = grad + _act_on_sensitivity(cell, carried, S0, group).sum((0, 1))
+            else:
+                grad = grad + _inner(cell, carried, S0, group.matrix).sum(0)
         if group.reduce is not None:
             grad = group.reduce(grad)
         if group.complex_param:
@@ -438,53 +447,88 @@ def gradients(
 # The window as one autograd Function
 
 
+def _chunks(T: int) -> list[tuple[int, int]]:
+    return [(t0, min(t0 + CHUNK_STEPS, T)) for t0 in range(0, T, CHUNK_STEPS)]
+
+
 class _RTRLWindow(torch.autograd.Function):
-    """Inputs: cell, encoder_grad, reset, h0, *S_0 (by group), *inputs, *params. Outputs: h_1..h_T, *S_T."""
+    """Inputs: cell, encoder_grad, reset, h0, *S_0 (by group), *inputs, *params. Outputs: h_1..h_T, *S_T.
+
+    Both directions walk the window in chunks of ``CHUNK_STEPS`` steps: (3) composes over chunks
+    (S after a chunk is the next chunk's S_0) and the adjoint crosses a chunk boundary as the single
+    vector Ã_{t0}ᵀ δ_{t0}, so per-step coefficients only ever exist for one chunk."""
 
     @staticmethod
     def forward(ctx, cell: RTRLCell, encoder_grad: str, reset: Tensor, h0: Tensor, *tensors: Tensor):
         sensitivities, inputs, params = _split(cell, tensors)
-        prepared = cell.prepare(inputs, params)
-        h_seq = run_cell(cell, h0, prepared, params, reset)
-        _, coefficients = window_coefficients(cell, h0, h_seq, prepared, params, reset)
-        final = advance(cell, sensitivities, coefficients)
+        h_start, chunk_states = h0, []
+        for t0, t1 in _chunks(reset.shape[0]):
+            prepared = cell.prepare({name: x[t0:t1] for name, x in inputs.items()}, params)
+            h_chunk = run_cell(cell, h_start, prepared, params, reset[t0:t1])
+            _, coefficients = window_coefficients(cell, h_start, h_chunk, prepared, params, reset[t0:t1])
+            sensitivities = advance(cell, sensitivities, coefficients)
+            chunk_states.append(h_chunk)
+            h_start = h_chunk[-1]
+        h_seq = chunk_states[0] if len(chunk_states) == 1 else torch.cat(chunk_states)
         ctx.cell, ctx.encoder_grad = cell, encoder_grad
         ctx.save_for_backward(reset, h0, h_seq, *tensors)
-        outputs = [final[group.name] for group in cell.groups]
+        outputs = [sensitivities[group.name] for group in cell.groups]
         ctx.mark_non_differentiable(*outputs)
         return (h_seq, *outputs)
 
     @staticmethod
     def backward(ctx, grad_h_seq: Tensor | None, *_: Tensor):
         cell: RTRLCell = ctx.cell
-        reset, h0, h_seq, *tensors = ctx.saved_tensors
-        sensitivities, inputs, params = _split(cell, tensors)
+        # Saved outputs come back attached to this Function's graph: detach so that the recomputation
+        # below records only what the inputs' gradient needs.
+        reset, h0, h_seq, *tensors = (t.detach() for t in ctx.saved_tensors)
+        sensitivities, inputs, params = _split(cell, tuple(tensors))
         offset = 4 + len(cell.groups)
-        input_needs = ctx.needs_input_grad[offset : offset + len(cell.input_names)]
+        input_needs = dict(zip(cell.input_names, ctx.needs_input_grad[offset : offset + len(cell.input_names)]))
         param_needs = dict(zip(cell.param_names, ctx.needs_input_grad[offset + len(cell.input_names) :]))
-        errors = torch.zeros_like(h_seq) if grad_h_seq is None else grad_h_seq
-
-        fixed = {name: p.detach() for name, p in params.items()}
-        with torch.enable_grad():
-            leaves = {name: x.detach().requires_grad_(need) for (name, x), need in zip(inputs.items(), input_needs)}
-            h, coefficients = window_coefficients(cell, h0, h_seq, cell.prepare(leaves, fixed), fixed, reset)
-            h = _external(cell, h).reshape(h_seq.shape)
-        adjoint_errors = adjoint(cell, coefficients, errors)
-
-        input_grads: list[Tensor | None] = [None] * len(leaves)
-        wanted = [i for i, need in enumerate(input_needs) if need]
-        if wanted:
-            upstream = _external(cell, adjoint_errors) if ctx.encoder_grad == "window" else errors
-            found = torch.autograd.grad(h, [list(leaves.values())[i] for i in wanted], upstream, allow_unused=True)
-            for i, grad in zip(wanted, found):
-                input_grads[i] = grad
-
         trained = tuple(g for g in cell.groups if any(param_needs[name] for name in g.params))
-        param_grads = gradients(cell, sensitivities, coefficients, adjoint_errors, trained) if trained else {}
+        errors = torch.zeros_like(h_seq) if grad_h_seq is None else grad_h_seq
+        fixed = {name: p.detach() for name, p in params.items()}
+
+        input_grads: dict[str, Tensor | None] = {name: None for name in cell.input_names}
+        param_grads: dict[str, Tensor] = {}
+        from_later = None  # Ã_{t1}ᵀ δ_{t1}: the error the steps after this chunk send back into it
+        for t0, t1 in reversed(_chunks(reset.shape[0])):
+            h_start = h0 if t0 == 0 else h_seq[t0 - 1]
+            with torch.enable_grad():
+                leaves = {name: x[t0:t1].detach().requires_grad_(input_needs[name]) for name, x in inputs.items()}
+                h, coefficients = window_coefficients(
+                    cell, h_start, h_seq[t0:t1], cell.prepare(leaves, fixed), fixed, reset[t0:t1]
+                )
+                h = _external(cell, h).reshape(h_seq[t0:t1].shape)
+            chunk_errors = _internal(cell, errors[t0:t1])
+            if from_later is not None:
+                chunk_errors = chunk_errors.clone()
+                chunk_errors[-1] += from_later
+            adjoint_errors = _adjoint(cell, coefficients.jacobians, chunk_errors)
+            from_later = _act_transpose(cell, coefficients.jacobians[0], adjoint_errors[0])
+
+            wanted = [name for name in cell.input_names if input_needs[name]]
+            if wanted:
+                upstream = _external(cell, adjoint_errors) if ctx.encoder_grad == "window" else errors[t0:t1]
+                found = torch.autograd.grad(h, [leaves[name] for name in wanted], upstream, allow_unused=True)
+                for name, grad in zip(wanted, found):
+                    if grad is None:
+                        continue
+                    if input_grads[name] is None:
+                        input_grads[name] = torch.zeros_like(inputs[name])
+                    input_grads[name][t0:t1] = grad
+            if trained:
+                chunk_grads = gradients(cell, sensitivities if t0 == 0 else None, coefficients, adjoint_errors, trained)
+                for name, grad in chunk_grads.items():
+                    param_grads[name] = grad if name not in param_grads else param_grads[name] + grad
+            del h, leaves, coefficients  # free this chunk's graph before the next one is built
+
         out_params = [
             param_grads[name].to(p.dtype).reshape(p.shape) if param_needs[name] else None for name, p in params.items()
         ]
-        return (None, None, None, None, *([None] * len(cell.groups)), *input_grads, *out_params)
+        out_inputs = [input_grads[name] for name in cell.input_names]
+        return (None, None, None, None, *([None] * len(cell.groups)), *out_inputs, *out_params)
 
 
 def _split(cell: RTRLCell, tensors: tuple[Tensor, ...]):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from rlmem import rtrl
 from rlmem.rtrl import (
     ParamGroup,
     RTRLCell,
@@ -157,9 +158,18 @@ def windows_of(lengths):
     return bounds
 
 
+@pytest.fixture(params=[None, 2], ids=["whole", "chunks_of_2"])
+def chunk_steps(request, monkeypatch):
+    """Run each test with the window Function's default chunking and with chunks of 2 steps, so that
+    the chunk boundaries (S composed across chunks, the adjoint carried back) are exercised."""
+    if request.param is not None:
+        monkeypatch.setattr(rtrl, "CHUNK_STEPS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch, lengths", [(1, [1, 1, 1, 1, 1]), (3, [4, 1, 7, 2]), (5, [9, 3])])
-def test_window_gradients_sum_to_bptt(kind, batch, lengths):
+def test_window_gradients_sum_to_bptt(kind, batch, lengths, chunk_steps):
     cell, N, params, columns = make_case(kind)
     cell.check()
     T = sum(lengths)
@@ -184,7 +194,7 @@ def test_window_gradients_sum_to_bptt(kind, batch, lengths):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("encoder_grad", ["window", "same_step"])
-def test_input_gradients(kind, encoder_grad):
+def test_input_gradients(kind, encoder_grad, chunk_steps):
     cell, N, params, columns = make_case(kind, seed=1)
     T, B = 6, 3
     g = torch.Generator().manual_seed(5)
@@ -321,3 +331,36 @@ def test_cell_descriptions_are_checked():
         Missing().check()
     with pytest.raises(ValueError, match="needs a factor v"):
         ParamGroup("W", u="slope", matrix=True)
+
+
+def test_backward_working_memory_does_not_grow_with_the_window(monkeypatch):
+    """The backward's recomputation exists for one chunk at a time: the peak of what its graph holds
+    is the same for a window of 4 chunks as for one."""
+    import weakref
+
+    monkeypatch.setattr(rtrl, "CHUNK_STEPS", 8)
+    cell, N, params, columns = make_case("real", D=16, N=24)
+
+    def backward_peak(T: int) -> int:
+        live, peak = [0], [0]
+
+        def pack(t: Tensor) -> Tensor:
+            size = t.numel() * t.element_size()
+            live[0] += size
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(t, lambda: live.__setitem__(0, live[0] - size))
+            return t
+
+        x = torch.randn(T, 3, 16, dtype=DTYPE, requires_grad=True)
+        S0 = zero_sensitivities(cell, 3, N, columns, "cpu", DTYPE)
+        h_seq, _ = rtrl_window(
+            cell, zero_state(cell, 3, N, "cpu", DTYPE), S0, {"x": x}, params, torch.zeros(T, 3, dtype=torch.bool)
+        )
+        loss = h_seq.square().sum()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss.backward()
+        return peak[0]
+
+    one_chunk, four_chunks = backward_peak(8), backward_peak(32)
+    assert one_chunk > 0
+    assert four_chunks <= 1.25 * one_chunk, (one_chunk, four_chunks)
