@@ -337,6 +337,24 @@ class WindowCoefficients:
         return self.factors[group.u], None if group.v is None else self.factors[group.v]
 
 
+def _step_rows(
+    cell: RTRLCell,
+    h0: Tensor,
+    h_seq: Tensor,
+    inputs: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    reset: Tensor,
+    coefficients: bool,
+) -> tuple[Tensor, StepCoefficients | None]:
+    """The step over all T·B rows of a window at once, from h_{t-1} = m_t ⊙ (h_0, h_1..h_{T-1})."""
+    T, B = reset.shape
+    h_seq = _internal(cell, h_seq)
+    h_prev = torch.cat([_internal(cell, h0).unsqueeze(0), h_seq[:-1]], dim=0)
+    h_prev = h_prev * _keep(reset, h_prev, h_prev.dim() - 2)
+    rows = {name: value.reshape(T * B, *value.shape[2:]) for name, value in inputs.items()}
+    return cell.step(h_prev.reshape(T * B, *h_prev.shape[2:]), rows, params, coefficients)
+
+
 def window_coefficients(
     cell: RTRLCell,
     h0: Tensor,
@@ -348,13 +366,9 @@ def window_coefficients(
     """Evaluate the step once over all T·B rows, from h_{t-1} = m_t ⊙ (h_0, h_1..h_{T-1}).
 
     Returns the recomputed h_1..h_T (internal representation, [T·B, ...], with autograd's graph if
-    enabled, for the inputs' gradient) and the coefficients (detached)."""
+    enabled) and the coefficients (detached)."""
     T, B = reset.shape
-    h_seq = _internal(cell, h_seq)
-    h_prev = torch.cat([_internal(cell, h0).unsqueeze(0), h_seq[:-1]], dim=0)
-    h_prev = h_prev * _keep(reset, h_prev, h_prev.dim() - 2)
-    rows = {name: value.reshape(T * B, *value.shape[2:]) for name, value in inputs.items()}
-    h, step = cell.step(h_prev.reshape(T * B, *h_prev.shape[2:]), rows, params, True)
+    h, step = _step_rows(cell, h0, h_seq, inputs, params, reset, True)
     assert step is not None
 
     def windowed(x: Tensor) -> Tensor:
@@ -493,36 +507,42 @@ class _RTRLWindow(torch.autograd.Function):
         input_grads: dict[str, Tensor | None] = {name: None for name in cell.input_names}
         param_grads: dict[str, Tensor] = {}
         from_later = None  # Ã_{t1}ᵀ δ_{t1}: the error the steps after this chunk send back into it
+        wanted = [name for name in cell.input_names if input_needs[name]]
         for t0, t1 in reversed(_chunks(reset.shape[0])):
-            h_start = h0 if t0 == 0 else h_seq[t0 - 1]
-            with torch.enable_grad():
-                leaves = {name: x[t0:t1].detach().requires_grad_(input_needs[name]) for name, x in inputs.items()}
-                h, coefficients = window_coefficients(
-                    cell, h_start, h_seq[t0:t1], cell.prepare(leaves, fixed), fixed, reset[t0:t1]
-                )
-                h = _external(cell, h).reshape(h_seq[t0:t1].shape)
-            chunk_errors = _internal(cell, errors[t0:t1])
+            h_start, chunk = (h0 if t0 == 0 else h_seq[t0 - 1]), slice(t0, t1)
+            chunk_inputs = {name: x[chunk] for name, x in inputs.items()}
+            _, coefficients = window_coefficients(
+                cell, h_start, h_seq[chunk], cell.prepare(chunk_inputs, fixed), fixed, reset[chunk]
+            )
+            chunk_errors = _internal(cell, errors[chunk])
             if from_later is not None:
                 chunk_errors = chunk_errors.clone()
                 chunk_errors[-1] += from_later
             adjoint_errors = _adjoint(cell, coefficients.jacobians, chunk_errors)
             from_later = _act_transpose(cell, coefficients.jacobians[0], adjoint_errors[0])
 
-            wanted = [name for name in cell.input_names if input_needs[name]]
             if wanted:
-                upstream = _external(cell, adjoint_errors) if ctx.encoder_grad == "window" else errors[t0:t1]
+                # (∂h_t/∂x_t)ᵀ δ_t by autograd through one more evaluation of the step, h only, so that
+                # the graph holds the step's activations and not those of its coefficients.
+                with torch.enable_grad():
+                    leaves = {name: x.detach().requires_grad_(input_needs[name]) for name, x in chunk_inputs.items()}
+                    prepared = cell.prepare(leaves, fixed)
+                    h, _ = _step_rows(cell, h_start, h_seq[chunk], prepared, fixed, reset[chunk], False)
+                    h = _external(cell, h).reshape(h_seq[chunk].shape)
+                upstream = _external(cell, adjoint_errors) if ctx.encoder_grad == "window" else errors[chunk]
                 found = torch.autograd.grad(h, [leaves[name] for name in wanted], upstream, allow_unused=True)
+                del h, leaves, prepared  # free this chunk's graph before the next one is built
                 for name, grad in zip(wanted, found):
                     if grad is None:
                         continue
                     if input_grads[name] is None:
                         input_grads[name] = torch.zeros_like(inputs[name])
-                    input_grads[name][t0:t1] = grad
+                    input_grads[name][chunk] = grad
             if trained:
                 chunk_grads = gradients(cell, sensitivities if t0 == 0 else None, coefficients, adjoint_errors, trained)
                 for name, grad in chunk_grads.items():
                     param_grads[name] = grad if name not in param_grads else param_grads[name] + grad
-            del h, leaves, coefficients  # free this chunk's graph before the next one is built
+            del coefficients, adjoint_errors
 
         out_params = [
             param_grads[name].to(p.dtype).reshape(p.shape) if param_needs[name] else None for name, p in params.items()
