@@ -82,6 +82,25 @@ def _raw_atari(num_envs: int, steps: int) -> Contender:
     return Contender(lambda i: env.step(actions[i]), env.close)
 
 
+def _raw_procgen(num_envs: int, steps: int) -> Contender:
+    import numpy as np
+
+    from envs.procgen_env import ProcgenOptions, _procgen
+
+    options = ProcgenOptions(game="maze", num_envs=num_envs)  # rlmem's defaults, the raw side set alike
+    env = _procgen().ProcgenGym3Env(
+        num=num_envs, env_name=options.game, distribution_mode=options.distribution_mode,
+        num_levels=options.num_levels, start_level=options.start_level, num_threads=options.num_threads, rand_seed=0,
+    )
+    actions = _random_indices(15, steps, num_envs).astype(np.int32)
+
+    def step(i: int) -> Any:
+        env.act(actions[i])
+        return env.observe()
+
+    return Contender(step, lambda: None)
+
+
 @dataclass(frozen=True)
 class Source:
     num_envs: int  # default env count
@@ -96,6 +115,7 @@ SOURCES: dict[str, Source] = {
     "repeat_previous": Source(64, None, {"name": "repeat_previous"}, None),
     "count_recall": Source(64, None, {"name": "count_recall"}, None),
     "atari": Source(16, "ale_py", {"name": "atari", "game": "pong"}, _raw_atari),
+    "procgen": Source(64, "procgen", {"name": "procgen", "game": "maze"}, _raw_procgen),
 }
 
 

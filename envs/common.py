@@ -82,14 +82,21 @@ class EpisodeTracker:
 
 
 def to_tensor(array: Any, device: torch.device, dtype: np.dtype | None = None) -> Tensor:
-    """A tensor on ``device`` that owns a copy of ``array`` (libraries may reuse their buffers).
+    """A C-contiguous tensor on ``device`` that owns a copy of ``array`` (libraries may reuse their buffers).
 
     The host copy is made by numpy: torch's own copy of a large array may start intra-op threads,
     which compete with an emulator's worker threads for the same cores.
     """
     if device.type == "cpu":
-        return torch.from_numpy(np.array(array, dtype=dtype, copy=True))
-    return torch.from_numpy(np.asarray(array, dtype=dtype)).to(device)
+        return torch.from_numpy(np.array(array, dtype=dtype, copy=True, order="C"))
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(device)
+
+
+def copy_tensor(tensor: Tensor) -> Tensor:
+    """A copy of ``tensor``; on the CPU made by numpy, for the reason given in ``to_tensor``."""
+    if tensor.device.type == "cpu":
+        return torch.from_numpy(tensor.numpy().copy())
+    return tensor.clone()
 
 
 def to_numpy_actions(actions: Tensor, space: gym.Space) -> np.ndarray:

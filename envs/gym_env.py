@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from envs.base import EnvError, StepResult, VecEnv
-from envs.common import EpisodeTracker, check_actions, to_numpy_actions, to_tensor
+from envs.common import EpisodeTracker, check_actions, copy_tensor, to_numpy_actions, to_tensor
 from envs.registry import EnvOptions, register_env
 
 VECTORIZATION_MODES = ("sync", "async")
@@ -252,7 +252,7 @@ class GymVecEnv(VecEnv):
         truncated = to_tensor(truncated, self.device, np.bool_)
         done = terminated | truncated
 
-        final_obs = next_obs.clone()
+        final_obs = copy_tensor(next_obs)
         ended = np.flatnonzero(info["_final_obs"]) if "_final_obs" in info else np.empty(0, dtype=np.int64)
         if ended.size:
             # gymnasium hands terminal observations over one object per ended env; batch only those.
