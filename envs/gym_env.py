@@ -10,6 +10,10 @@ other space is flattened to a ``float32`` vector ``[D]`` (Discrete and MultiDisc
 and Dict concatenated in order). ``hide_obs`` then drops chosen entries of that vector, which turns a
 fully observed task into a partially observed one (CartPole without velocities: ``hide_obs=[1, 3]``).
 
+Actions: Discrete and Box spaces as they are; a MultiDiscrete space ``nvec`` becomes one Discrete
+choice over its ``prod(nvec)`` combinations in row-major order (POPGym's Battleship and MineSweeper
+pick a cell this way), since that is what every learner supports.
+
 Ids with a namespace provided by an optional package are imported on demand: ``popgym-*`` ids import
 ``popgym``, ``ALE/*`` ids import ``ale_py``; ``module:Id-v0`` imports ``module`` first, as
 ``gymnasium.make`` does.
@@ -32,6 +36,7 @@ from envs.common import EpisodeTracker, check_actions, copy_tensor, to_numpy_act
 from envs.registry import EnvOptions, register_env
 
 VECTORIZATION_MODES = ("sync", "async")
+MAX_JOINT_ACTIONS = 4096  # MultiDiscrete action spaces up to this many combinations become one Discrete
 # Id prefix -> the optional package that registers those ids when imported, and its pip extra.
 _PROVIDERS = {"popgym-": ("popgym", "rlmem[popgym]"), "ALE/": ("ale_py", "rlmem[atari]")}
 
@@ -208,11 +213,23 @@ class GymVecEnv(VecEnv):
             self._keep = None if keep.size == size else keep
             self.single_observation_space = gym.spaces.Box(low[keep], high[keep], dtype=np.float32)
 
-        self.single_action_space = self.env.single_action_space
-        if not isinstance(self.single_action_space, gym.spaces.Discrete | gym.spaces.Box):
+        self.raw_action_space = self.env.single_action_space
+        self.single_action_space = self.raw_action_space
+        if isinstance(self.raw_action_space, gym.spaces.MultiDiscrete) and self.raw_action_space.nvec.ndim == 1:
+            # One discrete choice over all combinations (row-major), which every learner supports.
+            combinations = int(np.prod(self.raw_action_space.nvec))
+            if combinations > MAX_JOINT_ACTIONS:
+                self.close()
+                raise EnvError(
+                    f"{options.id!r} has action space {self.raw_action_space}: {combinations} joint actions, "
+                    f"more than the {MAX_JOINT_ACTIONS} a single discrete choice is offered for"
+                )
+            self.single_action_space = gym.spaces.Discrete(combinations)
+        elif not isinstance(self.raw_action_space, gym.spaces.Discrete | gym.spaces.Box):
             self.close()
             raise EnvError(
-                f"{options.id!r} has action space {self.single_action_space}; valid choices: Discrete, Box"
+                f"{options.id!r} has action space {self.raw_action_space}; valid choices: Discrete, Box, "
+                "MultiDiscrete (as one joint discrete choice)"
             )
         self.episodes = EpisodeTracker(self.num_envs, self.device)
 
@@ -226,6 +243,14 @@ class GymVecEnv(VecEnv):
         if self._keep is not None:
             flat = flat[:, self._keep]
         return to_tensor(flat, self.device)
+
+    def _library_actions(self, actions: Tensor) -> np.ndarray:
+        """Validated actions -> what the vector env takes (joint indices unravelled for MultiDiscrete)."""
+        if self.single_action_space is self.raw_action_space:
+            return to_numpy_actions(actions, self.raw_action_space)
+        space = self.raw_action_space
+        index = actions.detach().cpu().numpy()
+        return (np.stack(np.unravel_index(index, tuple(space.nvec)), axis=1) + space.start).astype(space.dtype)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -245,7 +270,7 @@ class GymVecEnv(VecEnv):
     def step(self, actions: Tensor | None) -> StepResult:
         self._check_open()
         actions = check_actions(actions, self.single_action_space, self.num_envs)
-        obs, reward, terminated, truncated, info = self.env.step(to_numpy_actions(actions, self.single_action_space))
+        obs, reward, terminated, truncated, info = self.env.step(self._library_actions(actions))
         next_obs = self._observation(obs)
         reward = to_tensor(reward, self.device, np.float32)
         terminated = to_tensor(terminated, self.device, np.bool_)

@@ -121,20 +121,64 @@ def test_invalid_options_raise(spec, message):
         make_env({"name": "gym", "num_envs": 2, **spec})
 
 
-def test_popgym_ids_use_the_optional_package():
-    try:
-        import popgym  # noqa: F401
-    except ImportError:
-        with pytest.raises(EnvError, match=r"pip install rlmem\[popgym\]"):
-            GymOptions(id="popgym-RepeatPreviousEasy-v0")
-        return
-    with make_env({"name": "gym", "id": "popgym-RepeatPreviousEasy-v0", "num_envs": 2}, seed=0) as env:
+class EchoMultiDiscrete(gym.Env):
+    """Observes the last action it received (MultiDiscrete with a non-zero start); ends after 3 steps."""
+
+    observation_space = gym.spaces.Box(-10, 10, (2,), dtype=np.float32)
+    action_space = gym.spaces.MultiDiscrete([3, 4], start=[1, -2])
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, dtype=np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(np.asarray(action))
+        self.t += 1
+        return np.asarray(action, dtype=np.float32), 0.0, self.t == 3, False, {}
+
+
+def test_multi_discrete_actions_become_one_joint_choice():
+    if "rlmem-test/EchoMultiDiscrete-v0" not in gym.registry:
+        gym.register("rlmem-test/EchoMultiDiscrete-v0", entry_point=EchoMultiDiscrete)
+    with make_env({"name": "gym", "id": "rlmem-test/EchoMultiDiscrete-v0", "num_envs": 3}) as env:
+        assert env.single_action_space == gym.spaces.Discrete(12)
+        env.reset(seed=0)
+        obs, *_ = env.step(torch.tensor([0, 5, 11]))
+        # Row-major: joint index k -> (k // 4, k % 4), shifted by the spaces' starts (1, -2).
+        assert torch.equal(obs, torch.tensor([[1.0, -2.0], [2.0, -1.0], [3.0, 1.0]]))
+        with pytest.raises(EnvError, match=r"valid actions: 0\.\.11"):
+            env.step(torch.tensor([0, 12, 1]))
+
+
+def test_popgym_without_the_package_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "popgym", None)  # makes `import popgym` fail
+    with pytest.raises(EnvError, match=r"needs the package 'popgym'; install it with `pip install rlmem\[popgym\]`"):
+        GymOptions(id="popgym-RepeatPreviousEasy-v0")
+
+
+@pytest.mark.parametrize(
+    "env_id",
+    ["popgym-RepeatPreviousEasy-v0", "popgym-ConcentrationEasy-v0", "popgym-BattleshipEasy-v0",
+     "popgym-PositionOnlyPendulumEasy-v0"],
+)
+def test_popgym_envs_run_through_the_adapter(env_id):
+    pytest.importorskip("popgym")
+    with make_env({"name": "gym", "id": env_id, "num_envs": 2}, seed=0) as env:
         obs = env.reset(seed=0)
         assert obs.dtype == torch.float32 and obs.shape == (2, *env.single_observation_space.shape)
+        space = env.single_action_space
+        running = torch.zeros(2, dtype=torch.float64)
         returns = []
-        for _ in range(200):
-            actions = torch.randint(env.single_action_space.n, (2,))
-            _, _, terminated, truncated, info = env.step(actions)
+        for _ in range(250):
+            actions = torch.as_tensor(np.stack([space.sample() for _ in range(2)]))
+            obs, reward, terminated, truncated, info = env.step(actions)
+            running += reward.double()
             done = terminated | truncated
-            returns += info["episode"]["return"][done].tolist()
-        assert returns and all(-1 - 1e-6 <= r <= 1 + 1e-6 for r in returns)
+            torch.testing.assert_close(info["episode"]["return"][done], running[done])
+            returns += running[done].tolist()
+            running[done] = 0
+        # POPGym scales every episode's return into [-1, 1].
+        assert returns and all(-1 - 1e-5 <= r <= 1 + 1e-5 for r in returns)
