@@ -62,6 +62,8 @@ class MemoryTask(VecEnv):
     """
 
     state_names: ClassVar[tuple[str, ...]] = ()
+    observation_size: int  # D
+    num_actions: int
 
     def __init__(self, options: EnvOptions, device: torch.device, seed: int = 0) -> None:
         self.options = options
@@ -79,9 +81,6 @@ class MemoryTask(VecEnv):
         self.episodes = EpisodeTracker(B, self.device)
         self._closed = False
         self._start(torch.ones(B, dtype=torch.bool, device=self.device))
-
-    observation_size: int
-    num_actions: int
 
     def _observation_bounds(self) -> tuple[float, float]:
         return 0.0, 1.0
