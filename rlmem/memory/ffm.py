@@ -61,6 +61,18 @@ SLOWEST_DECAY = -0.004497
 LONGEST_PERIOD = 1024.0
 
 
+def trace_decay(log_decay_rate: Tensor, frequency: Tensor) -> Tensor:
+    """γ [m, c] complex: γ_ij = exp(a_i + i·b_j) with a_i = −exp(ρ_i) < 0, from ρ [m] and b [c]."""
+    m, c = log_decay_rate.shape[0], frequency.shape[0]
+    magnitude = torch.exp(-torch.exp(log_decay_rate))
+    return torch.polar(magnitude.unsqueeze(1).expand(m, c), frequency.unsqueeze(0).expand(m, c))
+
+
+def gated_input(value: Tensor, gate_pre: Tensor) -> Tensor:
+    """u = ŷ ⊙ σ(p̃) [..., m]: the input each trace adds to all of its columns."""
+    return value * torch.sigmoid(gate_pre)
+
+
 class _AggregatorWindow(torch.autograd.Function):
     """S [T, B, m, c] over a window by the associative scan, differentiable in u, γ and S_{-1}.
 
@@ -133,21 +145,17 @@ class FFMCell(RTRLCell):
     def step(
         self, h_prev: Tensor, inputs: Mapping[str, Tensor], params: Mapping[str, Tensor], coefficients: bool
     ) -> tuple[Tensor, StepCoefficients | None]:
-        rate = torch.exp(params["log_decay_rate"])  # −a
-        gamma = torch.polar(
-            torch.exp(-rate).unsqueeze(1).expand(self.traces, self.context),
-            params["frequency"].unsqueeze(0).expand(self.traces, self.context),
-        ).flatten()
-        gate = torch.sigmoid(inputs["gate_pre"])
+        gamma = trace_decay(params["log_decay_rate"], params["frequency"]).flatten()
         decayed = gamma * h_prev
-        h = decayed + self.per_unit(inputs["value"] * gate)
+        h = decayed + self.per_unit(gated_input(inputs["value"], inputs["gate_pre"]))
         if not coefficients:
             return h, None
+        gate = torch.sigmoid(inputs["gate_pre"])
         factors = {
             "value_gain": self.per_unit(gate).to(h.dtype),
             "gate_gain": self.per_unit(inputs["value"] * gate * (1 - gate)).to(h.dtype),
             "x": inputs["x"],
-            "decay_injection": -self.per_unit(rate) * decayed,
+            "decay_injection": self.per_unit(-torch.exp(params["log_decay_rate"])) * decayed,  # a_i γ_ij S_ij
             "frequency_injection": 1j * decayed,
         }
         return h, StepCoefficients(gamma.expand_as(h), factors)
@@ -193,12 +201,8 @@ class FFMCore(MemoryCore):
         return 2 * self.traces
 
     def decay(self) -> Tensor:
-        """γ [m, c] complex: γ_ij = exp(a_i) · e^{i b_j} with a_i = −exp(ρ_i)."""
-        magnitude = torch.exp(-torch.exp(self.log_decay_rate))
-        return torch.polar(
-            magnitude.unsqueeze(1).expand(self.traces, self.context),
-            self.frequency.unsqueeze(0).expand(self.traces, self.context),
-        )
+        """γ [m, c] complex."""
+        return trace_decay(self.log_decay_rate, self.frequency)
 
     def recurrent_params(self) -> dict[str, Tensor]:
         """The parameters that reach the aggregator, by the cell's names (views of W_pre, b_pre)."""
@@ -225,11 +229,6 @@ class FFMCore(MemoryCore):
     # ----------------------------------------------------------------------------------------------
     # The pieces of one layer, shared by both modes.
 
-    def gated_input(self, aggregator_pre: Tensor) -> Tensor:
-        """u = ŷ ⊙ σ(p̃) [..., m] from the aggregator rows of W_pre x + b_pre [..., 2m]."""
-        value, input_gate = aggregator_pre.split(self.traces, dim=-1)
-        return value * torch.sigmoid(input_gate)
-
     def readout(self, aggregate: Tensor, output_pre: Tensor) -> Tensor:
         """y [T, B, H] from S [T, B, m, c] (complex) and the output rows τ, q̃ [T, B, 2H] of W_pre x + b_pre."""
         skip, output_gate = output_pre.split(self.hidden_size, dim=-1)
@@ -237,13 +236,17 @@ class FFMCore(MemoryCore):
         gate = torch.sigmoid(output_gate)
         return F.layer_norm(mixed, (self.hidden_size,)) * gate + skip * (1 - gate)
 
-    def aggregate(self, gated_input: Tensor, reset: Tensor, initial: Tensor) -> Tensor:
-        """S [T, B, m, c] complex from u [T, B, m], ``reset`` [T, B] and S_{-1} [B, m, c] complex."""
-        gamma = self.decay()
-        keep = (~reset).to(gated_input.dtype)
-        if gated_input.shape[0] == 1:  # a single step is the recurrence itself
-            return (gamma * keep[0].view(-1, 1, 1) * initial + gated_input[0].unsqueeze(-1)).unsqueeze(0)
-        return _AggregatorWindow.apply(gated_input, gamma, keep, initial)
+    def aggregate(self, aggregator_pre: Tensor, reset: Tensor, initial: Tensor) -> Tensor:
+        """S [T, B, m, c] complex from [ŷ; p̃] [T, B, 2m], ``reset`` [T, B] and S_{-1} [B, m, c] complex."""
+        value, gate_pre = aggregator_pre.split(self.traces, dim=-1)
+        keep = (~reset).to(value.dtype)
+        if value.shape[0] == 1:  # a single step is the recurrence itself
+            B = value.shape[1]
+            h_prev = (initial * keep[0].view(B, 1, 1)).reshape(B, -1)
+            step_inputs = {"value": value[0], "gate_pre": gate_pre[0]}
+            h, _ = self.cell.step(h_prev, step_inputs, self.recurrent_params(), False)
+            return h.reshape(1, *initial.shape)
+        return _AggregatorWindow.apply(gated_input(value, gate_pre), self.decay(), keep, initial)
 
     def forward(self, x: Tensor, state: State, reset: Tensor) -> tuple[Tensor, State]:
         """Run a window. ``x``: [T, B, D]; ``reset``: [T, B] bool. Returns ``y`` [T, B, H] and the state."""
@@ -253,7 +256,7 @@ class FFMCore(MemoryCore):
         pre = self.pre(x)
         aggregator_pre, output_pre = pre.split([self.aggregator_rows, 2 * self.hidden_size], dim=-1)
         initial = torch.view_as_complex(state["aggregate"].contiguous())
-        aggregate = self.aggregate(self.gated_input(aggregator_pre), reset, initial)
+        aggregate = self.aggregate(aggregator_pre, reset, initial)
         y = self.readout(aggregate, output_pre)
         return y, {**state, "aggregate": torch.view_as_real(aggregate[-1]).detach().clone()}
 
