@@ -91,6 +91,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 UNIT_FORMS = ("real", "complex", "block")
 ENCODER_GRAD_MODES = ("window", "same_step")
@@ -491,6 +492,7 @@ class _RTRLWindow(torch.autograd.Function):
         return (h_seq, *outputs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_h_seq: Tensor | None, *_: Tensor):
         cell: RTRLCell = ctx.cell
         # Saved outputs come back attached to this Function's graph: detach so that the recomputation

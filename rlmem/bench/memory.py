@@ -5,7 +5,7 @@ For each core and window length T, both modes run the same forward + backward ov
 one process, their timed repeats interleaved. Memory per env is
 
 * on CPU: what autograd keeps, via ``saved_tensors_hooks``: the tensors the forward saves for
-  backward (each storage counted once, parameters excluded), plus the peak of what the backward
+  backward (each storage counted once; parameters and the carried state excluded), plus the peak of what the backward
   saves while it runs (RTRL's recomputation of one chunk of per-step coefficients), plus the
   carried state (sensitivities included);
 * on CUDA: the peak allocation of the forward + backward above what was allocated before it
@@ -76,9 +76,10 @@ def _forward_backward(core: MemoryCore, x: Tensor, state: dict[str, Tensor], res
 
 
 def _cpu_bytes(core: MemoryCore, x: Tensor, state: dict[str, Tensor], reset: Tensor) -> int:
-    """Bytes autograd keeps: what the forward saves for backward (each storage once, parameters
-    excluded) plus the peak of what the backward itself saves while it runs (a recomputation)."""
-    skip = {p.untyped_storage().data_ptr() for p in core.parameters()}
+    """Bytes autograd keeps: what the forward saves for backward (each storage once; parameters and
+    the carried state, counted apart, excluded) plus the peak of what the backward itself saves while
+    it runs (a recomputation)."""
+    skip = {t.untyped_storage().data_ptr() for t in [*core.parameters(), *state.values()]}
     storages: dict[int, int] = {}
 
     def pack_forward(t: Tensor) -> Tensor:
@@ -90,6 +91,8 @@ def _cpu_bytes(core: MemoryCore, x: Tensor, state: dict[str, Tensor], reset: Ten
     live, peak = [0], [0]
 
     def pack_backward(t: Tensor) -> Tensor:
+        if t.untyped_storage().data_ptr() in skip:
+            return t
         size = t.numel() * t.element_size()
         live[0] += size
         peak[0] = max(peak[0], live[0])
