@@ -243,6 +243,8 @@ def _act_on_sensitivity(cell: RTRLCell, A: Tensor, S: Tensor, group: ParamGroup)
 
 def _suffix_products(cell: RTRLCell, jacobians: Tensor) -> Tensor:
     """P_t = Ã_T ··· Ã_t for t = 1..T, [T, ...] (products of Jacobians only, never inverses)."""
+    if jacobians.shape[0] == 1:
+        return jacobians
     if cell.form != "block":
         return torch.cumprod(jacobians.flip(0), dim=0).flip(0)
     products = torch.empty_like(jacobians)
@@ -479,8 +481,14 @@ class _RTRLWindow(torch.autograd.Function):
         h_start, chunk_states = h0, []
         for t0, t1 in _chunks(reset.shape[0]):
             prepared = cell.prepare({name: x[t0:t1] for name, x in inputs.items()}, params)
-            h_chunk = run_cell(cell, h_start, prepared, params, reset[t0:t1])
-            _, coefficients = window_coefficients(cell, h_start, h_chunk, prepared, params, reset[t0:t1])
+            if t1 - t0 == 1:  # one step (streaming): its coefficient evaluation also gives h_1
+                h, coefficients = window_coefficients(
+                    cell, h_start, h_start.unsqueeze(0), prepared, params, reset[t0:t1]
+                )
+                h_chunk = _external(cell, h).unsqueeze(0)
+            else:
+                h_chunk = run_cell(cell, h_start, prepared, params, reset[t0:t1])
+                _, coefficients = window_coefficients(cell, h_start, h_chunk, prepared, params, reset[t0:t1])
             sensitivities = advance(cell, sensitivities, coefficients)
             chunk_states.append(h_chunk)
             h_start = h_chunk[-1]
