@@ -8,8 +8,8 @@ step together with ``first = True`` and the *new* episode's first frame. That is
 already (``done_t = first`` after the step), with two consequences that this adapter documents rather
 than hides:
 
-* ProcGen never exposes the terminal frame, so ``info["final_obs"]`` holds the frame returned (the
-  next episode's first) for every env, ended or not.
+* ProcGen never exposes the terminal frame, so ``info["final_obs"]`` is the returned observation
+  tensor itself (for an ended env, the next episode's first frame).
 * ProcGen does not tell a time-out from a real end; every end is reported as ``terminated`` (the
   usual ProcGen convention) and ``truncated`` is always False, so no learner bootstraps from
   ``final_obs``.
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from envs.base import EnvError, StepResult, VecEnv
-from envs.common import EpisodeTracker, check_actions, copy_tensor, to_tensor
+from envs.common import EpisodeTracker, check_actions, to_tensor
 from envs.registry import EnvOptions, register_env
 
 DISTRIBUTION_MODES = ("easy", "hard", "memory")
@@ -153,7 +153,8 @@ class ProcgenVecEnv(VecEnv):
         terminated = to_tensor(first, self.device, np.bool_)  # first after a step: the episode ended
         truncated = torch.zeros_like(terminated)
         episode = self.episodes.update(reward, terminated)
-        return obs, reward, terminated, truncated, {"final_obs": copy_tensor(obs), "episode": episode}
+        # No terminal frame to report: final_obs is the returned frame itself (see the module docstring).
+        return obs, reward, terminated, truncated, {"final_obs": obs, "episode": episode}
 
     def close(self) -> None:
         if not self._closed:
