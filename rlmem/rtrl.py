@@ -199,11 +199,6 @@ class RTRLCell:
 # The algebra of one unit form: how A acts on unit vectors and on sensitivities.
 
 
-def _unit_dims(cell: RTRLCell) -> int:
-    """Trailing dims of one unit's value in the internal representation (0, or 1 for blocks)."""
-    return 1 if cell.form == "block" else 0
-
-
 def _keep(reset: Tensor, like: Tensor, trailing: int) -> Tensor:
     """The mask m = 1 − reset [T, B] (or [B]) shaped to broadcast against ``like``'s unit dims."""
     keep = (~reset).to(like.real.dtype if like.is_complex() else like.dtype)
@@ -239,6 +234,17 @@ def _act_on_sensitivity(cell: RTRLCell, A: Tensor, S: Tensor, group: ParamGroup)
     if group.fan_out:
         return A.view(*A.shape, *([1] * (S.dim() - A.dim()))) * S
     return _act(cell, A, S, group.matrix)
+
+
+def _times_real(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for a real b and a real or complex a, as one real matrix product (a complex a's real and
+    imaginary parts stacked as rows): half the work of promoting b to complex."""
+    if not a.is_complex():
+        return a @ b
+    rows = torch.view_as_real(a).movedim(-1, -3)  # [..., 2, M, K]
+    product = rows.reshape(*rows.shape[:-3], 2 * rows.shape[-2], rows.shape[-1]) @ b
+    product = product.unflatten(-2, (2, rows.shape[-2])).movedim(-3, -1)  # [..., M, P, 2]
+    return torch.view_as_complex(product.contiguous())
 
 
 def _suffix_products(cell: RTRLCell, jacobians: Tensor) -> Tensor:
@@ -404,8 +410,7 @@ def advance(cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: W
             T, B = u.shape[:2]
             # Σ_t (Φ_t u_t) ⊗ v_t for every env: [B, N·k, T] @ [B, T, D_p]
             left = carried_u.reshape(T, B, -1).permute(1, 2, 0)
-            right = v.to(left.dtype).permute(1, 0, 2)
-            injected = torch.bmm(left, right).reshape(S0.shape)
+            injected = _times_real(left, v.permute(1, 0, 2)).reshape(S0.shape)
         else:
             if v is not None:
                 v = v.unsqueeze(-1) if cell.form == "block" else v.unsqueeze(-2) if group.fan_out else v
@@ -440,9 +445,11 @@ def gradients(
             weight = (adjoint_errors.unsqueeze(-1) * u).sum(-2)
         else:
             weight = _inner(cell, adjoint_errors, u, matrix=False)  # ⟨δ_t, u_t⟩: [T, B, N]
+        if weight.is_complex() and not group.complex_param:
+            weight = weight.real  # a real parameter needs only the real part, Re(conj(δ) u) v
         if group.matrix:
             assert v is not None
-            grad = weight.reshape(T * B, -1).transpose(0, 1) @ v.reshape(T * B, -1).to(weight.dtype)
+            grad = _times_real(weight.reshape(T * B, -1).transpose(0, 1), v.reshape(T * B, -1))
         else:
             grad = (weight if v is None else weight * v).sum((0, 1))
         if sensitivities is not None:
