@@ -32,3 +32,18 @@ def test_bench_bad_arguments_exit_2(argv, message, capsys):
         bench.run(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_library_rows_and_missing_packages(capsys, monkeypatch):
+    import dataclasses
+    import importlib.util
+
+    available = [name for name in ("atari", "procgen") if importlib.util.find_spec(bench.SOURCES[name].package)]
+    missing = dataclasses.replace(bench.SOURCES["cartpole"], package="no_such_package_for_rlmem")
+    monkeypatch.setitem(bench.SOURCES, "missing", missing)
+    bench.run(["--steps", "2", "--repeats", "1", "--num-envs", "2", "--sources", ",".join([*available, "missing"])])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "skipped: no_such_package_for_rlmem is not installed" in rows["missing"]
+    for name in available:
+        raw, ours, ratio = (float(x.replace(",", "")) for x in rows[name].split()[2:5])
+        assert raw > 0 and ours > 0 and ratio > 0
