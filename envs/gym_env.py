@@ -186,6 +186,8 @@ class GymVecEnv(VecEnv):
             )
         except TypeError as err:  # an env_kwargs key the constructor does not take
             raise EnvError(f"env.env_kwargs does not fit {options.id!r}: {err}") from None
+        except (gym.error.Error, ImportError) as err:  # e.g. a dependency of the id that is not installed
+            raise EnvError(f"cannot build env.id={options.id!r}: {err}") from None
         self._closed = False
 
         self.raw_observation_space = self.env.single_observation_space

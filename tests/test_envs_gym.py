@@ -100,6 +100,13 @@ def test_env_kwargs_from_a_config_are_plain_dicts():
     assert type(options.env_kwargs) is dict and type(options.hide_obs) is list
 
 
+class MissingDependency(gym.Env):
+    """An env whose optional dependency is absent, as gymnasium reports it."""
+
+    def __init__(self):
+        raise gym.error.DependencyNotInstalled("needs a package that is not installed")
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -114,9 +121,12 @@ def test_env_kwargs_from_a_config_are_plain_dicts():
         ({"max_episode_steps": 0}, "env.max_episode_steps"),
         ({"env_kwargs": {"gravity": 3.0}}, "env.env_kwargs does not fit"),
         ({"env_kwargs": [1]}, "env.env_kwargs must be a mapping"),
+        ({"id": "rlmem-test/MissingDependency-v0"}, "cannot build env.id='rlmem-test/MissingDependency-v0': needs"),
     ],
 )
 def test_invalid_options_raise(spec, message):
+    if "rlmem-test/MissingDependency-v0" not in gym.registry:
+        gym.register("rlmem-test/MissingDependency-v0", entry_point=MissingDependency)
     with pytest.raises(EnvError, match=message):
         make_env({"name": "gym", "num_envs": 2, **spec})
 
