@@ -286,11 +286,11 @@ class CfCCore(MemoryCore):
     # The cell
 
     def _step(
-        self, w: _Weights, x: Tensor, h: Tensor, dt: Tensor | None, record: bool
+        self, w: _Weights, drive: Tensor, x: Tensor, h: Tensor, dt: Tensor | None, record: bool
     ) -> tuple[Tensor, _StepRecord | None]:
-        """One step h' = F(h, x). ``x``: [B, D]; ``h``: [B, n]; ``dt``: [B, 1] or None (Δt = 1)."""
-        a = torch.addmm(w.input_bias, x, w.input_weight.T) + h @ w.recurrent.T
-        h_new, layer_pre, layer_out, heads = self._above_first_layer(w, a, dt)
+        """One step h' = F(h, x). ``drive``: W_x x + b [B, m]; ``x``: [B, D] (kept for the sensitivities);
+        ``h``: [B, n]; ``dt``: [B, 1] or None (Δt = 1)."""
+        h_new, layer_pre, layer_out, heads = self._above_first_layer(w, drive + h @ w.recurrent.T, dt)
         if not record:
             return h_new, None
         return h_new, _StepRecord(
@@ -496,16 +496,21 @@ class CfCCore(MemoryCore):
             names, params = zip(*self._named_sensitive_parameters())
             h = _CarriedSensitivity.apply(h, [sens[SENSITIVITY_PREFIX + k] for k in names], *params)
         w = self._weights()
-        frozen = _detached(w) if same_step else None
+        # the input drive W_x x + b of all T steps as one matrix product
+        drive = torch.addmm(w.input_bias, (x.detach() if same_step else x).flatten(0, 1), w.input_weight.T)
+        drive = drive.view(T, B, -1)
+        if same_step:
+            frozen = _detached(w)
+            twin_drive = torch.addmm(frozen.input_bias, x.flatten(0, 1), frozen.input_weight.T).view(T, B, -1)
         outputs, records = [], []
         for t in range(T):
             h_prev = h * keep[t].unsqueeze(-1)
             dt = None if dts is None else dts[t]
-            h, rec = self._step(w, x[t].detach() if same_step else x[t], h_prev, dt, record=learning)
+            h, rec = self._step(w, drive[t], x[t], h_prev, dt, record=learning)
             if same_step:
                 # the input sees only the same-step error: a twin of the step with the state and the
                 # weights detached adds ∂h_t/∂x_t without changing the value
-                twin, _ = self._step(frozen, x[t], h_prev.detach(), dt, record=False)
+                twin, _ = self._step(frozen, twin_drive[t], x[t], h_prev.detach(), dt, record=False)
                 outputs.append(h + (twin - twin.detach()))
             else:
                 outputs.append(h)
