@@ -37,7 +37,7 @@ where δ_t is the error on h_t from steps t..T of the window (the adjoint). (3) 
 (2) exactly, not an approximation: forward-mode across windows (S carried), reverse-mode inside one.
 They cost what stepping (1) costs, O(T·B·N·k·D_p) per matrix group, but as one batched matrix
 product per group and direction instead of T memory-bound passes over S. T = 1 is the per-step form
-(1)-(2) itself, which streaming learners use: ``advance`` gives S_t, ``gradients`` gives ⟨e_t, S_t⟩.
+(1)-(2) itself, which streaming learners use (:func:`rtrl_step` gives S_t, :func:`gradients` ⟨e_t, S_t⟩).
 
 The same adjoint gives the gradient of the window's inputs: ∂L/∂x_t = (∂h_t/∂x_t)ᵀ δ_t, or, with
 ``encoder_grad="same_step"``, (∂h_t/∂x_t)ᵀ e_t.
@@ -419,6 +419,26 @@ def advance(cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: W
     return result
 
 
+def rtrl_step(
+    cell: RTRLCell,
+    h_prev: Tensor,
+    sensitivities: Mapping[str, Tensor],
+    inputs: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    reset: Tensor,
+) -> tuple[Tensor, dict[str, Tensor], WindowCoefficients]:
+    """The per-step form, without autograd: h_t and S_t from h_{t-1}, S_{t-1} and one step's inputs.
+
+    ``inputs``: the window inputs of one step, each [1, B, ...]; ``reset``: [1, B]. Returns h_t
+    [B, ...], S_t (state representation) and the step's coefficients, with which a streaming learner
+    accumulates ⟨e_t, S_t⟩ = ``gradients(cell, S_{t-1}, coefficients, adjoint(cell, coefficients, e_t[None]))``.
+    """
+    prepared = cell.prepare(inputs, params)
+    # With T = 1 the step's h_{t-1} is h_prev itself; the second argument only fixes the shape.
+    h, coefficients = window_coefficients(cell, h_prev, h_prev.unsqueeze(0), prepared, params, reset)
+    return _external(cell, h), advance(cell, sensitivities, coefficients), coefficients
+
+
 def adjoint(cell: RTRLCell, coefficients: WindowCoefficients, errors: Tensor) -> Tensor:
     """δ [T, B, ...] (internal representation) from the same-step errors e (state representation)."""
     return _adjoint(cell, coefficients.jacobians, _internal(cell, errors))
@@ -487,16 +507,15 @@ class _RTRLWindow(torch.autograd.Function):
         sensitivities, inputs, params = _split(cell, tensors)
         h_start, chunk_states = h0, []
         for t0, t1 in _chunks(reset.shape[0]):
-            prepared = cell.prepare({name: x[t0:t1] for name, x in inputs.items()}, params)
+            chunk_inputs = {name: x[t0:t1] for name, x in inputs.items()}
             if t1 - t0 == 1:  # one step (streaming): its coefficient evaluation also gives h_1
-                h, coefficients = window_coefficients(
-                    cell, h_start, h_start.unsqueeze(0), prepared, params, reset[t0:t1]
-                )
-                h_chunk = _external(cell, h).unsqueeze(0)
+                h, sensitivities, _ = rtrl_step(cell, h_start, sensitivities, chunk_inputs, params, reset[t0:t1])
+                h_chunk = h.unsqueeze(0)
             else:
+                prepared = cell.prepare(chunk_inputs, params)
                 h_chunk = run_cell(cell, h_start, prepared, params, reset[t0:t1])
                 _, coefficients = window_coefficients(cell, h_start, h_chunk, prepared, params, reset[t0:t1])
-            sensitivities = advance(cell, sensitivities, coefficients)
+                sensitivities = advance(cell, sensitivities, coefficients)
             chunk_states.append(h_chunk)
             h_start = h_chunk[-1]
         h_seq = chunk_states[0] if len(chunk_states) == 1 else torch.cat(chunk_states)

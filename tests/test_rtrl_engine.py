@@ -17,11 +17,10 @@ from rlmem.rtrl import (
     RTRLCell,
     StepCoefficients,
     adjoint,
-    advance,
     gradients,
+    rtrl_step,
     rtrl_window,
     run_cell,
-    window_coefficients,
     zero_sensitivities,
     zero_state,
 )
@@ -222,38 +221,56 @@ def test_input_gradients(kind, encoder_grad, chunk_steps):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def direct_contraction(cell: RTRLCell, kind: str, error: Tensor, S: Tensor) -> Tensor:
+    """Σ_b ⟨e[b, i], S[b, i, :, j]⟩ for the matrix group W, written out per unit form (then reduced)."""
+    if kind == "real":
+        per_unit = torch.einsum("bi,bij->ij", error, S)
+    elif kind == "complex":
+        e, s = torch.view_as_complex(error.contiguous()), torch.view_as_complex(S.contiguous())
+        per_unit = torch.einsum("bi,bij->ij", e.conj(), s).real
+    else:
+        per_unit = torch.einsum("bik,bikj->ij", error, S)
+    reduce = cell.groups[0].reduce
+    return per_unit if reduce is None else reduce(per_unit)
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_per_step_form_equals_one_step_window(kind):
+def test_per_step_form_equals_the_window_form(kind, chunk_steps):
+    """Stepping recursion (1) and accumulating ⟨e_t, S_t⟩ step by step gives the window's S_T and G."""
     cell, N, params, columns = make_case(kind, seed=2)
-    B = 4
+    B, T = 4, 6
     g = torch.Generator().manual_seed(9)
-    x = torch.randn(1, B, 3, generator=g, dtype=DTYPE)
-    reset = torch.tensor([[False, True, False, True]])
+    x = torch.randn(T, B, 3, generator=g, dtype=DTYPE)
+    reset = torch.rand(T, B, generator=g) < 0.3
     h0 = torch.randn(zero_state(cell, B, N, "cpu", DTYPE).shape, generator=g, dtype=DTYPE)
     S0 = {
         k: torch.randn(s.shape, generator=g, dtype=DTYPE)
         for k, s in zero_sensitivities(cell, B, N, columns, "cpu", DTYPE).items()
     }
-    error = torch.randn(1, *h0.shape, generator=g, dtype=DTYPE)
+    errors = torch.randn(T, *h0.shape, generator=g, dtype=DTYPE)
 
-    h_seq, S1 = rtrl_window(cell, h0, S0, {"x": x}, params, reset)
-    window_grads = torch.autograd.grad((h_seq * error).sum(), list(params.values()))
+    h_seq, S_T = rtrl_window(cell, h0, S0, {"x": x}, params, reset)
+    window_grads = dict(zip(params, torch.autograd.grad((h_seq * errors).sum(), list(params.values()))))
 
-    # The per-step form: one step of recursion (1), then G = <e_t, S_t>.
+    fixed = {k: p.detach() for k, p in params.items()}
+    h, S = h0, S0
+    step_grads = {k: torch.zeros_like(p) for k, p in fixed.items()}
+    direct = torch.zeros_like(fixed["W"])
     with torch.no_grad():
-        fixed = {k: p.detach() for k, p in params.items()}
-        h1 = run_cell(cell, h0, {"x": x}, fixed, reset)
-        _, coefficients = window_coefficients(cell, h0, h1, {"x": x}, fixed, reset)
-        stepped = advance(cell, S0, coefficients)
-        step_grads = gradients(cell, S0, coefficients, adjoint(cell, coefficients, error))
-    for name in S1:
-        torch.testing.assert_close(stepped[name], S1[name], rtol=1e-12, atol=1e-14)
-    for name, got in zip(params, window_grads):
-        torch.testing.assert_close(step_grads[name], got, rtol=1e-12, atol=1e-14)
-    # ... and G equals <e_1, S_1> contracted directly, with S_1 from the recursion.
-    if kind == "real":
-        direct = torch.einsum("bi,bij->ij", error[0], stepped["W"])
-        torch.testing.assert_close(step_grads["W"], direct, rtol=1e-12, atol=1e-14)
+        for t in range(T):
+            h_next, S_next, coefficients = rtrl_step(cell, h, S, {"x": x[t : t + 1]}, fixed, reset[t : t + 1])
+            torch.testing.assert_close(h_next, h_seq[t].detach(), rtol=1e-12, atol=1e-14)
+            step = gradients(cell, S, coefficients, adjoint(cell, coefficients, errors[t : t + 1]))
+            for name, grad in step.items():
+                step_grads[name] += grad
+            direct += direct_contraction(cell, kind, errors[t], S_next["W"])
+            h, S = h_next, S_next
+    for name in S_T:
+        torch.testing.assert_close(S[name], S_T[name], rtol=1e-10, atol=1e-12)
+    for name in params:
+        torch.testing.assert_close(step_grads[name], window_grads[name], rtol=1e-10, atol=1e-12)
+    # G of the matrix group is also ⟨e_t, S_t⟩ contracted directly from the recursion's S_t.
+    torch.testing.assert_close(direct, window_grads["W"], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", KINDS)
