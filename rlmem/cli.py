@@ -97,8 +97,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 def _cmd_eval(ns: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from agents.evaluate import evaluate
 
+    from agents.evaluate import evaluate
     from rlmem import config as cfg
     from rlmem.checkpoint import load_checkpoint
     from rlmem.train import build
@@ -155,7 +155,6 @@ def _describe_options(options_cls: type) -> str:
 
 def _cmd_list(ns: argparse.Namespace) -> int:
     import agents.actor_critic  # noqa: F401
-
     import envs
     import rlmem.memory
     from agents.base import LEARNERS

@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -101,7 +102,6 @@ class RunConfig:
 def _registries() -> dict[str, tuple[Any, Any]]:
     """group -> (lookup(name) -> options class, list of valid names)."""
     import agents.actor_critic  # noqa: F401  (registers learners)
-
     import envs
     import rlmem.memory
     from agents.base import LEARNERS
@@ -140,7 +140,7 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} not found: {path}")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except (OmegaConfBaseException, OSError, ValueError) as err:
+    except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read {what} {path}: {str(err).splitlines()[0]}") from None
     if data is None:
         return {}

@@ -56,7 +56,6 @@ def run_dir_of(config: RunConfig) -> Path:
 def build(config: RunConfig, env_overrides: dict[str, Any] | None = None, seed: int | None = None):
     """Create the environment and the learner that a config describes. Returns (env, learner, device)."""
     import agents.actor_critic  # noqa: F401  (registers learners)
-
     import rlmem.memory  # noqa: F401  (registers cores)
     from agents.base import LEARNERS
     from envs import make_env

@@ -1,0 +1,144 @@
+"""End to end through the command line: train -> event files -> resume -> eval -> plot -> list."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlmem.train
+from rlmem.cli import main
+from rlmem.plot import read_scalars
+
+SMALL = [
+    "memory.hidden_size=16",
+    "env.num_envs=4",
+    "agent.unroll_length=8",
+    "train.progress=false",
+    "train.checkpoint_every=64",
+]
+
+
+def _train(run_dir: Path, steps: int, *extra: str) -> None:
+    assert main(["train", *SMALL, f"train.total_steps={steps}", f"train.run_dir={run_dir}", *extra]) == 0
+
+
+def _event_tags(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
+
+
+def test_train_writes_config_checkpoint_and_the_standard_tags(tmp_path: Path, capsys):
+    run_dir = tmp_path / "run"
+    _train(run_dir, 640, "env.delay=2")
+    out = capsys.readouterr().out
+    assert f"run dir: {run_dir}" in out and "tensorboard --logdir" in out
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoint.pt").is_file()
+    tags = _event_tags(run_dir)
+    for tag in [
+        "charts/episodic_return",
+        "charts/episodic_length",
+        "charts/SPS",
+        "charts/learning_rate",
+        "losses/value_loss",
+        "losses/policy_loss",
+        "losses/entropy",
+        "losses/approx_kl",
+        "losses/explained_variance",
+    ]:
+        assert tag in tags, f"missing TensorBoard tag {tag}"
+    assert any(t.startswith("memory/") for t in tags)
+    steps, _ = read_scalars(run_dir, "charts/SPS")
+    assert steps[-1] == 640
+
+
+def test_ctrl_c_checkpoints_and_resume_reproduces_the_uninterrupted_run(tmp_path: Path, monkeypatch):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _train(straight, 256)
+
+    # the split run is interrupted by Ctrl-C during its 4th iteration (4 envs x 8 steps each)
+    original_build = rlmem.train.build
+
+    def interrupting_build(*args, **kwargs):
+        env, learner, device = original_build(*args, **kwargs)
+        iteration, calls = learner.iteration, []
+
+        def interrupted_iteration():
+            calls.append(1)
+            if len(calls) == 4:
+                signal.raise_signal(signal.SIGINT)
+            return iteration()
+
+        learner.iteration = interrupted_iteration
+        return env, learner, device
+
+    monkeypatch.setattr(rlmem.train, "build", interrupting_build)
+    _train(split, 256)
+    monkeypatch.undo()
+    first = torch.load(split / "checkpoint.pt", weights_only=False)
+    assert first["global_step"] == 128
+
+    assert main(["train", "--resume", str(split)]) == 0
+    resumed = torch.load(split / "checkpoint.pt", weights_only=False)
+    reference = torch.load(straight / "checkpoint.pt", weights_only=False)
+    assert resumed["global_step"] == reference["global_step"] == 256
+    for name, value in reference["network"].items():
+        assert torch.equal(value, resumed["network"][name]), f"{name} differs after resume"
+    steps, _ = read_scalars(split, "charts/SPS")
+    assert steps.max() == 256 and steps.min() < 128
+
+
+def test_resume_can_raise_the_step_budget(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, 64)
+    assert main(["train", "--resume", str(run_dir), "train.total_steps=128"]) == 0
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["global_step"] == 128
+
+
+def test_resume_refuses_other_overrides(tmp_path: Path, capsys):
+    run_dir = tmp_path / "run"
+    _train(run_dir, 64)
+    assert main(["train", "--resume", str(run_dir), "memory.hidden_size=8"]) == 2
+    assert "only train.total_steps" in capsys.readouterr().err
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path: Path, capsys):
+    run_dir = tmp_path / "run"
+    _train(run_dir, 64)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    assert main(["train", *SMALL, "train.total_steps=64", f"train.run_dir={run_dir}"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_eval_reports_mean_and_std(tmp_path: Path, capsys):
+    run_dir = tmp_path / "run"
+    _train(run_dir, 64)
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--episodes", "6", "--num-envs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "6 episodes" in out and "±" in out
+
+
+def test_plot_draws_seed_groups(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    runs = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"s{seed}"
+        _train(run_dir, 256, f"train.seed={seed}", "env.delay=1")
+        runs.append(str(run_dir))
+    output = tmp_path / "curves.png"
+    assert main(["plot", *runs, "-o", str(output), "--tag", "losses/value_loss"]) == 0
+    assert output.is_file() and output.stat().st_size > 1000
+
+
+def test_list_names_every_registry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ["gru", "lstm", "none", "cue_recall", "actor_critic", "hidden_size", "grad:"]:
+        assert name in out

@@ -1,0 +1,112 @@
+"""Config composition and the errors a user can cause (each one message, exit status 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlmem import config as cfg
+from rlmem.cli import main
+from rlmem.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_default_resolves_to_typed_sections():
+    config = cfg.load(None)
+    assert config.memory["name"] == "gru" and config.memory["grad"] == "bptt"
+    assert config.env["name"] == "cue_recall"
+    assert config.agent["name"] == "actor_critic"
+    assert config.train.total_steps > 0
+    # the saved YAML round-trips to the same resolved config
+    assert cfg.resolve(
+        {**{k: v for k, v in config.to_dict().items() if k in cfg.SECTIONS}, "defaults": config.choices}
+    ).to_dict() == config.to_dict()
+
+
+def test_group_choice_and_dotted_overrides(tmp_path: Path):
+    run_file = tmp_path / "exp.yaml"
+    run_file.write_text("defaults: {memory: gru, env: cue_recall}\nmemory: {hidden_size: 32}\ntrain: {seed: 3}\n")
+    config = cfg.load(str(run_file), ["memory=lstm", "memory.hidden_size=64", "env.num_envs=4", "train.seed=7"])
+    assert config.memory["name"] == "lstm"
+    assert config.memory["hidden_size"] == 64
+    assert config.env["num_envs"] == 4
+    assert config.train.seed == 7
+    assert config.choices["memory"] == "lstm"
+
+
+def test_group_file_is_found_next_to_runnable_file(tmp_path: Path):
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "tiny.yaml").write_text("name: gru\nhidden_size: 5\n")
+    run_file = tmp_path / "exp.yaml"
+    run_file.write_text("defaults: {memory: tiny}\n")
+    config = cfg.load(str(run_file))
+    assert config.memory == {"name": "gru", "hidden_size": 5, "grad": "bptt", "encoder_grad": "window"}
+
+
+def test_registered_name_works_without_a_group_file():
+    assert cfg.load(None, ["memory=none"]).memory["name"] == "none"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["memory.hidden_sise=3"], "unknown key memory.hidden_sise; valid keys:"),
+        (["memory.hidden_size=abc"], "memory.hidden_size"),
+        (["memory.hidden_size=-4"], "memory.hidden_size must be a positive integer"),
+        (["memory=transformerxl"], "unknown memory choice 'transformerxl'; valid choices:"),
+        (["env=atlantis"], "unknown env choice 'atlantis'; valid choices:"),
+        (["agent=dqn"], "unknown agent choice 'dqn'; valid choices:"),
+        (["memory.grad=rtrl"], "memory.grad='rtrl' is not supported by core 'gru'; valid choices: bptt"),
+        (["memory.grad=magic"], "memory.grad must be one of"),
+        (["train.total_steps=0"], "train.total_steps must be positive"),
+        (["trian.seed=1"], "unknown section 'trian'"),
+        (["hidden_size=3"], "unknown group 'hidden_size'"),
+        (["memory"], "expected group=choice or section.key=value"),
+        (["env.num_envs=-2"], "env.num_envs must be a positive integer"),
+        (["model.encoder=resnet999"], "model.encoder must be one of"),
+    ],
+)
+def test_config_errors_name_the_key(args, fragment):
+    with pytest.raises(ConfigError) as err:
+        cfg.load(None, args)
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "memory.hidden_sise=3"],
+        ["train", "memory=nope"],
+        ["train", "does/not/exist.yaml"],
+        ["train", "--resume", "no/such/run"],
+        ["eval", "no/such/run"],
+        ["bench", "warp-drive"],
+        ["plot", "no/such/run"],
+        ["frobnicate"],
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_message(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlmem: error:")
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_broken_yaml_is_a_config_error(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("memory: {hidden_size: [\n")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        cfg.load(str(bad))
+
+
+def test_every_shipped_config_resolves():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg.load(str(path))
+    for group in cfg.GROUPS:
+        for path in sorted((REPO / "configs" / group).glob("*.yaml")):
+            cfg.load(None, [f"{group}={path.stem}"])
