@@ -1,0 +1,242 @@
+"""``rlmem bench trace_patterning``: the CCN paper's comparison of recurrent learners on trace patterning.
+
+Every method learns online by TD(λ) (``agents.td``: λ = 0.99, γ = 0.9, the normalised step with bias
+correction, one stream per run as in the paper) on ``trace_patterning`` (12 inputs, ISI 24..36, ITI
+80..120, 5 distractors), from the raw observation (identity encoder) through its memory core into a
+linear readout. The metric is the paper's: the squared error of the prediction against the true
+return, mean over the last ``--window`` steps of each run; the table reports its mean and standard
+error over seeds, and the plot shows learning curves (mean ± s.e. over seeds) and the final errors.
+
+Methods (sizes as in the paper where it gives them; per-step compute roughly matched, see the
+``MACs/step`` column):
+
+* ``ccn``: 20 columns in stages of 4, a new stage every ``steps / 5`` (the paper's "20:4:10M" of 50M);
+* ``columnar``: 7 independent columns ("7:7");
+* ``constructive``: 10 columns, one per stage, a new one every ``steps / 10`` ("10:1:5M");
+* ``lstm_tbptt15`` / ``lstm_tbptt40``: an LSTM of 4 / 2 units whose gradient is truncated after 15 /
+  40 steps, i.e. below / above the longest ISI of 36 (the paper's truncated-BPTT baseline);
+* ``elstm`` / ``lru``: 16-unit element-wise LSTM / linear recurrent unit with exact RTRL.
+
+``MACs/step`` is an estimate of the multiply-adds one learning step costs: for RTRL cores, the core's
+weights used per step (forward) plus 4 per sensitivity entry (carry by the Jacobian, injection and
+gradient); for truncated BPTT, 3 × (window length) × the core's weights (forward and backward over the
+window every step). Wall-clock time is also reported, but at these sizes it measures Python overhead,
+not arithmetic.
+
+Runs are independent processes (``--workers``); each uses one CPU thread. Example::
+
+    rlmem bench trace_patterning --steps 300000 --seeds 5 --workers 2 --out runs/bench/trace_patterning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlmem.errors import ConfigError
+
+GAMMA = 0.9
+LAM = 0.99
+
+
+@dataclass(frozen=True)
+class Method:
+    """One learner of the comparison: its core spec (stage lengths as fractions of the run), BPTT window
+    and step size."""
+
+    memory: dict[str, Any]
+    lr: float
+    unroll_length: int = 1
+    stages_per_run: int = 0  # ccn: the run is split into this many stage lengths (0: one stage)
+    label: str = ""
+
+
+METHODS: dict[str, Method] = {
+    "ccn": Method({"name": "ccn", "grad": "rtrl", "hidden_size": 20, "columns_per_stage": 4}, lr=0.01,
+                  stages_per_run=5, label="CCN 20:4 (RTRL)"),
+    "columnar": Method({"name": "ccn", "grad": "rtrl", "hidden_size": 7, "columns_per_stage": 7}, lr=0.01,
+                       label="Columnar 7 (RTRL)"),
+    "constructive": Method({"name": "ccn", "grad": "rtrl", "hidden_size": 10, "columns_per_stage": 1}, lr=0.01,
+                           stages_per_run=10, label="Constructive 10:1 (RTRL)"),
+    "lstm_tbptt15": Method({"name": "lstm", "grad": "bptt", "hidden_size": 4}, lr=0.001, unroll_length=15,
+                           label="LSTM 4, T-BPTT 15"),
+    "lstm_tbptt40": Method({"name": "lstm", "grad": "bptt", "hidden_size": 2}, lr=0.001, unroll_length=40,
+                           label="LSTM 2, T-BPTT 40"),
+    "elstm": Method({"name": "elstm", "grad": "rtrl", "hidden_size": 16}, lr=0.003, label="eLSTM 16 (RTRL)"),
+    "lru": Method({"name": "lru", "grad": "rtrl", "hidden_size": 16}, lr=0.003, label="LRU 16 (RTRL)"),
+}
+
+
+def memory_spec(method: Method, steps: int) -> dict[str, Any]:
+    spec = dict(method.memory)
+    if spec["name"] == "ccn":
+        spec["steps_per_stage"] = max(1, steps // method.stages_per_run) if method.stages_per_run else steps + 1
+    return spec
+
+
+def multiply_adds(core: Any, state: dict[str, Any], unroll_length: int) -> int:
+    """The ``MACs/step`` estimate of the module docstring, for a core as it is at the end of a run."""
+    if core.name == "ccn":
+        started = core.learning_stage + 1
+        weights = sum(p.numel() for stage in list(core.stages)[:started] for p in stage.parameters())
+    else:
+        weights = sum(p.numel() for p in core.parameters())
+    if core.grad == "bptt":
+        return 3 * unroll_length * weights
+    sensitivities = sum(v[0].numel() for k, v in state.items() if k.startswith("sensitivity_"))
+    return weights + 4 * sensitivities
+
+
+def run_one(name: str, method: Method, seed: int, steps: int, log_every: int) -> dict[str, Any]:
+    """One online TD(λ) run; returns its learning curve (mean squared return error per ``log_every`` steps)."""
+    import torch
+
+    import agents  # noqa: F401  (registers the learners)
+    from agents.base import ModelOptions
+    from agents.td import TDLearner, TDOptions
+    from envs import make_env
+
+    torch.set_num_threads(1)
+    env = make_env({"name": "trace_patterning", "num_envs": 1, "gamma": GAMMA}, seed=seed)
+    options = TDOptions(lr=method.lr, lam=LAM, unroll_length=method.unroll_length, steps_per_iteration=log_every)
+    learner = TDLearner(options, env, memory_spec(method, steps), ModelOptions(encoder="identity"),
+                        torch.device("cpu"), seed, total_steps=steps)
+    curve = []
+    started = time.perf_counter()
+    for _ in range(steps // log_every):
+        curve.append(learner.iteration().metrics["charts/prediction_error"])
+    seconds = time.perf_counter() - started
+    core = learner.network.core
+    return {
+        "method": name,
+        "seed": seed,
+        "curve": curve,
+        "ms_per_step": 1e3 * seconds / (len(curve) * log_every),
+        "macs_per_step": multiply_adds(core, learner.state_after, method.unroll_length),
+        "params": sum(p.numel() for p in learner.network.parameters()),
+    }
+
+
+def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: int, window: int) -> list[dict]:
+    last = max(1, window // log_every)
+    rows = []
+    for name in methods:
+        runs = [r for r in results if r["method"] == name]
+        finals = [sum(r["curve"][-last:]) / len(r["curve"][-last:]) for r in runs]
+        mean = sum(finals) / len(finals)
+        stderr = math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1) / len(finals)) if len(finals) > 1 \
+            else float("nan")
+        rows.append({
+            "method": name,
+            "label": METHODS[name].label,
+            "final_error": mean,
+            "stderr": stderr,
+            "per_seed": finals,
+            "macs_per_step": max(r["macs_per_step"] for r in runs),
+            "ms_per_step": sum(r["ms_per_step"] for r in runs) / len(runs),
+        })
+    return rows
+
+
+def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (curves, finals) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    for i, row in enumerate(rows):
+        runs = np.array([r["curve"] for r in results if r["method"] == row["method"]])
+        steps = log_every * np.arange(1, runs.shape[1] + 1)
+        mean = runs.mean(0)
+        stderr = runs.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
+        color = f"C{i}"
+        curves.plot(steps, mean, color=color, label=row["label"])
+        curves.fill_between(steps, mean - stderr, mean + stderr, color=color, alpha=0.2, linewidth=0)
+        finals.errorbar([i], [row["final_error"]], yerr=[row["stderr"]], fmt="o", color=color, capsize=4)
+        finals.scatter([i] * len(row["per_seed"]), row["per_seed"], color=color, s=10, alpha=0.5)
+    curves.set_yscale("log")
+    curves.set_xlabel("env steps")
+    curves.set_ylabel(f"squared return error (mean over {log_every} steps)")
+    curves.legend(fontsize=8)
+    curves.set_title(title)
+    finals.set_xticks(range(len(rows)), [row["method"] for row in rows], rotation=30, ha="right")
+    finals.set_ylabel("final error (mean ± s.e. over seeds)")
+    finals.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlmem bench trace_patterning", description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    parser.add_argument("--steps", type=int, default=300_000, help="env steps per run")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per method (0..seeds-1)")
+    parser.add_argument("--window", type=int, default=50_000, help="final error: mean over this many last steps")
+    parser.add_argument("--log-every", type=int, default=5_000, help="steps per point of the learning curve")
+    parser.add_argument("--workers", type=int, default=1, help="parallel runs (processes, one thread each)")
+    parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a step size")
+    parser.add_argument("--out", default="runs/bench/trace_patterning", help="directory for results.json and plot")
+    return parser
+
+
+def run(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        what = repr(unknown[0]) if unknown else "(none)"
+        raise ConfigError(f"--methods: unknown method {what}; valid choices: {', '.join(METHODS)}")
+    for key in ("steps", "seeds", "window", "log_every", "workers"):
+        if getattr(args, key) <= 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.steps < args.log_every:
+        raise ConfigError(f"--steps={args.steps} must be at least --log-every={args.log_every}")
+    chosen = dict(METHODS)
+    for item in args.lr:
+        name, _, value = item.partition("=")
+        if name not in METHODS:
+            raise ConfigError(f"--lr {item!r}: unknown method {name!r}; valid choices: {', '.join(METHODS)}")
+        try:
+            chosen[name] = Method(**{**chosen[name].__dict__, "lr": float(value)})
+        except ValueError:
+            raise ConfigError(f"--lr {item!r}: expected METHOD=<number>") from None
+
+    jobs = [(name, chosen[name], seed, args.steps, args.log_every) for seed in range(args.seeds) for name in methods]
+    print(f"trace patterning: {len(methods)} methods x {args.seeds} seeds x {args.steps:,} steps, "
+          f"{args.workers} worker(s)", flush=True)
+    results = []
+    if args.workers == 1:
+        for job in jobs:
+            results.append(run_one(*job))
+            print(f"  done {job[0]} seed {job[2]}", flush=True)
+    else:
+        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+            for job, result in zip(jobs, pool.map(run_one, *zip(*jobs))):
+                results.append(result)
+                print(f"  done {job[0]} seed {job[2]}", flush=True)
+
+    rows = summarise(results, methods, args.log_every, args.window)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"steps": args.steps, "seeds": args.seeds, "window": args.window, "log_every": args.log_every,
+                "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}
+    (out / "results.json").write_text(json.dumps({"settings": settings, "summary": rows, "runs": results}, indent=1))
+    title = f"trace patterning, {args.steps:,} steps, {args.seeds} seeds"
+    plot(results, rows, args.log_every, out / "trace_patterning.png", title)
+
+    print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps ({args.seeds} seeds):")
+    print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'MACs/step':>10s} {'ms/step':>8s}  lr")
+    for row in sorted(rows, key=lambda r: r["final_error"]):
+        print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['macs_per_step']:10,d} "
+              f"{row['ms_per_step']:8.2f}  {chosen[row['method']].lr:g}")
+    print(f"\nwrote {out / 'results.json'} and {out / 'trace_patterning.png'}")
