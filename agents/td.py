@@ -9,7 +9,9 @@ The network is encoder → memory core → linear readout V (the readout starts 
     θ_{t+1} = θ_t + α u_t / (√n + ε),   u_t = mean_b δ_t z_t,   n ← β₂ n + (1 − β₂) u_t²          (1)
     z_{t+1} = γ λ (1 − done_t) z_t + g_{t+1}
 
-with one trace z per env (the envs are independent streams that share θ). (1) is the columnar-
+with one trace z per env (the envs are independent streams that share θ). Parameters that V_{t+1}
+does not depend on (a ``ccn`` stage that froze or has not started) are left out of (1) and their traces
+emptied, so a frozen stage never moves again. (1) is the columnar-
 constructive networks paper's normalised step (RMSProp's normalisation applied to the update δ·z,
 β₂ = 0.9999; n starts at 1 as in its code, or at 0 with Adam's bias correction n / (1 − β₂^k) after k
 updates, ``bias_correction: true``, which normalises from the first step rather than after ~1/(1 − β₂)

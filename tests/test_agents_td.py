@@ -8,12 +8,15 @@ import copy
 import re
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
 from agents.base import ModelOptions
 from agents.td import PredictionNetwork, TDLearner, TDOptions
 from envs import make_env
+from envs.base import VecEnv
 from rlmem import config as cfg
 from rlmem.checkpoint import load_checkpoint
 from rlmem.errors import ConfigError
@@ -117,6 +120,64 @@ def test_frozen_ccn_stages_never_move_under_td():
     assert seen_learning and snapshot is not None
     for key, value in core.stages[0].state_dict().items():
         assert torch.equal(value, snapshot[key]), key
+
+
+class EndingStream(VecEnv):
+    """Two streams of 3-step episodes without actions: env 0 is truncated, env 1 terminates. Obs
+    [step / 10, 1]; the last observation of an episode, [3 / 10, 1], is only in ``final_obs``."""
+
+    num_envs = 2
+    single_observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+    single_action_space = None
+    device = torch.device("cpu")
+    gamma = 0.9
+
+    def _obs(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t.float() / 10, torch.ones(2)], dim=1)
+
+    def reset(self, seed=None):
+        self.t = torch.zeros(2, dtype=torch.long)
+        return self._obs(self.t)
+
+    def step(self, actions):
+        self.t = self.t + 1
+        ended = self.t == 3
+        final_obs = self._obs(self.t)
+        self.t = torch.where(ended, 0, self.t)
+        info = {"final_obs": final_obs, "episode": {"done": ended, "return": 3.0 * ended, "length": 3 * ended}}
+        return self._obs(self.t), torch.ones(2), ended & torch.tensor([False, True]), ended & torch.tensor(
+            [True, False]), info
+
+
+def test_td_errors_bootstrap_truncations_and_not_terminations():
+    env = EndingStream()
+    learner = TDLearner(TDOptions(lr=1e-30), env, {"name": "none", "hidden_size": 3}, ModelOptions(encoder="mlp",
+                        encoder_size=4), torch.device("cpu"), 0, 100)
+    with torch.no_grad():
+        learner.network.value.weight.normal_()
+    learner.value = learner._value_and_gradients()[0]  # V(obs_0) under the new readout
+
+    def V(obs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return learner.network(obs.unsqueeze(0), {}, torch.zeros(1, 2, dtype=torch.bool))[0][0]
+
+    for t in range(1, 7):
+        previous = learner.value
+        sums = {"losses/td_error": torch.zeros(()), "charts/value": torch.zeros(())}
+        episodes: list[float] = []
+        learner._step(sums, episodes, [])
+        position = torch.full((2,), t % 3)
+        if t % 3 == 0:  # env 0 truncated: bootstrap from the final observation; env 1 terminated: no bootstrap
+            final = V(env._obs(torch.full((2,), 3)))
+            expected = 1 + torch.stack([0.9 * final[0], torch.zeros(())]) - previous
+            assert episodes == [3.0, 3.0]
+        else:
+            expected = 1 + 0.9 * V(env._obs(position)) - previous
+        torch.testing.assert_close(sums["losses/td_error"], expected.pow(2).mean())
+    # traces restart with each episode: at the first step of the new one, z is that step's gradient alone
+    values, _ = learner.network(env._obs(torch.zeros(2, dtype=torch.long)).unsqueeze(0), {},
+                                torch.ones(1, 2, dtype=torch.bool))
+    torch.testing.assert_close(learner.traces, per_env_gradients(values[0], list(learner.network.parameters())))
 
 
 def run_config(tmp_path: Path, name: str, total: int, resume: bool = False) -> Path:

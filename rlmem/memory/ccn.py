@@ -50,8 +50,9 @@ top of them), and 0 for the columns of later stages.
 **Gradients.** ``grad: rtrl`` runs the learning stage's window through ``rlmem.rtrl.rtrl_window``
 (sensitivities for the learning stage only: 2·S·(4·m_s + 8) reals per env); frozen stages are fixed
 functions of the window's inputs, run with ordinary autograd so that the core's inputs still get
-their gradient through them. ``grad: bptt`` runs everything with autograd (truncated BPTT within the
-window; the test oracle of the RTRL mode).
+their gradient through them (through the whole window, whatever ``encoder_grad`` says; it applies to
+the learning stage). ``grad: bptt`` runs everything with autograd (truncated BPTT within the window;
+the test oracle of the RTRL mode).
 
 State: ``{"hc": [B, N, 2]}`` ((h, c) per column), plus, in ``rtrl`` mode, ``sensitivity_<parameter>``
 for the 12 parameters of the learning stage: ``[B, S, 2, m]`` for ``w_q`` and ``[B, S, 2]`` for ``r_q``
