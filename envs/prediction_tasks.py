@@ -67,6 +67,7 @@ MAX_QUEUED_TRIALS = 4096
 class TraceConditioningOptions(EnvOptions):
     """Timing and inputs of the trace-conditioning task (see the module docstring)."""
 
+    num_envs: int = 1  # independent streams
     isi_min: int = 24
     isi_max: int = 36
     iti_min: int = 80

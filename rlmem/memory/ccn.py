@@ -82,6 +82,7 @@ SENSITIVITY = "sensitivity_"
 class CCNOptions(CoreOptions):
     """Options of the ``ccn`` core: ``hidden_size`` columns in stages (``grad``: ``rtrl`` or ``bptt``)."""
 
+    hidden_size: int = 20  # N: columns in all
     grad: str = "rtrl"
     columns_per_stage: int = 4  # S; = hidden_size: columnar, 1: constructive
     steps_per_stage: int = 1_000_000  # env steps each stage learns before the next one starts
