@@ -139,10 +139,12 @@ def _options_of(core: CfCCore) -> dict:
                 backbone_activation=o.backbone_activation, rank=o.rank, sparsity=o.sparsity, mask_seed=o.mask_seed)
 
 
-@pytest.mark.parametrize("encoder_grad", ["window", "same_step"])
-def test_input_gradients_follow_encoder_grad(encoder_grad):
+@pytest.mark.parametrize(("grad", "encoder_grad"), [("rtrl", "window"), ("rtrl", "same_step"), ("snap1", "same_step")])
+def test_input_gradients_follow_encoder_grad(grad, encoder_grad):
+    """rtrl's window gradient is BPTT's within the window; same_step is exact in every mode (snap1's
+    window gradient uses its diagonal adjoint, checked against the SnAp-1 oracle below)."""
     options = dict(backbone_layers=1, backbone_units=4, rank=2, sparsity=0.25, encoder_grad=encoder_grad)
-    core = _perturbed(make_core(_spec("rtrl", **options), input_size=D), seed=5)
+    core = _perturbed(make_core(_spec(grad, **options), input_size=D), seed=5)
     reference = make_core(_spec("bptt", **options), input_size=D).double()
     reference.load_state_dict(core.state_dict())
     x, reset, weights, _ = _sequence(seed=6)
