@@ -21,6 +21,7 @@ BENCHES = {
     "ffm": ("rlmem.bench.ffm", "FFM associative-scan window vs fused GRU, forward+backward"),
     "cfc": ("rlmem.bench.cfc", "CfC per-step time and memory: rtrl vs snap1 vs bptt"),
     "kernels": ("rlmem.bench.kernels", "CUDA sensitivity kernels vs the eager PyTorch reference"),
+    "trace_patterning": ("rlmem.bench.trace_patterning", "CCN paper's prediction benchmark: CCN vs BPTT vs RTRL cores"),
 }
 
 
