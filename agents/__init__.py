@@ -1,3 +1,7 @@
-"""Learners (one module per algorithm) built from shared actor-critic pieces."""
+"""Learners (one module per algorithm) built from shared actor-critic pieces. Importing registers them."""
 
 import agents.td  # noqa: F401  (registers td)
+from agents import actor_critic  # noqa: F401  (registers actor_critic)
+from agents.base import LEARNERS, IterationResult, ModelOptions, register_learner
+
+__all__ = ["LEARNERS", "IterationResult", "ModelOptions", "register_learner"]

@@ -1,0 +1,226 @@
+"""Synchronous actor-critic with recurrent memory (the A2C / IMPALA family; GAE(λ) or V-trace targets).
+
+One iteration:
+
+1. Collect ``unroll_length`` (T) steps on all B envs. Acting runs encoder -> core -> heads one step at
+   a time under ``torch.no_grad()``; the rollout keeps the memory state at the window start.
+2. Replay the whole window [T, B] with gradients from that start state (with the per-step reset
+   flags). How the core's gradient is computed is the core's business (``memory.grad``: truncated
+   BPTT within the window, or exact RTRL through every earlier window), so this file is the same for
+   every core. The state this replay returns is carried into the next window: in rtrl mode this is
+   where the sensitivities advance; in bptt mode it equals the acting state.
+3. Targets (GAE(λ) or V-trace, truncations bootstrapped from ``final_obs``), the usual loss
+   ``policy − entropy_coef·entropy + value_coef·value``, gradient-norm clipping, one optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from agents.base import IterationResult, ModelOptions, register_learner
+from agents.networks import ActorCritic, check_action_space
+from agents.returns import bootstrap_truncation, explained_variance, gae, vtrace
+from agents.rollout import Rollout, RolloutCollector
+from envs.base import VecEnv
+from rlmem.errors import ConfigError
+from rlmem.memory import State
+
+TARGETS = ("gae", "vtrace")
+OPTIMIZERS = ("adam", "rmsprop")
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                  integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"agent.{name} must be {what} {bound}, got {value!r}")
+
+
+@dataclass
+class ActorCriticOptions:
+    """Options of the ``actor_critic`` learner (defaults solve the built-in cue-recall task with a GRU)."""
+
+    unroll_length: int = 32  # T: steps per env per update (the window the core replays)
+    gamma: float = 0.99
+    gae_lambda: float = 0.9
+    target: str = "gae"  # gae | vtrace
+    vtrace_rho_clip: float = 1.0  # ρ̄
+    vtrace_c_clip: float = 1.0  # c̄
+    optimizer: str = "adam"  # adam | rmsprop
+    lr: float = 3e-3
+    adam_eps: float = 1e-5
+    rmsprop_eps: float = 0.01  # R2AC / IMPALA use a large epsilon
+    rmsprop_alpha: float = 0.99
+    max_grad_norm: float = 0.5  # 0 turns clipping off (the norm is still logged)
+    entropy_coef: float = 0.01
+    value_coef: float = 0.5
+    reward_clip: float = 0.0  # clip rewards to [-c, c] for learning and the core's input; 0 = off
+    normalize_advantages: bool = True
+    anneal_lr: bool = True  # linearly to 0 over train.total_steps
+
+    def __post_init__(self) -> None:
+        _check_number("unroll_length", self.unroll_length, 0, low_open=True, integer=True)
+        _check_number("gamma", self.gamma, 0.0, 1.0)
+        _check_number("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        if self.target not in TARGETS:
+            raise ConfigError(f"agent.target must be one of {', '.join(TARGETS)}; got {self.target!r}")
+        _check_number("vtrace_rho_clip", self.vtrace_rho_clip, 0.0, low_open=True)
+        _check_number("vtrace_c_clip", self.vtrace_c_clip, 0.0, low_open=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"agent.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        _check_number("lr", self.lr, 0.0, low_open=True)
+        _check_number("adam_eps", self.adam_eps, 0.0, low_open=True)
+        _check_number("rmsprop_eps", self.rmsprop_eps, 0.0, low_open=True)
+        _check_number("rmsprop_alpha", self.rmsprop_alpha, 0.0, 1.0, low_open=True)
+        _check_number("max_grad_norm", self.max_grad_norm, 0.0)
+        _check_number("entropy_coef", self.entropy_coef, 0.0)
+        _check_number("value_coef", self.value_coef, 0.0)
+        _check_number("reward_clip", self.reward_clip, 0.0)
+        for name in ("normalize_advantages", "anneal_lr"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"agent.{name} must be true or false, got {getattr(self, name)!r}")
+
+
+class ActorCriticLoss(NamedTuple):
+    total: Tensor  # policy_loss - entropy_coef * entropy + value_coef * value_loss
+    policy_loss: Tensor
+    value_loss: Tensor
+    entropy: Tensor
+    values: Tensor  # [T, B] the replay's values (detached)
+    targets: Tensor  # [T, B] the value targets
+    state: State  # the state the replay carried out of the window
+
+
+@register_learner("actor_critic", ActorCriticOptions)
+class ActorCriticLearner:
+    """Synchronous actor-critic (A2C/IMPALA family) with GAE(λ) or V-trace targets, for any memory core."""
+
+    def __init__(self, options: ActorCriticOptions, env: VecEnv, memory: Mapping[str, Any], model: ModelOptions,
+                 device: torch.device | str, seed: int, total_steps: int) -> None:
+        check_action_space(env.single_action_space, "actor_critic")
+        self.options = options
+        self.env = env
+        self.device = torch.device(device)
+        self.num_envs = env.num_envs
+        self.steps_per_iteration = options.unroll_length * env.num_envs
+        self.num_updates = max(1, int(total_steps) // self.steps_per_iteration)
+
+        # Seed the initial weights without touching the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.network = ActorCritic(env.single_observation_space, env.single_action_space, memory, model,
+                                       reward_clip=options.reward_clip).to(self.device)
+        if options.optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                self.network.parameters(), lr=options.lr, eps=options.adam_eps)
+        else:
+            self.optimizer = torch.optim.RMSprop(
+                self.network.parameters(), lr=options.lr, eps=options.rmsprop_eps, alpha=options.rmsprop_alpha)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.collector = RolloutCollector(self.network, env, self.device, self.generator, seed)
+        self.updates = 0
+
+    # ----------------------------------------------------------------------------------------------
+
+    def iteration(self) -> IterationResult:
+        """Collect ``unroll_length`` steps on every env, then one update on that window."""
+        opt = self.options
+        if opt.anneal_lr:
+            for group in self.optimizer.param_groups:
+                group["lr"] = opt.lr * max(0.0, 1.0 - self.updates / self.num_updates)
+        rollout, episodes = self.collector.collect(opt.unroll_length)
+        metrics, carried_state = self.update(rollout)
+        self.collector.memory_state = carried_state
+        if episodes.successes:
+            metrics["charts/success_rate"] = sum(episodes.successes) / len(episodes.successes)
+        metrics.update({f"memory/{k}": v for k, v in self.network.core.state_metrics(carried_state).items()})
+        return IterationResult(self.steps_per_iteration, metrics, episodes.returns, episodes.lengths)
+
+    def loss(self, rollout: Rollout) -> ActorCriticLoss:
+        """Replay ``rollout`` with gradients from its start state; targets and the actor-critic loss."""
+        opt, net = self.options, self.network
+        out = net(rollout.obs, rollout.start_state, rollout.reset, rollout.prev_actions, rollout.prev_rewards)
+        log_probs = out.dist.log_prob(rollout.actions)
+        entropy = out.dist.entropy().mean()
+        values = out.value
+
+        with torch.no_grad():
+            rewards = rollout.rewards
+            if opt.reward_clip > 0:
+                rewards = rewards.clamp(-opt.reward_clip, opt.reward_clip)
+            rewards = bootstrap_truncation(rewards, rollout.truncated, rollout.final_values, opt.gamma)
+            if opt.target == "gae":
+                advantages, targets = gae(rewards, values.detach(), rollout.bootstrap_value, rollout.done,
+                                          opt.gamma, opt.gae_lambda)
+            else:
+                targets, advantages = vtrace(rewards, values.detach(), rollout.bootstrap_value, rollout.done,
+                                             log_probs.detach() - rollout.log_probs, opt.gamma,
+                                             opt.vtrace_rho_clip, opt.vtrace_c_clip)
+            if opt.normalize_advantages and advantages.numel() > 1:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        policy_loss = -(advantages * log_probs).mean()
+        value_loss = 0.5 * (values - targets).pow(2).mean()
+        total = policy_loss - opt.entropy_coef * entropy + opt.value_coef * value_loss
+        return ActorCriticLoss(total, policy_loss, value_loss, entropy, values.detach(), targets, out.state)
+
+    def update(self, rollout: Rollout) -> tuple[dict[str, float], State]:
+        """One optimizer step on ``rollout``. Returns the metrics and the state the replay carried out
+        of the window (what the next window starts from)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        terms = self.loss(rollout)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        max_norm = self.options.max_grad_norm if self.options.max_grad_norm > 0 else math.inf
+        grad_norm = nn.utils.clip_grad_norm_(self.network.parameters(), max_norm)
+        self.optimizer.step()
+        self.updates += 1
+
+        # How far the update moved the policy on this window (CleanRL's estimator of KL(old || new)).
+        # It costs one forward pass without gradients.
+        with torch.no_grad():
+            new = self.network(rollout.obs, rollout.start_state, rollout.reset, rollout.prev_actions,
+                               rollout.prev_rewards)
+            log_ratio = new.dist.log_prob(rollout.actions) - rollout.log_probs
+            approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
+
+        metrics = {
+            "losses/value_loss": float(terms.value_loss.detach()),
+            "losses/policy_loss": float(terms.policy_loss.detach()),
+            "losses/entropy": float(terms.entropy.detach()),
+            "losses/approx_kl": float(approx_kl),
+            "losses/explained_variance": explained_variance(terms.values, terms.targets),
+            "losses/grad_norm": float(grad_norm),
+            "charts/learning_rate": float(lr),
+        }
+        return metrics, terms.state
+
+    # ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "collector": self.collector.state_dict(),
+            "generator": self.generator.get_state(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.collector.load_state_dict(state["collector"])
+        self.generator.set_state(state["generator"].cpu())
+        self.updates = int(state["updates"])
