@@ -292,6 +292,10 @@ class ActorCriticOutput(NamedTuple):
     state: State  # the core's state after the window (detached)
 
 
+def _time_axis(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.unsqueeze(0)
+
+
 def check_action_space(space: gym.Space | None, learner: str) -> None:
     if space is None:
         raise ConfigError(
@@ -367,10 +371,10 @@ class ActorCritic(nn.Module):
             if prev_action is None:
                 raise ValueError("model.prev_action is on: pass prev_action")
             if self.discrete:
-                onehot = F.one_hot(prev_action.long(), self.action_input_size).to(features.dtype)
-            else:
-                onehot = prev_action.to(features.dtype)
-            parts.append(onehot * keep)
+                action = F.one_hot(prev_action.long(), self.action_input_size).to(features.dtype)
+            else:  # the action the env received
+                action = self.env_action(prev_action).to(features.dtype)
+            parts.append(action * keep)
         if self.model_options.prev_reward:
             if prev_reward is None:
                 raise ValueError("model.prev_reward is on: pass prev_reward")
@@ -389,7 +393,8 @@ class ActorCritic(nn.Module):
         prev_reward: Tensor | None = None,
     ) -> ActorCriticOutput:
         """Run a window. ``obs`` [T, B, *obs_shape], ``reset`` [T, B] bool (zero the state before step t),
-        ``prev_action`` [T, B, *act_shape] (indices when discrete), ``prev_reward`` [T, B] (raw)."""
+        ``prev_action`` [T, B, *act_shape] (indices when discrete; a Box action is clipped to its bounds),
+        ``prev_reward`` [T, B] (raw; clipped here when ``reward_clip`` > 0)."""
         x = self.core_inputs(obs, reset, prev_action, prev_reward)
         y, state = self.core(x, state, reset)
         return ActorCriticOutput(self.policy(y), self.value(y).squeeze(-1), state)
@@ -403,8 +408,7 @@ class ActorCritic(nn.Module):
         prev_reward: Tensor | None = None,
     ) -> ActorCriticOutput:
         """One step for all envs: ``obs`` [B, *obs_shape], ``reset`` [B]; outputs keep a leading T = 1."""
-        unsqueeze = (lambda t: None if t is None else t.unsqueeze(0))  # noqa: E731
-        return self(obs.unsqueeze(0), state, reset.unsqueeze(0), unsqueeze(prev_action), unsqueeze(prev_reward))
+        return self(obs.unsqueeze(0), state, reset.unsqueeze(0), _time_axis(prev_action), _time_axis(prev_reward))
 
     def env_action(self, action: Tensor) -> Tensor:
         """The action the env receives: shifted by ``Discrete.start``, or clipped to the ``Box`` bounds."""

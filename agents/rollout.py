@@ -14,7 +14,7 @@ those envs' state before step t; the previous action and reward are zeroed there
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from agents.networks import ActorCritic
 from envs.base import VecEnv
-from rlmem.memory import State, clone_state
+from rlmem.memory import State, clone_state, select_state
 
 
 @dataclass
@@ -46,6 +46,14 @@ class Rollout:
     @property
     def done(self) -> Tensor:
         return self.terminated | self.truncated
+
+    def select_envs(self, index: Tensor | slice) -> Rollout:
+        """The window of a subset of envs (e.g. a recurrent-PPO minibatch): whole sequences stay whole."""
+        return Rollout(
+            *(getattr(self, f.name)[:, index] for f in fields(self)[:-2]),
+            bootstrap_value=self.bootstrap_value[index],
+            start_state=select_state(self.start_state, index),
+        )
 
     @property
     def num_steps(self) -> int:
@@ -83,9 +91,9 @@ class RolloutCollector:
         self.reset = torch.ones(B, dtype=torch.bool, device=device)
         self.prev_action = torch.zeros(B, *network.action_shape, dtype=network.action_dtype(), device=device)
         self.prev_reward = torch.zeros(B, device=device)
-        # Fallback episode statistics for envs that do not report ``info["episode"]``.
-        self.episode_return = torch.zeros(B, dtype=torch.float64, device=device)
-        self.episode_length = torch.zeros(B, dtype=torch.long, device=device)
+        # Fallback episode statistics (on the env's device) for envs that do not report ``info["episode"]``.
+        self.episode_return = torch.zeros(B, dtype=torch.float64, device=env.device)
+        self.episode_length = torch.zeros(B, dtype=torch.long, device=env.device)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -103,10 +111,12 @@ class RolloutCollector:
         truncated = torch.empty(T, B, dtype=torch.bool, device=device)
         reset = torch.empty(T, B, dtype=torch.bool, device=device)
         final_values = torch.zeros(T, B, device=device)
-        ep_done = torch.zeros(T, B, dtype=torch.bool, device=device)
-        ep_return = torch.zeros(T, B, dtype=torch.float64, device=device)
-        ep_length = torch.zeros(T, B, dtype=torch.long, device=device)
-        success = torch.zeros(T, B, device=device)
+        # Episode statistics stay on the env's device: they cross to the host once per window.
+        env_device = self.env.device
+        ep_done = torch.zeros(T, B, dtype=torch.bool, device=env_device)
+        ep_return = torch.zeros(T, B, dtype=torch.float64, device=env_device)
+        ep_length = torch.zeros(T, B, dtype=torch.long, device=env_device)
+        success = torch.zeros(T, B, device=env_device)
         reports_success = False
 
         start_state = clone_state(self.memory_state)
@@ -120,9 +130,11 @@ class RolloutCollector:
             actions[t], log_probs[t], values[t] = action, out.dist.log_prob(sample)[0], out.value[0]
             state = out.state
 
-            next_obs, reward, term, trunc, info = self.env.step(net.env_action(action).to(self.env.device))
-            next_obs, reward = next_obs.to(device), reward.to(device=device, dtype=torch.float32)
-            term, trunc = term.to(device), trunc.to(device)
+            next_obs, env_reward, env_term, env_trunc, info = self.env.step(net.env_action(action).to(env_device))
+            self._record_episodes(t, env_reward, env_term | env_trunc, info, ep_done, ep_return, ep_length, success)
+            reports_success = reports_success or "success" in info
+            next_obs, reward = next_obs.to(device), env_reward.to(device=device, dtype=torch.float32)
+            term, trunc = env_term.to(device), env_trunc.to(device)
             rewards[t], terminated[t], truncated[t] = reward, term, trunc
             # Only a truncated episode bootstraps (an env may set both flags; termination wins).
             bootstrap_final = trunc & ~term
@@ -132,11 +144,7 @@ class RolloutCollector:
                 final = net.step(final_obs, state, torch.zeros_like(trunc), action, reward)
                 final_values[t] = torch.where(bootstrap_final, final.value[0], 0.0)
 
-            done = term | trunc
-            self._record_episodes(t, done, reward, info, ep_done, ep_return, ep_length, success)
-            if "success" in info:
-                reports_success = True
-            self.obs, self.reset = next_obs, done
+            self.obs, self.reset = next_obs, term | trunc
             self.prev_action, self.prev_reward = action, reward
         self.memory_state = state
 
@@ -147,13 +155,14 @@ class RolloutCollector:
                           prev_actions, prev_rewards, final_values, bootstrap, start_state)
         return rollout, self._episode_stats(ep_done, ep_return, ep_length, success, reports_success)
 
-    def _record_episodes(self, t: int, done: Tensor, reward: Tensor, info: dict[str, Any], ep_done: Tensor,
+    def _record_episodes(self, t: int, reward: Tensor, done: Tensor, info: dict[str, Any], ep_done: Tensor,
                          ep_return: Tensor, ep_length: Tensor, success: Tensor) -> None:
+        """Write step t's finished episodes (all on the env's device) into the window's buffers."""
         episode = info.get("episode")
         if episode is not None:
-            ep_done[t] = torch.as_tensor(episode["done"], device=self.device)
-            ep_return[t] = torch.as_tensor(episode["return"], device=self.device, dtype=torch.float64)
-            ep_length[t] = torch.as_tensor(episode["length"], device=self.device)
+            ep_done[t] = torch.as_tensor(episode["done"])
+            ep_return[t] = torch.as_tensor(episode["return"], dtype=torch.float64)
+            ep_length[t] = torch.as_tensor(episode["length"])
         else:
             self.episode_return += reward
             self.episode_length += 1
@@ -161,7 +170,7 @@ class RolloutCollector:
             self.episode_return.masked_fill_(done, 0.0)
             self.episode_length.masked_fill_(done, 0)
         if "success" in info:
-            success[t] = torch.as_tensor(info["success"], device=self.device).float()
+            success[t] = torch.as_tensor(info["success"]).float()
 
     @staticmethod
     def _episode_stats(ep_done: Tensor, ep_return: Tensor, ep_length: Tensor, success: Tensor,
@@ -194,5 +203,5 @@ class RolloutCollector:
         self.reset = state["reset"].to(self.device)
         self.prev_action = state["prev_action"].to(self.device)
         self.prev_reward = state["prev_reward"].to(self.device)
-        self.episode_return = state["episode_return"].to(self.device)
-        self.episode_length = state["episode_length"].to(self.device)
+        self.episode_return = state["episode_return"].to(self.env.device)
+        self.episode_length = state["episode_length"].to(self.env.device)

@@ -313,6 +313,20 @@ def test_replay_from_stored_start_state_reproduces_acting(make_env, core):
         torch.testing.assert_close(value, learner.collector.memory_state[key], atol=1e-5, rtol=1e-5)
 
 
+def test_rollout_of_a_subset_of_envs_replays_like_the_whole():
+    # Recurrent PPO minibatches take whole sequences of some envs, from those envs' start states.
+    learner = make_learner(CueRecall(num_envs=6), model=ModelOptions(encoder_size=16, prev_action=True))
+    learner.iteration()
+    rollout = collect(learner)
+    envs = torch.tensor([4, 1])
+    subset = rollout.select_envs(envs)
+    assert subset.obs.shape == (8, 2, 6) and subset.bootstrap_value.shape == (2,)
+    assert torch.equal(subset.actions, rollout.actions[:, envs])
+    assert torch.equal(subset.start_state["h"], rollout.start_state["h"][envs])
+    out = learner.network(subset.obs, subset.start_state, subset.reset, subset.prev_actions, subset.prev_rewards)
+    torch.testing.assert_close(out.value, rollout.values[:, envs], atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # Memory resets at episode boundaries
 

@@ -140,6 +140,11 @@ def test_env_action_clips_box_and_shifts_discrete_start():
     net = ActorCritic(VECTOR, BOX, GRU, ModelOptions())
     torch.testing.assert_close(net.env_action(torch.tensor([[-5.0, 0.5], [0.0, 7.0]])),
                                torch.tensor([[-2.0, 0.5], [0.0, 1.0]]))
+    # The core sees the previous action as the env received it.
+    with_prev = ActorCritic(VECTOR, BOX, GRU, ModelOptions(encoder="identity", prev_action=True))
+    x = with_prev.core_inputs(torch.zeros(1, 1, 5), torch.zeros(1, 1, dtype=torch.bool),
+                              torch.tensor([[[-5.0, 0.5]]]), None)
+    torch.testing.assert_close(x[0, 0, 5:], torch.tensor([-2.0, 0.5]))
     shifted = ActorCritic(VECTOR, gym.spaces.Discrete(3, start=-1), GRU, ModelOptions())
     assert shifted.env_action(torch.tensor([0, 2])).tolist() == [-1, 1]
 
