@@ -20,6 +20,16 @@ from envs.base import VecEnv
 from rlmem.errors import ConfigError
 from rlmem.memory import CoreOptions, MemoryCore, register_core
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These networks are tiny: one intra-op thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fake environments (natively batched, same-step autoreset, exact state_dict)
 
@@ -589,3 +599,29 @@ def test_elstm_rtrl_sensitivities_advance_in_the_replay_and_not_while_acting():
     learner.iteration()
     for key in sensitivity_keys:
         assert not torch.equal(learner.collector.memory_state[key], carried[key]), key
+
+
+# --------------------------------------------------------------------------------------------------
+# The registered environments
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "cue_recall", "num_envs": 4},
+    {"name": "gym", "id": "CartPole-v1", "num_envs": 2},
+    {"name": "gym", "id": "Pendulum-v1", "num_envs": 2},
+], ids=["cue_recall", "cartpole", "pendulum"])
+def test_runs_on_registered_envs(spec):
+    from envs import make_env
+
+    env = make_env(spec)
+    learner = make_learner(env, model=ModelOptions(encoder_size=16, prev_action=True, prev_reward=True))
+    result = learner.iteration()
+    assert result.env_steps == 8 * env.num_envs and np.isfinite(result.metrics["losses/value_loss"])
+    env.close()
+
+
+def test_registered_prediction_env_is_refused():
+    from envs import make_env
+
+    with pytest.raises(ConfigError, match="prediction task"):
+        make_learner(make_env({"name": "trace_patterning", "num_envs": 2}))
