@@ -29,7 +29,8 @@ Where ∇_θ V comes from is the core's business:
   ∇V_t is truncated at K steps (the truncated-BPTT baseline, recomputed with the current θ).
 
 Per-env gradients for B > 1 come from one batched backward (``is_grads_batched``), whose cost grows
-with B²; the paper's setting is one stream (B = 1).
+with B² (a core whose backward cannot be batched falls back to one backward per env, with a warning);
+the paper's setting is one stream (B = 1).
 
 Metrics (mean over the iteration): ``losses/td_error`` = δ², ``charts/prediction_error`` =
 (V_{t+1} − G_{t+1})² where the env reports the true return ``info["true_return"]`` (= G_{t+1}, the
@@ -40,6 +41,7 @@ target of V(obs_{t+1})) and the learner's γ is the env's, ``charts/value`` = V,
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -173,6 +175,7 @@ class TDLearner:
         self.updates = 0
         self._no_gradient = [torch.zeros(B, n, device=self.device, dtype=dtype) for n in self.sizes]
         self._live_masks: dict[tuple[bool, ...], Tensor] = {}
+        self._batched_backward = True
 
         # The window the next forward runs: (state before step j, obs_j, reset_j) for the last K steps.
         obs = env.reset(seed=seed).to(self.device)
@@ -207,10 +210,23 @@ class TDLearner:
                 grads = torch.autograd.grad(value.sum(), self.params, allow_unused=True)
                 gradients = [None if g is None else g.unsqueeze(0) for g in grads]
             else:
-                eye = torch.eye(self.num_envs, device=self.device, dtype=value.dtype)
-                gradients = list(torch.autograd.grad(value, self.params, grad_outputs=eye, is_grads_batched=True,
-                                                     allow_unused=True))
+                gradients = self._per_env_gradients(value)
         return value.detach(), state, gradients
+
+    def _per_env_gradients(self, value: Tensor) -> list[Tensor | None]:
+        """∇_θ V_b for every env b from one batched backward; a core whose backward uses an operation
+        without a batching rule gets one backward per env instead (correct, B times slower)."""
+        if self._batched_backward:
+            eye = torch.eye(self.num_envs, device=self.device, dtype=value.dtype)
+            try:
+                return list(torch.autograd.grad(value, self.params, grad_outputs=eye, is_grads_batched=True,
+                                                allow_unused=True, retain_graph=True))
+            except RuntimeError as err:
+                self._batched_backward = False
+                warnings.warn(f"td: per-env gradients fall back to one backward per env ({err})", stacklevel=2)
+        rows = [torch.autograd.grad(value[b], self.params, allow_unused=True, retain_graph=b + 1 < self.num_envs)
+                for b in range(self.num_envs)]
+        return [None if column[0] is None else torch.stack(column) for column in zip(*rows)]
 
     def _live_mask(self, gradients: list[Tensor | None]) -> Tensor | None:
         """[P] 1 for the weights of parameters V depends on, 0 for the others (None when all are live)."""

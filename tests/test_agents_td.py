@@ -93,6 +93,24 @@ def test_traces_sum_the_cores_gradients(memory: dict, unroll: int | None):
     torch.testing.assert_close(learner.traces, expected, rtol=2e-4, atol=1e-6)
 
 
+def test_batched_per_env_gradients_equal_one_backward_per_env():
+    learner = make_learner({"name": "ccn", "hidden_size": 3, "columns_per_stage": 3, "init_scale": 0.5}, num_envs=3,
+                           steps_per_iteration=20)
+    with torch.no_grad():
+        learner.network.value.weight.normal_()  # so that the core's weights get gradients too
+    learner.iteration()  # a few steps, so that the envs' states and sensitivities differ
+    start, obs, reset = learner._window_tensors()
+    values, _ = learner.network(obs, start, reset)
+    batched = learner._per_env_gradients(values[-1])
+    learner._batched_backward = False  # the fallback for cores whose backward cannot be batched
+    for fast, slow in zip(batched, learner._per_env_gradients(values[-1])):
+        assert (fast is None) == (slow is None)
+        if fast is not None:
+            torch.testing.assert_close(fast, slow)
+    w_f = batched[[name for name, _ in learner.network.named_parameters()].index("core.stages.0.w_f")]
+    assert w_f.abs().sum() > 0 and not torch.allclose(w_f[0], w_f[1])
+
+
 def test_td_learns_trace_conditioning_with_memory():
     """Prediction error falls, and a memory core ends well below a core without memory. (Columns start
     from larger weights than the paper's U(±0.01) so that memory pays off within a few hundred steps.)"""
