@@ -287,9 +287,10 @@ class CCNCore(MemoryCore):
             normalised = stage.normaliser(raw, update=trains)
             params = stage.params(trainable=trains)
             if trains and self.grad == "rtrl":
-                expected = self._stage_sensitivities(s, B, hc.device, hc.dtype)
-                if any(carried.get(k) is None or carried[k].shape != v.shape for k, v in expected.items()):
-                    carried = expected  # the stage just began: its columns start at h = c = 0
+                carried_w = carried.get(SENSITIVITY + "w_i")
+                if carried_w is None or carried_w.shape != (B, stage.columns, 2, stage.inputs):
+                    # the stage just began: its columns start at h = c = 0, so their sensitivities are 0
+                    carried = self._stage_sensitivities(s, B, hc.device, hc.dtype)
                 sensitivities = {k[len(SENSITIVITY):]: v for k, v in carried.items()}
                 hc_seq, final = rtrl_window(self.cell, hc[:, columns], sensitivities, {"x": normalised}, params,
                                             reset, self.options.encoder_grad)
