@@ -125,7 +125,7 @@ def test_frozen_stages_never_change_and_idle_stages_wait():
     state = core.initial_state(B)
     g = torch.Generator().manual_seed(0)
     snapshots = {}
-    for step in range(30):
+    for _ in range(30):
         if core.steps_seen in (0, 20):
             snapshots[core.steps_seen] = copy.deepcopy(core.state_dict())
         x = torch.rand(1, B, 3, generator=g)
@@ -221,3 +221,48 @@ def test_user_errors_name_the_key_and_the_choices(options, fragment):
     with pytest.raises(ConfigError) as err:
         make_core({"name": "ccn", "hidden_size": 8, **options}, input_size=3)
     assert fragment in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# As the core of the actor-critic learner on a control task
+
+
+def actor_critic_learner(grad: str, steps_per_stage: int):
+    from agents.actor_critic import ActorCriticLearner, ActorCriticOptions
+    from agents.base import ModelOptions
+    from envs import make_env
+
+    env = make_env({"name": "cue_recall", "num_envs": 4, "num_cues": 2, "delay": 2}, seed=0)
+    memory = {"name": "ccn", "hidden_size": 4, "columns_per_stage": 2, "steps_per_stage": steps_per_stage,
+              "grad": grad, "init_scale": 0.5}
+    options = ActorCriticOptions(unroll_length=6, lr=1e-2, max_grad_norm=0.0, anneal_lr=False)
+    return ActorCriticLearner(options, env, memory, ModelOptions(encoder="identity"), torch.device("cpu"), 0, 10_000)
+
+
+def test_actor_critic_first_update_is_the_same_in_rtrl_and_bptt():
+    # The first window starts from zero state and zero sensitivities, so RTRL's gradient is BPTT's.
+    learners = {grad: actor_critic_learner(grad, steps_per_stage=1000) for grad in ("rtrl", "bptt")}
+    initial = {name: p.detach().clone() for name, p in learners["rtrl"].network.named_parameters()}
+    for learner in learners.values():
+        learner.iteration()
+    rtrl, bptt = (dict(learners[g].network.named_parameters()) for g in ("rtrl", "bptt"))
+    for name, value in rtrl.items():
+        torch.testing.assert_close(value, bptt[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(rtrl["core.stages.0.w_f"], initial["core.stages.0.w_f"])  # the core learned
+
+
+def test_actor_critic_counts_learning_steps_and_freezes_stages():
+    learner = actor_critic_learner("rtrl", steps_per_stage=48)  # 6 steps x 4 envs = 24 learning steps a window
+    core = learner.network.core
+    stage0 = None
+    for iteration in range(1, 6):
+        before = copy.deepcopy(core.stages[1].state_dict())
+        learner.iteration()
+        assert core.steps_seen == iteration * 24  # acting (no gradients) counts nothing
+        if iteration == 2:
+            stage0 = copy.deepcopy(core.stages[0].state_dict())
+            assert all(torch.equal(v, before[k]) for k, v in core.stages[1].state_dict().items())  # idle so far
+    assert core.learning_stage == 1
+    for key, value in core.stages[0].state_dict().items():
+        assert torch.equal(value, stage0[key]), key  # frozen from the window that began at step 48
+    assert any(not torch.equal(v, before[k]) for k, v in core.stages[1].state_dict().items())  # stage 1 learns
