@@ -625,3 +625,14 @@ def test_registered_prediction_env_is_refused():
 
     with pytest.raises(ConfigError, match="prediction task"):
         make_learner(make_env({"name": "trace_patterning", "num_envs": 2}))
+
+
+def test_elstm_rtrl_learns_a_cue_beyond_the_window():
+    # 4-step episodes, 3-step windows: the cue and the query never share a window, so it is the
+    # gradient carried across windows (the replay's sensitivities) that connects them.
+    env = CueRecall(num_envs=16, delay=2)
+    learner = make_learner(env, memory={"name": "elstm", "hidden_size": 16, "grad": "rtrl"}, unroll_length=3,
+                           anneal_lr=False)
+    success = [learner.iteration().metrics.get("charts/success_rate", np.nan) for _ in range(600)]
+    assert np.nanmean(success[:60]) < 0.35  # chance is 0.25
+    assert np.nanmean(success[-60:]) > 0.8
