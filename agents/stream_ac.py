@@ -1,0 +1,444 @@
+"""Streaming actor-critic: an update every environment step, eligibility traces and the ObGD step-size
+bound (Elsayed, Vasan and Mahmood 2024, "Streaming Deep RL"), with a memory core that learns online
+through per-step (T = 1) real-time recurrent learning.
+
+One step, for all B envs at once:
+
+1. Forward one step with gradients from the carried memory state. The core runs a T = 1 RTRL window
+   (``rlmem.rtrl``): its forward advances the sensitivities S_t = dh_t/dθ_core (reset to 0 with the
+   state where an episode starts) and its backward returns ⟨∂y_t/∂h_t, S_t⟩, the gradient of this
+   step's output through every earlier step of the episode, without truncation (exact while θ stays
+   fixed; across per-step updates the carried sensitivities are the usual RTRL approximation).
+2. Sample a_t and step the envs; scale the reward online: r̃_t = r_t / σ(discounted return).
+3. TD error δ_t = r̃_t + γ (1 − terminated_t) V(s_{t+1}) − V(s_t). V(s_{t+1}) comes from one more
+   forward without gradients from h_t, on the episode's final observation where it ended (so that a
+   truncated episode bootstraps); that forward leaves the sensitivities untouched.
+4. The gradients of V(s_t) and of the actor objective log π(a_t|s_t) + c_H sign(δ_t) H(π(·|s_t)), per
+   env, in one backward pass vectorised over (objective, env) (``per_env_gradients``).
+5. Traces z ← γλ z + ∇, one per objective and env; the ObGD step per env
+   α_b = α / max(1, κ max(|δ_b|, 1) α ‖z_b‖₁) (κ = 2 for the critic's trace, 3 for the actor's), and
+   θ ← θ + (1/B) Σ_b α_b δ_b z_b (``env_update: mean``; ``sum`` drops the 1/B).
+6. Where an episode ended, the env's traces are zeroed; the core zeroes its state and sensitivities
+   before the env's next observation (the reset flag).
+
+A batch of envs: every env keeps its own traces, [B, *θ.shape] per parameter and objective, because
+a trace must only ever be multiplied by the TD errors of the trajectory it summarises. Each env's
+step is bounded by ObGD on its own trace and δ, and the parameter update is the mean of the B per-env
+steps (``env_update: mean``, bounded as each of them is) or their sum (``env_update: sum``, as if the
+B steps were taken one after another without re-evaluating). With B = 1 both are ObGD exactly. The
+per-env gradients come from one backward pass vectorised (``torch.func.vmap``) over 2B one-hot
+output gradients, which costs O(B) plain backward passes' arithmetic: streaming learners use few envs.
+
+The network (``StreamingActorCritic``) follows the streaming-deep-RL recipe around the memory core:
+observations normalised online (running mean and variance, inside the network so that evaluation
+uses the same statistics), then the core, then separate actor and critic torsos of Linear → LayerNorm
+without affine → LeakyReLU layers and the heads, every linear layer sparsely initialised (90% of each
+unit's inputs zero). No trainable encoder sits in front of the core: all of the core's learning is
+RTRL through its own parameters, and the vectorised per-env backward pass above needs no gradient
+with respect to the core's inputs (the RTRL window's input-gradient path does not run under vmap).
+
+The core must learn online, so ``memory.grad`` must be ``rtrl`` or ``snap1``; cores that learn only
+by truncated BPTT (gru, lstm, none) are a config error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import torch
+from torch import Tensor, nn
+
+from agents.base import IterationResult, ModelOptions, register_learner
+from agents.networks import ActorCritic, CategoricalHead, GaussianHead, ObservationFloat, check_action_space
+from envs.base import VecEnv
+from rlmem.errors import ConfigError
+from rlmem.memory import CORES, State, clone_state, core_options
+
+ONLINE_GRAD_MODES = ("rtrl", "snap1")
+ENV_UPDATES = ("mean", "sum")
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                  integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise ConfigError(f"agent.{name} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
+
+
+@dataclass
+class StreamACOptions:
+    """Options of the ``stream_ac`` learner (defaults: Elsayed et al. 2024)."""
+
+    steps_per_iteration: int = 32  # env steps per env between reports (every step is an update)
+    gamma: float = 0.99
+    trace_lambda: float = 0.8  # λ of the eligibility traces
+    lr: float = 1.0  # α, the ObGD step size before the bound
+    critic_kappa: float = 2.0  # κ of the critic's ObGD bound
+    actor_kappa: float = 3.0  # κ of the actor's ObGD bound
+    entropy_coef: float = 0.01  # c_H: the actor objective is log π + c_H·sign(δ)·H
+    sparsity: float = 0.9  # fraction of each unit's inputs zeroed at initialisation (linear layers)
+    torso_size: int = 128  # width of the actor and critic torsos after the core
+    torso_layers: int = 1  # Linear -> LayerNorm -> LeakyReLU layers per torso (0: heads read the core)
+    normalize_observations: bool = True
+    scale_rewards: bool = True
+    env_update: str = "mean"  # mean | sum: how the B envs' ObGD steps combine into one update
+
+    def __post_init__(self) -> None:
+        _check_number("steps_per_iteration", self.steps_per_iteration, 0, low_open=True, integer=True)
+        _check_number("gamma", self.gamma, 0.0, 1.0)
+        _check_number("trace_lambda", self.trace_lambda, 0.0, 1.0)
+        _check_number("lr", self.lr, 0.0, low_open=True)
+        _check_number("critic_kappa", self.critic_kappa, 0.0, low_open=True)
+        _check_number("actor_kappa", self.actor_kappa, 0.0, low_open=True)
+        _check_number("entropy_coef", self.entropy_coef, 0.0)
+        _check_number("sparsity", self.sparsity, 0.0, 1.0)
+        if self.sparsity == 1.0:
+            raise ConfigError("agent.sparsity must be < 1 (a layer with every input zeroed cannot learn), got 1.0")
+        _check_number("torso_size", self.torso_size, 0, low_open=True, integer=True)
+        _check_number("torso_layers", self.torso_layers, 0, integer=True)
+        if self.env_update not in ENV_UPDATES:
+            raise ConfigError(f"agent.env_update must be one of {', '.join(ENV_UPDATES)}; got {self.env_update!r}")
+        for name in ("normalize_observations", "scale_rewards"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"agent.{name} must be true or false, got {getattr(self, name)!r}")
+
+
+def check_online_core(memory: Mapping[str, Any]) -> None:
+    """Refuse a core that cannot learn online (``memory.grad`` not rtrl/snap1), naming those that can."""
+    options = core_options(memory)
+    if options.grad in ONLINE_GRAD_MODES:
+        return
+    valid = []
+    for name in CORES.names():
+        modes = [m for m in CORES.get(name).cls.grad_modes if m in ONLINE_GRAD_MODES]
+        if modes:
+            valid.append(f"{name} ({'/'.join(modes)})")
+    raise ConfigError(
+        f"agent stream_ac learns the memory core every step through RTRL, so memory.grad must be one of "
+        f"{', '.join(ONLINE_GRAD_MODES)}; core {memory['name']!r} with grad={options.grad!r} cannot. "
+        f"Valid choices: {', '.join(valid)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Online normalisation
+
+
+class RunningMeanStd(nn.Module):
+    """Running mean and variance of samples [n, *shape], merged batch by batch (Chan et al.'s update).
+
+    float64 buffers, so that long runs do not lose precision; the variance is 1 until two samples."""
+
+    def __init__(self, shape: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("sum_squares", torch.zeros(shape, dtype=torch.float64))  # Σ (x − mean)²
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, samples: Tensor) -> None:
+        samples = samples.to(torch.float64)
+        n = samples.shape[0]
+        batch_mean = samples.mean(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.sum_squares += (samples - batch_mean).pow(2).sum(0) + delta.pow(2) * self.count * n / total
+        self.mean += delta * n / total
+        self.count.copy_(total)
+
+    @property
+    def var(self) -> Tensor:
+        return torch.where(self.count < 2, 1.0, self.sum_squares / (self.count - 1).clamp(min=1.0))
+
+    def normalize(self, x: Tensor, eps: float = 1e-8) -> Tensor:
+        return ((x - self.mean) / (self.var + eps).sqrt()).to(x.dtype)
+
+
+class NormalizedObservation(nn.Module):
+    """Raw observations [N, *obs_shape] -> float [N, D], normalised by running statistics when enabled.
+
+    The learner updates the statistics (``stats.update``) as observations arrive; ``forward`` only reads
+    them, so acting, replaying and evaluating all see the same normalisation."""
+
+    def __init__(self, space: gym.Space, normalize: bool) -> None:
+        super().__init__()
+        self.to_float = ObservationFloat(space)
+        if self.to_float.kind == "image":
+            raise ConfigError(
+                f"learner 'stream_ac' needs vector observations, got the image space {space}; "
+                "valid choices for images: actor_critic, ppo"
+            )
+        self.output_size = self.to_float.shape[0]
+        self.normalize = normalize
+        self.stats = RunningMeanStd((self.output_size,))
+
+    def forward(self, obs: Tensor) -> Tensor:
+        x = self.to_float(obs)
+        return self.stats.normalize(x) if self.normalize else x
+
+
+# --------------------------------------------------------------------------------------------------
+# The network
+
+
+def sparse_init_(layer: nn.Linear, sparsity: float, generator: torch.Generator) -> nn.Linear:
+    """Weights U(±1/√fan_in) with ⌈sparsity·fan_in⌉ of each output unit's inputs zeroed (but never all
+    of them: every unit keeps at least one input); biases 0."""
+    fan_out, fan_in = layer.weight.shape
+    bound = 1.0 / math.sqrt(fan_in)
+    zeroed_per_unit = min(math.ceil(sparsity * fan_in), fan_in - 1)
+    with torch.no_grad():
+        weight = torch.rand(fan_out, fan_in, generator=generator) * (2 * bound) - bound
+        # A random subset of each row: the positions of its lowest scores in a row of random scores.
+        zeroed = torch.rand(fan_out, fan_in, generator=generator).argsort(dim=1)[:, :zeroed_per_unit]
+        weight.scatter_(1, zeroed, 0.0)
+        layer.weight.copy_(weight)
+        layer.bias.zero_()
+    return layer
+
+
+def torso(in_features: int, size: int, layers: int) -> nn.Sequential:
+    """``layers`` × (Linear -> LayerNorm without affine -> LeakyReLU); its ``output_size``."""
+    modules: list[nn.Module] = []
+    for _ in range(layers):
+        modules += [nn.Linear(in_features, size), nn.LayerNorm(size, elementwise_affine=False), nn.LeakyReLU()]
+        in_features = size
+    module = nn.Sequential(*modules)
+    module.output_size = in_features
+    return module
+
+
+class StreamingActorCritic(ActorCritic):
+    """``ActorCritic`` for streaming learning: normalised observation -> core -> separate actor and
+    critic torsos -> heads, sparse initialisation. Shapes as in ``ActorCritic``."""
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space, memory: Mapping[str, Any],
+                 model: ModelOptions, options: StreamACOptions, generator: torch.Generator) -> None:
+        if model.encoder not in ("auto", "identity"):
+            raise ConfigError(
+                f"learner 'stream_ac' feeds the normalised observation straight to the core; "
+                f"model.encoder must be one of auto, identity, got {model.encoder!r}"
+            )
+        super().__init__(observation_space, action_space, memory, dataclasses.replace(model, encoder="identity"))
+        self.encoder = NormalizedObservation(observation_space, options.normalize_observations)
+        core_size = self.core.output_size
+        policy_torso = torso(core_size, options.torso_size, options.torso_layers)
+        value_torso = torso(core_size, options.torso_size, options.torso_layers)
+        if self.discrete:
+            head: nn.Module = CategoricalHead(policy_torso.output_size, action_space)
+        else:
+            head = GaussianHead(policy_torso.output_size, action_space)
+        self.policy = nn.Sequential(policy_torso, head)
+        self.value = nn.Sequential(value_torso, nn.Linear(value_torso.output_size, 1))
+        for module in (self.policy, self.value):
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    sparse_init_(layer, options.sparsity, generator)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-env gradients and the ObGD step
+
+
+def per_env_gradients(objectives: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """∂objectives[k][b]/∂θ for every objective k and env b: one backward pass, vectorised over (k, b).
+
+    ``objectives``: K tensors [B], env b's value depending on env b's inputs only. Returns [K, B, P]:
+    the gradients of all ``params`` flattened and concatenated in order (zeros where an objective does
+    not reach a parameter). The backward pass runs under ``torch.func.vmap`` over one-hot output
+    gradients, so every op of it, the RTRL window's backward included, sees a batch of K·B of them."""
+    K, B = len(objectives), objectives[0].shape[0]
+    basis = torch.eye(K * B, device=objectives[0].device, dtype=objectives[0].dtype).view(K * B, K, B)
+
+    def backward(one_hot: Tensor) -> Tensor:
+        grads = torch.autograd.grad(list(objectives), list(params), list(one_hot), retain_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+        return torch.cat([g.flatten() for g in grads])
+
+    return torch.func.vmap(backward)(basis).view(K, B, -1)
+
+
+@torch.no_grad()
+def obgd_update(traces: Tensor, grads: Tensor, delta: Tensor, decay: float, lr: float, kappa: Tensor,
+                env_update: str = "mean") -> tuple[Tensor, Tensor]:
+    """Per-env eligibility traces and ObGD steps, one per objective k; the mean step over envs.
+
+    ``traces`` (updated in place) and ``grads``: [K, B, P]; ``delta``: [B]; ``kappa``: [K]. With
+    z ← decay·z + ∇ and α_kb = lr / max(1, κ_k·max(|δ_b|, 1)·lr·‖z_kb‖₁), returns the parameter step
+    (1/B) Σ_k Σ_b α_kb δ_b z_kb [P] and the step sizes α [K, B]."""
+    traces.mul_(decay).add_(grads)
+    l1 = traces.abs().sum(-1)
+    step_size = lr / (kappa.unsqueeze(1) * delta.abs().clamp(min=1.0) * lr * l1).clamp(min=1.0)
+    weight = step_size * delta / (delta.shape[0] if env_update == "mean" else 1)
+    update = torch.einsum("kb,kbp->p", weight, traces)
+    return update, step_size
+
+
+# --------------------------------------------------------------------------------------------------
+# The learner
+
+
+@register_learner("stream_ac", StreamACOptions)
+class StreamACLearner:
+    """Streaming actor-critic with eligibility traces and ObGD; the core learns by per-step RTRL."""
+
+    def __init__(self, options: StreamACOptions, env: VecEnv, memory: Mapping[str, Any], model: ModelOptions,
+                 device: torch.device | str, seed: int, total_steps: int) -> None:
+        check_action_space(env.single_action_space, "stream_ac")
+        check_online_core(memory)
+        self.options = options
+        self.env = env
+        self.device = torch.device(device)
+        self.num_envs = B = env.num_envs
+        self.total_steps = int(total_steps)
+
+        # Seed the initial weights without touching the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            init_generator = torch.Generator().manual_seed(seed)
+            self.network = StreamingActorCritic(env.single_observation_space, env.single_action_space, memory,
+                                                model, options, init_generator).to(self.device)
+        self.params = [p for p in self.network.parameters() if p.requires_grad]
+        # Traces of the critic (k = 0: ∇V) and of the actor (k = 1: ∇ of its objective) per env, over
+        # all parameters flattened; a parameter an objective does not reach keeps a zero trace.
+        num_params = sum(p.numel() for p in self.params)
+        self.traces = torch.zeros(2, B, num_params, device=self.device)
+        self.kappa = torch.tensor([options.critic_kappa, options.actor_kappa], device=self.device)
+        self.reward_stats = RunningMeanStd().to(self.device)
+        self.discounted_return = torch.zeros(B, dtype=torch.float64, device=self.device)
+
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.obs = env.reset(seed=seed).to(self.device)
+        self._observe(self.obs)
+        self.memory_state: State = self.network.initial_state(B, self.device)
+        self.reset = torch.ones(B, dtype=torch.bool, device=self.device)  # obs starts an episode
+        self.prev_action = torch.zeros(B, *self.network.action_shape, dtype=self.network.action_dtype(),
+                                       device=self.device)
+        self.prev_reward = torch.zeros(B, device=self.device)
+        self.steps = 0
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _observe(self, obs: Tensor) -> None:
+        if self.options.normalize_observations:
+            encoder: NormalizedObservation = self.network.encoder  # type: ignore[assignment]
+            encoder.stats.update(encoder.to_float(obs))
+
+    def _scale(self, reward: Tensor) -> Tensor:
+        """r / σ of the discounted return, per env restarted where an episode starts (``self.reset``)."""
+        if not self.options.scale_rewards:
+            return reward
+        self.discounted_return = self.discounted_return * self.options.gamma * (~self.reset) + reward
+        self.reward_stats.update(self.discounted_return)
+        return (reward / (self.reward_stats.var + 1e-8).sqrt()).to(reward.dtype)
+
+    def step(self) -> dict[str, Tensor]:
+        """One env step on every env and one update. Returns the step's statistics [B] (on device)."""
+        opt, net = self.options, self.network
+        out = net.step(self.obs, self.memory_state, self.reset, self.prev_action, self.prev_reward)
+        sample = out.dist.sample(self.generator)  # [1, B, *act_shape]
+        action = sample[0]
+        log_prob, entropy, value = out.dist.log_prob(sample)[0], out.dist.entropy()[0], out.value[0]
+
+        next_obs, reward, terminated, truncated, info = self.env.step(net.env_action(action).to(self.env.device))
+        next_obs, reward = next_obs.to(self.device), reward.to(device=self.device, dtype=torch.float32)
+        terminated, done = terminated.to(self.device), (terminated | truncated).to(self.device)
+        scaled_reward = self._scale(reward)
+        self._observe(next_obs)
+
+        with torch.no_grad():
+            # V(s_{t+1}) from h_t. ``final_obs`` is the ended episode's last observation where an env
+            # ended (a truncated episode bootstraps from it; a terminated one bootstraps nothing) and the
+            # next observation elsewhere.
+            following = info["final_obs"].to(self.device)
+            next_value = net.step(following, out.state, torch.zeros_like(done), action, reward).value[0]
+            delta = scaled_reward + opt.gamma * (~terminated) * next_value - value.detach()
+
+        actor_objective = log_prob + opt.entropy_coef * delta.sign() * entropy
+        grads = per_env_gradients([value, actor_objective], self.params)
+        update, step_size = obgd_update(self.traces, grads, delta, opt.gamma * opt.trace_lambda, opt.lr, self.kappa,
+                                          opt.env_update)
+        with torch.no_grad():
+            for param, change in zip(self.params, update.split([p.numel() for p in self.params])):
+                param.add_(change.view_as(param))
+            # An ended episode's traces must not meet the next episode's TD errors.
+            self.traces.mul_((~done).to(self.traces.dtype).view(1, -1, 1))
+
+        self.memory_state = out.state
+        self.obs, self.reset = next_obs, done
+        self.prev_action, self.prev_reward = action, reward
+        self.steps += 1
+        episode = info["episode"]  # the VecEnv contract: raw returns of finished episodes, on the env's device
+        return {
+            "delta": delta,
+            "value": value.detach(),
+            "entropy": entropy.detach(),
+            "critic_step": step_size[0],
+            "actor_step": step_size[1],
+            "episode_done": torch.as_tensor(episode["done"]),
+            "episode_return": torch.as_tensor(episode["return"], dtype=torch.float64),
+            "episode_length": torch.as_tensor(episode["length"]),
+        }
+
+    def iteration(self) -> IterationResult:
+        """``steps_per_iteration`` steps on every env, each one an update; metrics over them."""
+        steps = [self.step() for _ in range(self.options.steps_per_iteration)]
+        stacked = {key: torch.stack([s[key] for s in steps]) for key in steps[0]}  # [S, B]
+        delta = stacked["delta"]
+        metrics = {
+            "losses/value_loss": float(0.5 * delta.pow(2).mean()),
+            "losses/td_error": float(delta.abs().mean()),
+            "losses/value": float(stacked["value"].mean()),
+            "losses/entropy": float(stacked["entropy"].mean()),
+            "charts/learning_rate": self.options.lr,
+            "charts/critic_step_size": float(stacked["critic_step"].mean()),
+            "charts/actor_step_size": float(stacked["actor_step"].mean()),
+        }
+        if self.options.scale_rewards:
+            metrics["charts/reward_scale"] = float((self.reward_stats.var + 1e-8).rsqrt())
+        metrics.update({f"memory/{k}": v for k, v in self.network.core.state_metrics(self.memory_state).items()})
+        ended = stacked["episode_done"]
+        returns, lengths = [], []
+        if bool(ended.any()):  # one host transfer per iteration, in time-then-env order
+            returns, lengths = stacked["episode_return"][ended].tolist(), stacked["episode_length"][ended].tolist()
+        return IterationResult(self.options.steps_per_iteration * self.num_envs, metrics, returns, lengths)
+
+    # ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "network": self.network.state_dict(),
+            "traces": self.traces.clone(),
+            "reward_stats": self.reward_stats.state_dict(),
+            "discounted_return": self.discounted_return.clone(),
+            "obs": self.obs.clone(),
+            "memory_state": clone_state(self.memory_state),
+            "reset": self.reset.clone(),
+            "prev_action": self.prev_action.clone(),
+            "prev_reward": self.prev_reward.clone(),
+            "generator": self.generator.get_state(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.network.load_state_dict(state["network"])
+        self.traces.copy_(state["traces"])
+        self.reward_stats.load_state_dict(state["reward_stats"])
+        self.discounted_return = state["discounted_return"].to(self.device)
+        self.obs = state["obs"].to(self.device)
+        self.memory_state = {k: v.to(self.device) for k, v in state["memory_state"].items()}
+        self.reset = state["reset"].to(self.device)
+        self.prev_action = state["prev_action"].to(self.device)
+        self.prev_reward = state["prev_reward"].to(self.device)
+        self.generator.set_state(state["generator"].cpu())
+        self.steps = int(state["steps"])
