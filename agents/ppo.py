@@ -1,0 +1,266 @@
+"""Recurrent proximal policy optimisation (PPO; Schulman et al. 2017) for any memory core, in either
+``memory.grad`` mode (truncated BPTT within the window, or exact RTRL through every earlier window).
+
+One iteration:
+
+1. Collect ``unroll_length`` (T) steps on all B envs with the shared ``RolloutCollector``: acting runs
+   encoder -> core -> heads one step at a time under ``torch.no_grad()``, and the rollout keeps the
+   memory state at the window start (sensitivities included in rtrl mode).
+2. Advantages by GAE(λ) and λ-returns from the acting values (truncated episodes bootstrap from their
+   final observation).
+3. The state carried into the next window. In bptt mode it is the acting state. In rtrl / snap1 mode
+   it is the state of one forward replay of the whole window from its stored start with the acting
+   parameters, made before the first minibatch step: its h equals the acting h exactly, and its
+   sensitivities are those the first epoch would carry out if it replayed the window as one
+   minibatch. (The first epoch's minibatch replays themselves run with parameters that earlier
+   minibatches have already moved, so their states would mix parameter versions across envs.)
+4. ``update_epochs`` epochs. Each shuffles the envs and splits them into ``num_minibatches`` groups of
+   B / M envs: a minibatch holds whole sequences [T, B/M] — no padding, every minibatch the same size
+   — replayed with gradients from their stored start states (``Rollout.select_envs``). In rtrl mode
+   every epoch therefore replays from the same stored start sensitivities, never from a state an
+   earlier epoch produced. Loss: the clipped surrogate, the clipped value loss, an entropy bonus;
+   gradient-norm clipping; Adam. After an epoch whose last minibatch moved the policy further than
+   ``target_kl`` (approximate KL), the remaining epochs are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from agents.base import IterationResult, ModelOptions, register_learner
+from agents.networks import ActorCritic, check_action_space
+from agents.returns import bootstrap_truncation, explained_variance, gae
+from agents.rollout import Rollout, RolloutCollector
+from envs.base import VecEnv
+from rlmem.errors import ConfigError
+from rlmem.memory import State
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                  integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise ConfigError(f"agent.{name} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
+
+
+@dataclass
+class PPOOptions:
+    """Options of the ``ppo`` learner."""
+
+    unroll_length: int = 32  # T: steps per env per iteration (the window every minibatch replays whole)
+    num_minibatches: int = 4  # M: groups of envs per epoch; must divide env.num_envs
+    update_epochs: int = 4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    lr: float = 1e-3
+    adam_eps: float = 1e-5
+    anneal_lr: bool = True  # linearly to 0 over train.total_steps
+    clip_coef: float = 0.2  # ε of the clipped surrogate (and of the value clipping)
+    clip_value_loss: bool = True
+    normalize_advantages: bool = True  # per minibatch
+    entropy_coef: float = 0.01
+    value_coef: float = 0.5
+    max_grad_norm: float = 0.5  # 0 turns clipping off (the norm is still logged)
+    target_kl: float = 0.0  # stop the epochs once approx_kl exceeds it; 0 = off
+    reward_clip: float = 0.0  # clip rewards to [-c, c] for learning and the core's input; 0 = off
+
+    def __post_init__(self) -> None:
+        _check_number("unroll_length", self.unroll_length, 0, low_open=True, integer=True)
+        _check_number("num_minibatches", self.num_minibatches, 0, low_open=True, integer=True)
+        _check_number("update_epochs", self.update_epochs, 0, low_open=True, integer=True)
+        _check_number("gamma", self.gamma, 0.0, 1.0)
+        _check_number("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        _check_number("lr", self.lr, 0.0, low_open=True)
+        _check_number("adam_eps", self.adam_eps, 0.0, low_open=True)
+        _check_number("clip_coef", self.clip_coef, 0.0, low_open=True)
+        _check_number("entropy_coef", self.entropy_coef, 0.0)
+        _check_number("value_coef", self.value_coef, 0.0)
+        _check_number("max_grad_norm", self.max_grad_norm, 0.0)
+        _check_number("target_kl", self.target_kl, 0.0)
+        _check_number("reward_clip", self.reward_clip, 0.0)
+        for name in ("anneal_lr", "clip_value_loss", "normalize_advantages"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"agent.{name} must be true or false, got {getattr(self, name)!r}")
+
+
+def env_minibatches(num_envs: int, num_minibatches: int, generator: torch.Generator) -> list[Tensor]:
+    """A random partition of the envs into ``num_minibatches`` index tensors of num_envs / M envs each."""
+    order = torch.randperm(num_envs, generator=generator, device=generator.device)
+    return list(order.view(num_minibatches, num_envs // num_minibatches))
+
+
+class PPOLoss(NamedTuple):
+    total: Tensor  # policy_loss - entropy_coef * entropy + value_coef * value_loss
+    policy_loss: Tensor
+    value_loss: Tensor
+    entropy: Tensor
+    old_approx_kl: Tensor  # mean(−log r), detached
+    approx_kl: Tensor  # mean((r − 1) − log r), detached (CleanRL's lower-variance estimator)
+    clipfrac: Tensor  # fraction of steps whose ratio r is outside [1 − ε, 1 + ε], detached
+
+
+@register_learner("ppo", PPOOptions)
+class PPOLearner:
+    """Recurrent PPO with whole-sequence minibatches, for any memory core in bptt or rtrl mode."""
+
+    def __init__(self, options: PPOOptions, env: VecEnv, memory: Mapping[str, Any], model: ModelOptions,
+                 device: torch.device | str, seed: int, total_steps: int) -> None:
+        check_action_space(env.single_action_space, "ppo")
+        B, M = env.num_envs, options.num_minibatches
+        if B % M != 0:
+            divisors = [str(d) for d in range(1, B + 1) if B % d == 0]
+            raise ConfigError(
+                f"agent.num_minibatches={M} must divide env.num_envs={B} (a minibatch is whole sequences of "
+                f"B / M envs); valid choices: {', '.join(divisors)}"
+            )
+        self.options = options
+        self.env = env
+        self.device = torch.device(device)
+        self.num_envs = B
+        self.steps_per_iteration = options.unroll_length * B
+        self.num_iterations = max(1, int(total_steps) // self.steps_per_iteration)
+
+        # Seed the initial weights without touching the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.network = ActorCritic(env.single_observation_space, env.single_action_space, memory, model,
+                                       reward_clip=options.reward_clip).to(self.device)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=options.lr, eps=options.adam_eps)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.collector = RolloutCollector(self.network, env, self.device, self.generator, seed)
+        self.iterations = 0
+
+    # ----------------------------------------------------------------------------------------------
+
+    def iteration(self) -> IterationResult:
+        """Collect ``unroll_length`` steps on every env, then the PPO epochs on that window."""
+        opt = self.options
+        if opt.anneal_lr:
+            for group in self.optimizer.param_groups:
+                group["lr"] = opt.lr * max(0.0, 1.0 - self.iterations / self.num_iterations)
+        rollout, episodes = self.collector.collect(opt.unroll_length)
+        metrics, carried_state = self.update(rollout)
+        self.collector.memory_state = carried_state
+        self.iterations += 1
+        if episodes.successes:
+            metrics["charts/success_rate"] = sum(episodes.successes) / len(episodes.successes)
+        metrics.update({f"memory/{k}": v for k, v in self.network.core.state_metrics(carried_state).items()})
+        return IterationResult(self.steps_per_iteration, metrics, episodes.returns, episodes.lengths)
+
+    def targets(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """GAE(λ) advantages and λ-returns [T, B] from the acting values."""
+        opt = self.options
+        rewards = rollout.rewards
+        if opt.reward_clip > 0:
+            rewards = rewards.clamp(-opt.reward_clip, opt.reward_clip)
+        rewards = bootstrap_truncation(rewards, rollout.truncated, rollout.final_values, opt.gamma)
+        return gae(rewards, rollout.values, rollout.bootstrap_value, rollout.done, opt.gamma, opt.gae_lambda)
+
+    def carried_state(self, rollout: Rollout) -> State:
+        """The memory state the next window starts from (see step 3 of the module docstring)."""
+        net = self.network
+        if net.core.grad not in ("rtrl", "snap1"):
+            return self.collector.memory_state  # bptt: the acting state is the replay's state
+        # A learning pass of the core alone (its sensitivities advance only with gradients enabled);
+        # nothing is backpropagated, so the encoder runs without a graph.
+        with torch.no_grad():
+            x = net.core_inputs(rollout.obs, rollout.reset, rollout.prev_actions, rollout.prev_rewards)
+        with torch.enable_grad():
+            _, state = net.core(x, rollout.start_state, rollout.reset)
+        return state
+
+    def replay(self, minibatch: Rollout):
+        """The network over a minibatch's whole sequences [T, b], from their stored start states."""
+        return self.network(minibatch.obs, minibatch.start_state, minibatch.reset, minibatch.prev_actions,
+                            minibatch.prev_rewards)
+
+    def loss(self, minibatch: Rollout, advantages: Tensor, returns: Tensor) -> PPOLoss:
+        """The PPO loss of a minibatch; ``advantages`` and ``returns``: [T, b]."""
+        opt = self.options
+        out = self.replay(minibatch)
+        log_ratio = out.dist.log_prob(minibatch.actions) - minibatch.log_probs
+        ratio = log_ratio.exp()
+        with torch.no_grad():
+            old_approx_kl = (-log_ratio).mean()
+            approx_kl = ((ratio - 1) - log_ratio).mean()
+            clipfrac = ((ratio - 1.0).abs() > opt.clip_coef).float().mean()
+        if opt.normalize_advantages and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        clipped_ratio = ratio.clamp(1 - opt.clip_coef, 1 + opt.clip_coef)
+        policy_loss = torch.max(-advantages * ratio, -advantages * clipped_ratio).mean()
+        values = out.value
+        if opt.clip_value_loss:
+            # The value may move at most ε from the acting value before its error stops counting.
+            clipped = minibatch.values + (values - minibatch.values).clamp(-opt.clip_coef, opt.clip_coef)
+            value_loss = 0.5 * torch.max((values - returns).pow(2), (clipped - returns).pow(2)).mean()
+        else:
+            value_loss = 0.5 * (values - returns).pow(2).mean()
+        entropy = out.dist.entropy().mean()
+        total = policy_loss - opt.entropy_coef * entropy + opt.value_coef * value_loss
+        return PPOLoss(total, policy_loss, value_loss, entropy, old_approx_kl, approx_kl, clipfrac)
+
+    def update(self, rollout: Rollout) -> tuple[dict[str, float], State]:
+        """The PPO epochs on ``rollout``. Returns the metrics and the state the next window starts from."""
+        opt = self.options
+        lr = self.optimizer.param_groups[0]["lr"]
+        with torch.no_grad():
+            advantages, returns = self.targets(rollout)
+        carried = self.carried_state(rollout)
+        max_norm = opt.max_grad_norm if opt.max_grad_norm > 0 else math.inf
+
+        epochs, clipfracs = 0, []
+        for _ in range(opt.update_epochs):
+            for envs in env_minibatches(self.num_envs, opt.num_minibatches, self.generator):
+                terms = self.loss(rollout.select_envs(envs), advantages[:, envs], returns[:, envs])
+                self.optimizer.zero_grad(set_to_none=True)
+                terms.total.backward()
+                grad_norm = nn.utils.clip_grad_norm_(self.network.parameters(), max_norm)
+                self.optimizer.step()
+                clipfracs.append(terms.clipfrac)
+            epochs += 1
+            if opt.target_kl > 0 and float(terms.approx_kl) > opt.target_kl:
+                break
+
+        metrics = {
+            "losses/value_loss": float(terms.value_loss.detach()),
+            "losses/policy_loss": float(terms.policy_loss.detach()),
+            "losses/entropy": float(terms.entropy.detach()),
+            "losses/old_approx_kl": float(terms.old_approx_kl),
+            "losses/approx_kl": float(terms.approx_kl),
+            "losses/clipfrac": float(torch.stack(clipfracs).mean()),  # over every minibatch step
+            "losses/explained_variance": explained_variance(rollout.values, returns),
+            "losses/grad_norm": float(grad_norm),
+            "losses/epochs": float(epochs),
+            "charts/learning_rate": float(lr),
+        }
+        return metrics, carried
+
+    # ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "collector": self.collector.state_dict(),
+            "generator": self.generator.get_state(),
+            "iterations": self.iterations,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.collector.load_state_dict(state["collector"])
+        self.generator.set_state(state["generator"].cpu())
+        self.iterations = int(state["iterations"])
