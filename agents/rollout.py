@@ -49,11 +49,10 @@ class Rollout:
 
     def select_envs(self, index: Tensor | slice) -> Rollout:
         """The window of a subset of envs (e.g. a recurrent-PPO minibatch): whole sequences stay whole."""
-        return Rollout(
-            *(getattr(self, f.name)[:, index] for f in fields(self)[:-2]),
-            bootstrap_value=self.bootstrap_value[index],
-            start_state=select_state(self.start_state, index),
-        )
+        per_step = {f.name: getattr(self, f.name)[:, index] for f in fields(self)
+                    if f.name not in ("bootstrap_value", "start_state")}
+        return Rollout(**per_step, bootstrap_value=self.bootstrap_value[index],
+                       start_state=select_state(self.start_state, index))
 
     @property
     def num_steps(self) -> int:
