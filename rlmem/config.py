@@ -51,7 +51,9 @@ class TrainOptions:
     name: str | None = None  # default: <env>_<memory>_<agent>_s<seed>
     checkpoint_every: int = 50_000  # environment steps between checkpoints (also at the end and on Ctrl-C)
     progress: bool = True  # console progress bar
-    torch_threads: int = 0  # 0 keeps PyTorch's default
+    # Small recurrent nets act fastest on one intra-op thread (more threads spin against the envs and
+    # each other); raise it for CNN encoders on CPU. 0 keeps PyTorch's default.
+    torch_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.total_steps <= 0:
