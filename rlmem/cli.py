@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("what", help=f"one of: {', '.join(BENCHES)}")
     bench.add_argument("args", nargs=argparse.REMAINDER)
+
+    kernels = sub.add_parser("kernels", help="CUDA kernels: `rlmem kernels build` precompiles them")
+    kernels.add_argument("action", choices=["build"])
+    kernels.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -197,7 +201,20 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "list": _cmd_list, "plot": _cmd_plot, "bench": _cmd_bench}
+def _cmd_kernels(ns: argparse.Namespace) -> int:
+    from kernels.loader import build_command
+
+    return build_command(list(ns.args))
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "list": _cmd_list,
+    "plot": _cmd_plot,
+    "bench": _cmd_bench,
+    "kernels": _cmd_kernels,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
