@@ -10,7 +10,13 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.rlmem-installed
 ARGS ?=
+# Extras installed into the venv: the test suite exercises the Atari and POPGym adapters for real.
+# (ProcGen's wheel pins numpy < 2, so it is left to `pip install -e .[procgen]`; its tests skip without it.)
+EXTRAS ?= dev,atari,popgym
 PYTEST_ARGS ?=
+# Extras installed into the venv: the test suite exercises the Atari and POPGym adapters for real.
+# (ProcGen's wheel pins numpy < 2, so it is left to `pip install -e .[procgen]`; its tests skip without it.)
+EXTRAS ?= dev,atari,popgym
 
 .PHONY: install train test lint bench clean
 
@@ -26,7 +32,7 @@ $(STAMP): pyproject.toml
 	    $(PY) -m pip install --retries 0 --timeout 10 --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"; \
 	  fi; \
 	fi
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 train: $(STAMP)
