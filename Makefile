@@ -14,9 +14,6 @@ ARGS ?=
 # (ProcGen's wheel pins numpy < 2, so it is left to `pip install -e .[procgen]`; its tests skip without it.)
 EXTRAS ?= dev,atari,popgym
 PYTEST_ARGS ?=
-# Extras installed into the venv: the test suite exercises the Atari and POPGym adapters for real.
-# (ProcGen's wheel pins numpy < 2, so it is left to `pip install -e .[procgen]`; its tests skip without it.)
-EXTRAS ?= dev,atari,popgym
 
 .PHONY: install train test lint bench clean
 
