@@ -80,7 +80,8 @@ state is O(T·B·(N·k + D)), never O(T·|S|); and it walks the window in chunks
 steps ((3) composes over chunks; the adjoint crosses a chunk boundary as one vector), so its working
 memory for coefficients and the recomputation does not grow with T either. ``prepare`` must
 therefore treat steps independently. The functions :func:`advance` (3) and :func:`gradients` (4) on
-:class:`WindowCoefficients` are the pieces a fused kernel replaces.
+:class:`WindowCoefficients` are the pieces a fused kernel replaces: for CUDA tensors they (and the
+adjoint) run the CUDA kernels of the ``kernels`` package when it can (see ``kernels.available``).
 """
 
 from __future__ import annotations
@@ -260,8 +261,25 @@ def _suffix_products(cell: RTRLCell, jacobians: Tensor) -> Tensor:
     return products
 
 
+def _fused(name: str, probe: Tensor, *args: object):
+    """The CUDA kernel ``kernels.<name>(*args)`` for CUDA tensors when the kernels can run (built, a
+    GPU, not turned off by RLMEM_KERNELS=0), else None: the reference below runs. Imported here, and
+    guarded, so that this module needs only torch; the kernels also return None for a case they do
+    not cover (e.g. float64)."""
+    if not probe.is_cuda:
+        return None
+    try:
+        import kernels
+    except ImportError:
+        return None
+    return getattr(kernels, name)(*args) if kernels.available() else None
+
+
 def _adjoint(cell: RTRLCell, jacobians: Tensor, errors: Tensor) -> Tensor:
     """δ_t = e_t + Ã_{t+1}ᵀ δ_{t+1} over the window, [T, B, N(, k)] (equation (4))."""
+    fused = _fused("adjoint", errors, cell, jacobians, errors)
+    if fused is not None:
+        return fused
     adjoint = errors.clone()
     for t in range(errors.shape[0] - 2, -1, -1):
         adjoint[t] += _act_transpose(cell, jacobians[t + 1], adjoint[t + 1])
@@ -396,6 +414,9 @@ def advance(cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: W
     """S_T from S_0 over the window (equation (3)); with T = 1, one step of recursion (1).
 
     ``sensitivities`` and the result are in the state representation, keyed by group name."""
+    fused = _fused("advance", coefficients.jacobians, cell, sensitivities, coefficients)
+    if fused is not None:
+        return fused
     products = _suffix_products(cell, coefficients.jacobians)  # P_t = Ã_T ··· Ã_t
     carry = products[0]  # Φ_0
     # Φ_t = P_{t+1}, Φ_T = I: each step's injection is carried by the Jacobians after it.
@@ -456,6 +477,9 @@ def gradients(
     With T = 1, δ = e and this is ⟨e_1, S_1⟩, the per-step form (2). ``sensitivities=None`` leaves
     out the S_0 term (a later chunk of a window: its S_0 term belongs to the first chunk). Returns
     the gradient of each trained parameter, by parameter name, in the parameters' shape."""
+    fused = _fused("gradients", adjoint_errors, cell, sensitivities, coefficients, adjoint_errors, groups)
+    if fused is not None:
+        return fused
     T, B = adjoint_errors.shape[:2]
     carried = _act_transpose(cell, coefficients.jacobians[0], adjoint_errors[0])  # Ã_1ᵀ δ_1
     result: dict[str, Tensor] = {}
