@@ -10,6 +10,10 @@ the window from its start state.
 Timing convention (same-step autoreset): ``reset[t]`` is set where ``obs[t]`` is the first observation
 of an episode, i.e. the env ended at step t − 1 (and at the very first step of a run). The core zeroes
 those envs' state before step t; the previous action and reward are zeroed there too.
+
+The env is stepped by an ``agents.runner.EnvRunner``: with ``overlap`` it acts for one group of envs
+while the other group's envs step (see that module); each group writes its own rows of the same
+buffers and carries its own slice of the memory state, so a ``Rollout`` looks the same either way.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 from torch import Tensor
 
 from agents.networks import ActorCritic
+from agents.runner import EnvGroup, EnvRunner
 from envs.base import VecEnv
-from rlmem.memory import State, clone_state, select_state
+from rlmem.memory import State, cat_states, clone_state, select_state
 
 
 @dataclass
@@ -68,22 +73,61 @@ class EpisodeStats:
     successes: list[float] = field(default_factory=list)  # only when the env reports ``info["success"]``
 
 
+@dataclass
+class _Window:
+    """The buffers of one window being collected, time-major [T, B, ...] (see ``Rollout``)."""
+
+    obs: Tensor
+    actions: Tensor
+    prev_actions: Tensor
+    log_probs: Tensor
+    values: Tensor
+    rewards: Tensor
+    prev_rewards: Tensor
+    terminated: Tensor
+    truncated: Tensor
+    reset: Tensor
+    final_values: Tensor
+    # Episode statistics stay on the env's device: they cross to the host once per window.
+    ep_done: Tensor
+    ep_return: Tensor
+    ep_length: Tensor
+    success: Tensor
+    reports_success: bool = False
+
+
+@dataclass
+class _Cursor:
+    """What one group of envs acts on next: its rows of the collector's acting variables."""
+
+    obs: Tensor  # [Bg, *obs_shape]
+    state: State  # the group's memory state
+    reset: Tensor  # [Bg] bool
+    prev_action: Tensor  # [Bg, *act_shape]
+    prev_reward: Tensor  # [Bg]
+    action: Tensor | None = None  # the action sent at the step in flight
+
+
 class RolloutCollector:
     """Acts with ``network`` in ``env``, carrying memory and bookkeeping across windows.
 
     The learner owns ``memory_state`` after an update: it replaces it with the state its replay of the
     window returns (identical in bptt mode; in rtrl mode that is where sensitivities advance).
+
+    ``overlap`` (None: where it helps, see ``agents.runner.overlap_helps``) steps one half of the envs
+    while the policy acts for the other half; the collector then owns ``env`` from its first reset.
     """
 
     def __init__(self, network: ActorCritic, env: VecEnv, device: torch.device, generator: torch.Generator,
-                 seed: int) -> None:
+                 seed: int, overlap: bool | None = None) -> None:
         self.network = network
         self.env = env
         self.device = device
         self.generator = generator
         B = env.num_envs
         self.num_envs = B
-        self.obs = env.reset(seed=seed).to(device)
+        self.runner = EnvRunner(env, device, overlap)
+        self.obs = self.runner.reset(seed)
         self.memory_state: State = network.initial_state(B, device)
         # The first observation starts an episode; the state is zero already, the flag keeps the
         # previous action/reward inputs zero and tells cores that reset sensitivities the same thing.
@@ -94,82 +138,122 @@ class RolloutCollector:
         self.episode_return = torch.zeros(B, dtype=torch.float64, device=env.device)
         self.episode_length = torch.zeros(B, dtype=torch.long, device=env.device)
 
+    @property
+    def overlap(self) -> bool:
+        """Whether env steps overlap with policy inference (two groups of envs)."""
+        return self.runner.overlap
+
     # ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def collect(self, unroll_length: int) -> tuple[Rollout, EpisodeStats]:
-        T, B, device, net = unroll_length, self.num_envs, self.device, self.network
-        obs_buf = torch.empty(T, *self.obs.shape, dtype=self.obs.dtype, device=device)
-        actions = torch.empty(T, *self.prev_action.shape, dtype=self.prev_action.dtype, device=device)
-        prev_actions = torch.empty_like(actions)
-        log_probs = torch.empty(T, B, device=device)
-        values = torch.empty(T, B, device=device)
-        rewards = torch.empty(T, B, device=device)
-        prev_rewards = torch.empty(T, B, device=device)
-        terminated = torch.empty(T, B, dtype=torch.bool, device=device)
-        truncated = torch.empty(T, B, dtype=torch.bool, device=device)
-        reset = torch.empty(T, B, dtype=torch.bool, device=device)
-        final_values = torch.zeros(T, B, device=device)
-        # Episode statistics stay on the env's device: they cross to the host once per window.
+        T, B, device = unroll_length, self.num_envs, self.device
         env_device = self.env.device
-        ep_done = torch.zeros(T, B, dtype=torch.bool, device=env_device)
-        ep_return = torch.zeros(T, B, dtype=torch.float64, device=env_device)
-        ep_length = torch.zeros(T, B, dtype=torch.long, device=env_device)
-        success = torch.zeros(T, B, device=env_device)
-        reports_success = False
-
+        window = _Window(
+            obs=torch.empty(T, *self.obs.shape, dtype=self.obs.dtype, device=device),
+            actions=torch.empty(T, *self.prev_action.shape, dtype=self.prev_action.dtype, device=device),
+            prev_actions=torch.empty(T, *self.prev_action.shape, dtype=self.prev_action.dtype, device=device),
+            log_probs=torch.empty(T, B, device=device),
+            values=torch.empty(T, B, device=device),
+            rewards=torch.empty(T, B, device=device),
+            prev_rewards=torch.empty(T, B, device=device),
+            terminated=torch.empty(T, B, dtype=torch.bool, device=device),
+            truncated=torch.empty(T, B, dtype=torch.bool, device=device),
+            reset=torch.empty(T, B, dtype=torch.bool, device=device),
+            final_values=torch.zeros(T, B, device=device),
+            ep_done=torch.zeros(T, B, dtype=torch.bool, device=env_device),
+            ep_return=torch.zeros(T, B, dtype=torch.float64, device=env_device),
+            ep_length=torch.zeros(T, B, dtype=torch.long, device=env_device),
+            success=torch.zeros(T, B, device=env_device),
+        )
         start_state = clone_state(self.memory_state)
-        state = self.memory_state
+        groups = self.runner.groups
+        whole = len(groups) == 1
+        cursors = [
+            _Cursor(self.obs, self.memory_state, self.reset, self.prev_action, self.prev_reward) if whole else
+            _Cursor(self.obs[g.index], select_state(self.memory_state, g.index), self.reset[g.index],
+                    self.prev_action[g.index], self.prev_reward[g.index])
+            for g in groups
+        ]
+        # Each group records its previous step and acts again; with two groups, one group's envs step
+        # meanwhile (agents/runner.py). With one group this is the plain act -> step -> record loop.
         for t in range(T):
-            obs_buf[t], reset[t] = self.obs, self.reset
-            prev_actions[t], prev_rewards[t] = self.prev_action, self.prev_reward
-            out = net.step(self.obs, state, self.reset, self.prev_action, self.prev_reward)
-            sample = out.dist.sample(self.generator)  # [1, B, *act_shape]
-            action = sample[0]
-            actions[t], log_probs[t], values[t] = action, out.dist.log_prob(sample)[0], out.value[0]
-            state = out.state
+            for group, cursor in zip(groups, cursors, strict=True):
+                if group.pending:
+                    self._record(t - 1, group, cursor, window)
+                self._act(t, group, cursor, window)
+        bootstrap = torch.empty(B, device=device)
+        for group, cursor in zip(groups, cursors, strict=True):
+            self._record(T - 1, group, cursor, window)
+            # V(obs[T]) for the bootstrap; the step's state is not kept (the next window recomputes it).
+            bootstrap[group.index] = self.network.step(cursor.obs, cursor.state, cursor.reset, cursor.prev_action,
+                                                       cursor.prev_reward).value[0]
 
-            next_obs, env_reward, env_term, env_trunc, info = self.env.step(net.env_action(action).to(env_device))
-            self._record_episodes(t, env_reward, env_term | env_trunc, info, ep_done, ep_return, ep_length, success)
-            reports_success = reports_success or "success" in info
-            next_obs, reward = next_obs.to(device), env_reward.to(device=device, dtype=torch.float32)
-            term, trunc = env_term.to(device), env_trunc.to(device)
-            rewards[t], terminated[t], truncated[t] = reward, term, trunc
-            # Only a truncated episode bootstraps (an env may set both flags; termination wins).
-            bootstrap_final = trunc & ~term
-            if bootstrap_final.any():
-                # V(final_obs) with the state before the reset: one extra step from the state after step t.
-                final_obs = info["final_obs"].to(device)
-                final = net.step(final_obs, state, torch.zeros_like(trunc), action, reward)
-                final_values[t] = torch.where(bootstrap_final, final.value[0], 0.0)
+        if whole:
+            (last,) = cursors
+            self.obs, self.memory_state, self.reset = last.obs, last.state, last.reset
+            self.prev_action, self.prev_reward = last.prev_action, last.prev_reward
+        else:
+            self.obs = torch.cat([c.obs for c in cursors])
+            self.memory_state = cat_states([c.state for c in cursors])
+            self.reset = torch.cat([c.reset for c in cursors])
+            self.prev_action = torch.cat([c.prev_action for c in cursors])
+            self.prev_reward = torch.cat([c.prev_reward for c in cursors])
 
-            self.obs, self.reset = next_obs, term | trunc
-            self.prev_action, self.prev_reward = action, reward
-        self.memory_state = state
+        rollout = Rollout(window.obs, window.actions, window.log_probs, window.values, window.rewards,
+                          window.terminated, window.truncated, window.reset, window.prev_actions,
+                          window.prev_rewards, window.final_values, bootstrap, start_state)
+        return rollout, self._episode_stats(window.ep_done, window.ep_return, window.ep_length, window.success,
+                                            window.reports_success)
 
-        # V(obs[T]) for the bootstrap; the step's state is not kept (the next window recomputes it).
-        bootstrap = net.step(self.obs, state, self.reset, self.prev_action, self.prev_reward).value[0]
+    def _act(self, t: int, group: EnvGroup, cursor: _Cursor, window: _Window) -> None:
+        """Step t of ``group``: store its inputs, run the policy, send the sampled actions to its envs."""
+        net, rows = self.network, group.index
+        window.obs[t, rows], window.reset[t, rows] = cursor.obs, cursor.reset
+        window.prev_actions[t, rows], window.prev_rewards[t, rows] = cursor.prev_action, cursor.prev_reward
+        out = net.step(cursor.obs, cursor.state, cursor.reset, cursor.prev_action, cursor.prev_reward)
+        sample = out.dist.sample(self.generator)  # [1, Bg, *act_shape]
+        action = sample[0]
+        window.actions[t, rows], window.log_probs[t, rows] = action, out.dist.log_prob(sample)[0]
+        window.values[t, rows] = out.value[0]
+        cursor.state, cursor.action = out.state, action
+        self.runner.send(group, net.env_action(action))
 
-        rollout = Rollout(obs_buf, actions, log_probs, values, rewards, terminated, truncated, reset,
-                          prev_actions, prev_rewards, final_values, bootstrap, start_state)
-        return rollout, self._episode_stats(ep_done, ep_return, ep_length, success, reports_success)
+    def _record(self, t: int, group: EnvGroup, cursor: _Cursor, window: _Window) -> None:
+        """Collect ``group``'s step t and store its outcome; the group's next inputs follow from it."""
+        step = self.runner.wait(group)
+        rows = group.index
+        self._record_episodes(t, rows, step.env_reward, step.env_done, step.info, window)
+        reward, term, trunc = step.reward, step.terminated, step.truncated
+        window.rewards[t, rows], window.terminated[t, rows], window.truncated[t, rows] = reward, term, trunc
+        # Only a truncated episode bootstraps (an env may set both flags; termination wins).
+        bootstrap_final = trunc & ~term
+        if bootstrap_final.any():
+            # V(final_obs) with the state before the reset: one extra step from the state after step t.
+            final_obs = step.info["final_obs"].to(self.device)
+            final = self.network.step(final_obs, cursor.state, torch.zeros_like(trunc), cursor.action, reward)
+            window.final_values[t, rows] = torch.where(bootstrap_final, final.value[0], 0.0)
+        cursor.obs, cursor.reset = step.obs, term | trunc
+        cursor.prev_action, cursor.prev_reward = cursor.action, reward
 
-    def _record_episodes(self, t: int, reward: Tensor, done: Tensor, info: dict[str, Any], ep_done: Tensor,
-                         ep_return: Tensor, ep_length: Tensor, success: Tensor) -> None:
-        """Write step t's finished episodes (all on the env's device) into the window's buffers."""
+    def _record_episodes(self, t: int, rows: slice, reward: Tensor, done: Tensor, info: dict[str, Any],
+                         window: _Window) -> None:
+        """Write step t's finished episodes of the envs ``rows`` (all on the env's device) into the window."""
         episode = info.get("episode")
         if episode is not None:
-            ep_done[t] = torch.as_tensor(episode["done"])
-            ep_return[t] = torch.as_tensor(episode["return"], dtype=torch.float64)
-            ep_length[t] = torch.as_tensor(episode["length"])
+            window.ep_done[t, rows] = torch.as_tensor(episode["done"])
+            window.ep_return[t, rows] = torch.as_tensor(episode["return"], dtype=torch.float64)
+            window.ep_length[t, rows] = torch.as_tensor(episode["length"])
         else:
-            self.episode_return += reward
-            self.episode_length += 1
-            ep_done[t], ep_return[t], ep_length[t] = done, self.episode_return, self.episode_length
-            self.episode_return.masked_fill_(done, 0.0)
-            self.episode_length.masked_fill_(done, 0)
+            returns, lengths = self.episode_return[rows], self.episode_length[rows]  # views: updated in place
+            returns += reward
+            lengths += 1
+            window.ep_done[t, rows], window.ep_return[t, rows], window.ep_length[t, rows] = done, returns, lengths
+            returns.masked_fill_(done, 0.0)
+            lengths.masked_fill_(done, 0)
         if "success" in info:
-            success[t] = torch.as_tensor(info["success"]).float()
+            window.success[t, rows] = torch.as_tensor(info["success"]).float()
+            window.reports_success = True
 
     @staticmethod
     def _episode_stats(ep_done: Tensor, ep_return: Tensor, ep_length: Tensor, success: Tensor,

@@ -17,12 +17,17 @@ Learning aids change only what the learner sees, never the logs:
 ``(return − random) / (human − random)``, for the games with reference scores (``HUMAN_RANDOM``).
 Same-step autoreset is ale-py's own; ``info["final_obs"]`` holds the frame reached by the last action
 of an ended game (and of a lost life, under ``episodic_life``).
+
+``step_async``/``step_wait`` are ale-py's ``send``/``recv``: the emulators step in ale-py's C++
+threads meanwhile. ``split`` rebuilds the env as several ale-py vector envs (env ``j`` keeps its seed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +111,8 @@ class AtariOptions(EnvOptions):
 class AtariVecEnv(VecEnv):
     """Atari 2600 games (ale-py AtariVectorEnv, ALE v5 protocol), uint8 frames [B, stack, 84, 84]."""
 
+    steps_in_background = True  # send/recv
+
     def __init__(self, options: AtariOptions, device: torch.device, seed: int = 0) -> None:
         from ale_py.vector_env import AtariVectorEnv
 
@@ -149,6 +156,9 @@ class AtariVecEnv(VecEnv):
 
     def reset(self, seed: int | None = None) -> Tensor:
         self._check_open()
+        self._check_idle()
+        if self._group is not None:
+            return self._group.reset(seed)
         if seed is None and not self._seeded:
             seed = self._seed
         if seed is not None:
@@ -160,10 +170,25 @@ class AtariVecEnv(VecEnv):
 
     def step(self, actions: Tensor | None) -> StepResult:
         self._check_open()
+        self._check_idle()
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: Tensor | None) -> None:
+        """Send the actions; the emulators step in ale-py's threads until ``step_wait``."""
+        self._check_open()
+        if self._group is not None:
+            return self._group.step_async(actions)
         actions = check_actions(actions, self.single_action_space, self.num_envs)
-        obs, raw_reward, game_over, truncated, info = self.env.step(
-            to_numpy_actions(actions, self.single_action_space)
-        )
+        self._start_async()
+        self.env.send(to_numpy_actions(actions, self.single_action_space))
+
+    def step_wait(self) -> StepResult:
+        self._check_open()
+        if self._group is not None:
+            return self._group.step_wait()
+        self._finish_async()
+        obs, raw_reward, game_over, truncated, info = self.env.recv()
         game_done = game_over | truncated
         lives = np.asarray(info["lives"], dtype=np.int64)
         terminated = game_over
@@ -192,7 +217,18 @@ class AtariVecEnv(VecEnv):
             info_out,
         )
 
+    def split(self, parts: int) -> Sequence[VecEnv]:
+        def make(num_envs: int, start: int) -> VecEnv:
+            return AtariVecEnv(dataclasses.replace(self.options, num_envs=num_envs), self.device, self._seed + start)
+
+        self._check_open()
+        return self._split_with(parts, make, self.env.close)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.env.close()
+            self._step_in_flight = False
+            if self._group is not None:
+                self._group.close()
+            else:
+                self.env.close()

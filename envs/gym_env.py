@@ -14,6 +14,9 @@ Actions: Discrete and Box spaces as they are; a MultiDiscrete space ``nvec`` bec
 choice over its ``prod(nvec)`` combinations in row-major order (POPGym's Battleship and MineSweeper
 pick a cell this way), since that is what every learner supports.
 
+With ``vectorization: async``, ``step_async``/``step_wait`` are gymnasium's own: the subprocesses step
+meanwhile. ``split`` rebuilds the env as several vector envs (env ``j`` keeps its seed).
+
 Ids with a namespace provided by an optional package are imported on demand: ``popgym-*`` ids import
 ``popgym``, ``ALE/*`` ids import ``ale_py``; ``module:Id-v0`` imports ``module`` first, as
 ``gymnasium.make`` does.
@@ -21,8 +24,10 @@ Ids with a namespace provided by an optional package are imported on demand: ``p
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +176,7 @@ class GymVecEnv(VecEnv):
         self._seed = seed
         self._seeded = False
         self._closed = True  # until the vector env exists, so a failed constructor leaves nothing to close
+        self.steps_in_background = options.vectorization == "async"  # subprocesses step between the calls
 
         make_kwargs = dict(options.env_kwargs)
         if options.max_episode_steps is not None:
@@ -260,6 +266,9 @@ class GymVecEnv(VecEnv):
 
     def reset(self, seed: int | None = None) -> Tensor:
         self._check_open()
+        self._check_idle()
+        if self._group is not None:
+            return self._group.reset(seed)
         if seed is None and not self._seeded:
             seed = self._seed
         if seed is not None:
@@ -271,8 +280,35 @@ class GymVecEnv(VecEnv):
 
     def step(self, actions: Tensor | None) -> StepResult:
         self._check_open()
+        self._check_idle()
+        if self._group is not None:
+            return self._group.step(actions)
         actions = check_actions(actions, self.single_action_space, self.num_envs)
-        obs, reward, terminated, truncated, info = self.env.step(self._library_actions(actions))
+        return self._result(*self.env.step(self._library_actions(actions)))
+
+    def step_async(self, actions: Tensor | None) -> None:
+        """Async vectorization: send the actions to the subprocesses (otherwise: step at once)."""
+        self._check_open()
+        if self._group is not None:
+            return self._group.step_async(actions)
+        if not self.steps_in_background:
+            return super().step_async(actions)
+        actions = check_actions(actions, self.single_action_space, self.num_envs)
+        self._start_async()
+        self.env.step_async(self._library_actions(actions))
+
+    def step_wait(self) -> StepResult:
+        self._check_open()
+        if self._group is not None:
+            return self._group.step_wait()
+        if not self.steps_in_background:
+            return super().step_wait()
+        self._finish_async()
+        return self._result(*self.env.step_wait())
+
+    def _result(self, obs: Any, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+                info: dict[str, Any]) -> StepResult:
+        """The library's step result -> the VecEnv contract's."""
         next_obs = self._observation(obs)
         reward = to_tensor(reward, self.device, np.float32)
         terminated = to_tensor(terminated, self.device, np.bool_)
@@ -292,7 +328,18 @@ class GymVecEnv(VecEnv):
         episode = self.episodes.update(reward, done)
         return next_obs, reward, terminated, truncated, {"final_obs": final_obs, "episode": episode}
 
+    def split(self, parts: int) -> Sequence[VecEnv]:
+        def make(num_envs: int, start: int) -> VecEnv:
+            return GymVecEnv(dataclasses.replace(self.options, num_envs=num_envs), self.device, self._seed + start)
+
+        self._check_open()
+        return self._split_with(parts, make, self.env.close)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.env.close()
+            self._step_in_flight = False
+            if self._group is not None:
+                self._group.close()
+            else:
+                self.env.close()

@@ -15,13 +15,18 @@ than hides:
   ``final_obs``.
 
 gym3 envs cannot be reset; ``reset(seed)`` builds a fresh vector env seeded with ``seed``.
+
+``step_async``/``step_wait`` are gym3's ``act``/``observe``: ProcGen steps in its worker threads
+meanwhile. ``split`` rebuilds the env as several gym3 envs (group ``i`` seeded with ``seed + start_i``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +97,8 @@ class ProcgenOptions(EnvOptions):
 class ProcgenVecEnv(VecEnv):
     """ProcGen games (gym3 vector env; easy mode, 200 levels by default), uint8 frames [B, 3, 64, 64]."""
 
+    steps_in_background = True  # act/observe
+
     def __init__(self, options: ProcgenOptions, device: torch.device, seed: int = 0) -> None:
         _procgen()
         self.options = options
@@ -133,6 +140,9 @@ class ProcgenVecEnv(VecEnv):
 
     def reset(self, seed: int | None = None) -> Tensor:
         self._check_open()
+        self._check_idle()
+        if self._group is not None:
+            return self._group.reset(seed)
         # An env that has not been stepped yet, with the requested seed, is already freshly reset.
         if self._stepped or (seed is not None and seed != self._env_seed):
             seed = int(self._seeds.integers(2**31 - 1)) if seed is None else seed
@@ -144,9 +154,25 @@ class ProcgenVecEnv(VecEnv):
 
     def step(self, actions: Tensor | None) -> StepResult:
         self._check_open()
+        self._check_idle()
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: Tensor | None) -> None:
+        """Hand the actions to gym3; ProcGen's threads step until ``step_wait``."""
+        self._check_open()
+        if self._group is not None:
+            return self._group.step_async(actions)
         actions = check_actions(actions, self.single_action_space, self.num_envs)
+        self._start_async()
         self.env.act(actions.detach().cpu().numpy().astype(np.int32))
         self._stepped = True
+
+    def step_wait(self) -> StepResult:
+        self._check_open()
+        if self._group is not None:
+            return self._group.step_wait()
+        self._finish_async()
         reward, observation, first = self.env.observe()
         obs = self._frames(observation)
         reward = to_tensor(reward, self.device, np.float32)
@@ -156,7 +182,21 @@ class ProcgenVecEnv(VecEnv):
         # No terminal frame to report: final_obs is the returned frame itself (see the module docstring).
         return obs, reward, terminated, truncated, {"final_obs": obs, "episode": episode}
 
+    def split(self, parts: int) -> Sequence[VecEnv]:
+        def make(num_envs: int, start: int) -> VecEnv:
+            return ProcgenVecEnv(dataclasses.replace(self.options, num_envs=num_envs), self.device,
+                                 self._env_seed + start)
+
+        def release() -> None:
+            self.env = None  # gym3 envs free their native resources when collected
+
+        self._check_open()
+        return self._split_with(parts, make, release)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._step_in_flight = False
+            if self._group is not None:
+                self._group.close()
             self.env = None  # gym3 envs free their native resources when collected
