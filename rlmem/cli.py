@@ -16,7 +16,7 @@ from pathlib import Path
 from rlmem.errors import ConfigError
 
 BENCHES = {
-    "envs": ("envs.bench", "environment steps/s: raw library vs rlmem VecEnv (vs rollout with a policy)"),
+    "envs": ("rlmem.bench.envs", "environment steps/s: raw library vs rlmem VecEnv vs rollout with a policy"),
     "memory": ("rlmem.bench.memory", "per-env memory and time per step of rtrl vs bptt as the window grows"),
     "ffm": ("rlmem.bench.ffm", "FFM associative-scan window vs fused GRU, forward+backward"),
     "cfc": ("rlmem.bench.cfc", "CfC per-step time and memory: rtrl vs snap1 vs bptt"),
