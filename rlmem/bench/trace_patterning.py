@@ -23,7 +23,10 @@ gradient); for truncated BPTT, 3 × (window length) × the core's weights (forwa
 window every step). Wall-clock time is also reported, but at these sizes it measures Python overhead,
 not arithmetic.
 
-Runs are independent processes (``--workers``); each uses one CPU thread. Example::
+Each run learns from ``--num-envs`` streams (1, the paper's protocol, by default): with more, one
+learner takes one TD(λ) update per step from the mean of the streams' δ·z (each stream keeps its own
+trace), which puts more data through per unit of compute but is not the single-stream setting.
+``MACs/step`` counts one stream. Runs are independent processes (``--workers``), one thread each::
 
     rlmem bench trace_patterning --steps 300000 --seeds 5 --workers 2 --out runs/bench/trace_patterning
 """
@@ -94,8 +97,9 @@ def multiply_adds(core: Any, state: dict[str, Any], unroll_length: int) -> int:
     return weights + 4 * sensitivities
 
 
-def run_one(name: str, method: Method, seed: int, steps: int, log_every: int) -> dict[str, Any]:
-    """One online TD(λ) run; returns its learning curve (mean squared return error per ``log_every`` steps)."""
+def run_one(name: str, method: Method, seed: int, steps: int, log_every: int, num_envs: int) -> dict[str, Any]:
+    """One online TD(λ) run on ``num_envs`` streams; returns its learning curve (mean squared return error
+    per ``log_every`` env steps, all streams together)."""
     import torch
 
     import agents  # noqa: F401  (registers the learners)
@@ -104,8 +108,9 @@ def run_one(name: str, method: Method, seed: int, steps: int, log_every: int) ->
     from envs import make_env
 
     torch.set_num_threads(1)
-    env = make_env({"name": "trace_patterning", "num_envs": 1, "gamma": GAMMA}, seed=seed)
-    options = TDOptions(lr=method.lr, lam=LAM, unroll_length=method.unroll_length, steps_per_iteration=log_every)
+    env = make_env({"name": "trace_patterning", "num_envs": num_envs, "gamma": GAMMA}, seed=seed)
+    options = TDOptions(lr=method.lr, lam=LAM, unroll_length=method.unroll_length,
+                        steps_per_iteration=log_every // num_envs)
     learner = TDLearner(options, env, memory_spec(method, steps), ModelOptions(encoder="identity"),
                         torch.device("cpu"), seed, total_steps=steps)
     curve = []
@@ -118,7 +123,7 @@ def run_one(name: str, method: Method, seed: int, steps: int, log_every: int) ->
         "method": name,
         "seed": seed,
         "curve": curve,
-        "ms_per_step": 1e3 * seconds / (len(curve) * log_every),
+        "ms_per_step": 1e3 * seconds / (len(curve) * log_every // num_envs),  # per update (all streams)
         "macs_per_step": multiply_adds(core, learner.state_after, method.unroll_length),
         "params": sum(p.numel() for p in learner.network.parameters()),
     }
@@ -179,7 +184,9 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlmem bench trace_patterning", description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
-    parser.add_argument("--steps", type=int, default=300_000, help="env steps per run")
+    parser.add_argument("--steps", type=int, default=300_000, help="env steps per run (all streams together)")
+    parser.add_argument("--num-envs", type=int, default=1,
+                        help="streams per run, sharing one learner (1: the paper's protocol)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per method (0..seeds-1)")
     parser.add_argument("--window", type=int, default=50_000, help="final error: mean over this many last steps")
     parser.add_argument("--log-every", type=int, default=5_000, help="steps per point of the learning curve")
@@ -196,11 +203,13 @@ def run(argv: list[str]) -> None:
     if unknown or not methods:
         what = repr(unknown[0]) if unknown else "(none)"
         raise ConfigError(f"--methods: unknown method {what}; valid choices: {', '.join(METHODS)}")
-    for key in ("steps", "seeds", "window", "log_every", "workers"):
+    for key in ("steps", "num_envs", "seeds", "window", "log_every", "workers"):
         if getattr(args, key) <= 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     if args.steps < args.log_every:
         raise ConfigError(f"--steps={args.steps} must be at least --log-every={args.log_every}")
+    if args.log_every % args.num_envs:
+        raise ConfigError(f"--log-every={args.log_every} must be a multiple of --num-envs={args.num_envs}")
     chosen = dict(METHODS)
     for item in args.lr:
         name, _, value = item.partition("=")
@@ -211,9 +220,10 @@ def run(argv: list[str]) -> None:
         except ValueError:
             raise ConfigError(f"--lr {item!r}: expected METHOD=<number>") from None
 
-    jobs = [(name, chosen[name], seed, args.steps, args.log_every) for seed in range(args.seeds) for name in methods]
-    print(f"trace patterning: {len(methods)} methods x {args.seeds} seeds x {args.steps:,} steps, "
-          f"{args.workers} worker(s)", flush=True)
+    jobs = [(name, chosen[name], seed, args.steps, args.log_every, args.num_envs)
+            for seed in range(args.seeds) for name in methods]
+    print(f"trace patterning: {len(methods)} methods x {args.seeds} seeds x {args.steps:,} steps "
+          f"({args.num_envs} stream(s) per run), {args.workers} worker(s)", flush=True)
     results = []
     if args.workers == 1:
         for job in jobs:
@@ -228,15 +238,16 @@ def run(argv: list[str]) -> None:
     rows = summarise(results, methods, args.log_every, args.window)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"steps": args.steps, "seeds": args.seeds, "window": args.window, "log_every": args.log_every,
+    settings = {"steps": args.steps, "num_envs": args.num_envs, "seeds": args.seeds, "window": args.window,
+                "log_every": args.log_every,
                 "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}
     (out / "results.json").write_text(json.dumps({"settings": settings, "summary": rows, "runs": results}, indent=1))
-    title = f"trace patterning, {args.steps:,} steps, {args.seeds} seeds"
+    title = f"trace patterning, {args.steps:,} steps ({args.num_envs} stream(s) per run), {args.seeds} seeds"
     plot(results, rows, args.log_every, out / "trace_patterning.png", title)
 
     print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps ({args.seeds} seeds):")
-    print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'MACs/step':>10s} {'ms/step':>8s}  lr")
+    print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'MACs/step':>10s} {'ms/update':>9s}  lr")
     for row in sorted(rows, key=lambda r: r["final_error"]):
         print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['macs_per_step']:10,d} "
-              f"{row['ms_per_step']:8.2f}  {chosen[row['method']].lr:g}")
+              f"{row['ms_per_step']:9.2f}  {chosen[row['method']].lr:g}")
     print(f"\nwrote {out / 'results.json'} and {out / 'trace_patterning.png'}")
