@@ -10,11 +10,13 @@ side by side in one run:
 * the per-step form (T = 1) with gradient, S ← Ã S + u ⊗ v and G += Σ_b ⟨e, S⟩: the kernel, and
   the engine's reference ``advance`` + ``gradients``.
 
-Throughput is in sensitivity element-updates per second (T·B·N·k·D reals of S per window, for either
-direction). The per-step kernel's achieved memory bandwidth (bytes it must move: S read and written,
-coefficients, G) is given as a fraction of two references: the theoretical peak from
-``torch.cuda.get_device_properties`` (memory clock × bus width × 2, where torch reports them) and a
-measured device-to-device copy (read + write bytes of a 1 GiB ``copy_``). Last, one window of an
+Each kernel is timed as one eager call (what the engine pays, Python included; the ratios use these)
+and replayed in a CUDA graph (its device time). Throughput is in sensitivity element-updates per
+second of device time (T·B·N·k·D reals of S per window, for either direction). The per-step
+kernel's achieved memory bandwidth (bytes it must move: S read and written, coefficients, G) is
+given as a fraction of two references: the theoretical peak from ``torch.cuda.get_device_properties``
+(memory clock × bus width × 2, where torch reports them) and a measured device-to-device copy
+(read + write bytes of a 1 GiB ``copy_``). Last, one window of an
 elstm core, forward + backward, with grad rtrl (kernels on and off) against grad bptt. Example::
 
     rlmem bench kernels                              # B = 64, N = 256, D = 256, T = 32 and T = 1
@@ -96,6 +98,25 @@ def _seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / inner)
     return statistics.median(times)
+
+
+def _device_seconds(fn: Callable[[], object], repeats: int, warmup: int, calls: int = 20) -> float | None:
+    """Median seconds of one call with the Python and launch overhead removed: ``calls`` calls captured
+    in a CUDA graph and replayed. None if the call cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup, 1)):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError:
+        return None
+    return _seconds(graph.replay, repeats, 1) / calls
 
 
 def _window(form: str, k: int, T: int, B: int, N: int, D: int, device: torch.device):
@@ -224,6 +245,35 @@ def _rows(form_name: str, T: int, B: int, N: int, D: int, device: torch.device) 
     return rows
 
 
+def _measure(row: Row, prefix: str, updates: int, args: argparse.Namespace, peaks: tuple[float | None, float]) -> None:
+    """Time one row (kernel eagerly and in a CUDA graph, the reference, eager stepping) and print it."""
+    label, kernel, reference, stepwise, moved = row
+    kernel_s = _seconds(kernel, args.repeats, args.warmup)
+    device_s = _device_seconds(kernel, args.repeats, args.warmup)
+    with _kernels_off():
+        reference_s = _seconds(reference, args.repeats, args.warmup)
+        step_s = _seconds(stepwise, args.repeats, args.warmup) if stepwise is not None else None
+    timed = device_s or kernel_s
+
+    def ms(seconds: float | None) -> str:
+        return f"{seconds * 1e3:9.3f}m" if seconds else f"{'-':>10s}"
+
+    vs_step = f"{step_s / kernel_s:7.1f}x" if step_s else f"{'-':>8s}"
+    print(
+        f"{prefix} {label:20s} {ms(kernel_s)} {ms(device_s)} {ms(reference_s)} {ms(step_s)} "
+        f"{reference_s / kernel_s:6.1f}x {vs_step} {updates / timed / 1e9:8.1f}"
+    )
+    if moved:
+        theoretical, copy = peaks
+        bandwidth = moved / timed
+        of_peak = f"{bandwidth / theoretical:.0%} of peak, " if theoretical else ""
+        timing = "kernel time in a CUDA graph" if device_s else "eager call time"
+        print(
+            f"{'':13s} {'bandwidth':20s} {bandwidth / 1e9:9.0f} GB/s = {of_peak}"
+            f"{bandwidth / copy:.0%} of the measured copy ({timing})"
+        )
+
+
 def run(argv: list[str]) -> None:
     """Print the kernels-vs-reference table (see the module docstring); one line without a GPU."""
     args = _parser().parse_args(argv)
@@ -250,33 +300,21 @@ def run(argv: list[str]) -> None:
         return
 
     B, N, D = args.batch, args.units, args.columns
-    theoretical, copy = _peak_bandwidth()
+    peaks = theoretical, copy = _peak_bandwidth()
     name = torch.cuda.get_device_name()
     peak = f"{theoretical / 1e9:.0f} GB/s from the device properties" if theoretical else "not reported by torch"
     print(f"{name}: memory bandwidth peak {peak}; measured device-to-device copy {copy / 1e9:.0f} GB/s")
     print(f"one matrix group, B={B} N={N} D={D}, float32; median of {args.repeats}; updates = T·B·N·k·D per window")
-    header = f"{'form':8s} {'T':>4s} {'direction':22s} {'kernel':>10s} {'reference':>10s} {'stepwise':>10s}"
-    print(f"{header} {'vs ref':>7s} {'vs step':>8s}   (time per window; G updates/s of the kernel)")
+    print(
+        "times per window: kernel = one eager call (as the engine makes it), in graph = the same call replayed "
+        "in a CUDA graph (device time, no Python or launch overhead); ratios use the eager calls; "
+        "G/s = 1e9 element-updates per second of the kernel's device time"
+    )
+    header = f"{'form':8s} {'T':>4s} {'direction':20s} {'kernel':>10s} {'in graph':>10s} {'reference':>10s}"
+    print(f"{header} {'stepwise':>10s} {'vs ref':>7s} {'vs step':>8s} {'G/s':>8s}")
     for form_name in forms:
         for T in windows:
-            for label, kernel, reference, stepwise, moved in _rows(form_name, T, B, N, D, torch.device("cuda")):
-                kernel_s = _seconds(kernel, args.repeats, args.warmup)
-                with _kernels_off():
-                    reference_s = _seconds(reference, args.repeats, args.warmup)
-                    step_s = _seconds(stepwise, args.repeats, args.warmup) if stepwise is not None else None
-                updates = T * B * N * FORM_BLOCKS[form_name][1] * D
-                step_text = f"{step_s * 1e3:9.3f}m" if step_s else f"{'-':>10s}"
-                vs_step = f"{step_s / kernel_s:7.1f}x" if step_s else f"{'-':>8s}"
-                print(
-                    f"{form_name:8s} {T:4d} {label:22s} {kernel_s * 1e3:9.3f}m {reference_s * 1e3:9.3f}m "
-                    f"{step_text} {reference_s / kernel_s:6.1f}x {vs_step}   {updates / kernel_s / 1e9:8.1f}"
-                )
-                if moved:
-                    bandwidth = moved / kernel_s
-                    of_peak = f"{bandwidth / theoretical:.0%} of peak, " if theoretical else ""
-                    print(
-                        f"{'':8s} {'':4s} {'  bandwidth':22s} {bandwidth / 1e9:9.0f} GB/s = {of_peak}"
-                        f"{bandwidth / copy:.0%} of the measured copy"
-                    )
+            for row in _rows(form_name, T, B, N, D, torch.device("cuda")):
+                _measure(row, f"{form_name:8s} {T:4d}", T * B * N * FORM_BLOCKS[form_name][1] * D, args, peaks)
     if not args.no_core:
         _core_row(args)
