@@ -224,7 +224,7 @@ class Shape:
 # Off every tile size; T = 19 crosses the 16-step staging chunk; B = 4 splits reductions in two.
 SHAPES = [Shape(1, 1, 1, 1, 2), Shape(19, 4, 37, 70, 3), Shape(2, 3, 17, 129, 1)]
 SHAPE_IDS = ["tiny", "T19", "wide"]
-GPU_SHAPES = [Shape(40, 17, 300, 200, 4), Shape(70, 64, 256, 256, 2)]  # beyond the engine's chunk
+GPU_SHAPES = [Shape(40, 17, 300, 200, 4), Shape(70, 16, 256, 256, 2)]  # T = 70: beyond the engine's chunk
 
 
 @dataclass
