@@ -6,6 +6,7 @@ correction, one stream per run as in the paper) on ``trace_patterning`` (12 inpu
 linear readout. The metric is the paper's: the squared error of the prediction against the true
 return, mean over the last ``--window`` steps of each run; the table reports its mean and standard
 error over seeds, and the plot shows learning curves (mean ± s.e. over seeds) and the final errors.
+Both include the reference V = 0 (nothing learned: the mean of G² over the same streams).
 
 Methods (sizes as in the paper where it gives them; per-step compute roughly matched, see the
 ``MACs/step`` column):
@@ -75,6 +76,8 @@ METHODS: dict[str, Method] = {
     "elstm": Method({"name": "elstm", "grad": "rtrl", "hidden_size": 16}, lr=0.003, label="eLSTM 16 (RTRL)"),
     "lru": Method({"name": "lru", "grad": "rtrl", "hidden_size": 16}, lr=0.003, label="LRU 16 (RTRL)"),
 }
+# The reference every table and plot includes: V = 0, i.e. nothing learned (the mean of G²).
+ZERO = Method({}, lr=0.0, label="V = 0 (nothing learned)")
 
 
 def memory_spec(method: Method, steps: int) -> dict[str, Any]:
@@ -129,6 +132,23 @@ def run_one(name: str, method: Method, seed: int, steps: int, log_every: int, nu
     }
 
 
+def zero_prediction_curve(seed: int, steps: int, log_every: int, num_envs: int) -> list[float]:
+    """The learning curve of V = 0 on a run's stream (the mean of G²): the error with nothing learned."""
+    import torch
+
+    from envs import make_env
+
+    env = make_env({"name": "trace_patterning", "num_envs": num_envs, "gamma": GAMMA}, seed=seed)
+    env.reset(seed=seed)
+    curve = []
+    for _ in range(steps // log_every):
+        total = torch.zeros((), dtype=torch.float64)
+        for _ in range(log_every // num_envs):
+            total += env.step(None)[4]["true_return"].double().pow(2).mean()
+        curve.append(float(total) / (log_every // num_envs))
+    return curve
+
+
 def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: int, window: int) -> list[dict]:
     last = max(1, window // log_every)
     rows = []
@@ -140,7 +160,7 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
             else float("nan")
         rows.append({
             "method": name,
-            "label": METHODS[name].label,
+            "label": METHODS[name].label if name in METHODS else ZERO.label,
             "final_error": mean,
             "stderr": stderr,
             "per_seed": finals,
@@ -163,8 +183,8 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
         steps = log_every * np.arange(1, runs.shape[1] + 1)
         mean = runs.mean(0)
         stderr = runs.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
-        color = f"C{i}"
-        curves.plot(steps, mean, color=color, label=row["label"])
+        color = "black" if row["method"] == "zero" else f"C{i}"
+        curves.plot(steps, mean, color=color, label=row["label"], linestyle="--" if row["method"] == "zero" else "-")
         curves.fill_between(steps, mean - stderr, mean + stderr, color=color, alpha=0.2, linewidth=0)
         finals.errorbar([i], [row["final_error"]], yerr=[row["stderr"]], fmt="o", color=color, capsize=4)
         finals.scatter([i] * len(row["per_seed"]), row["per_seed"], color=color, s=10, alpha=0.5)
@@ -235,7 +255,10 @@ def run(argv: list[str]) -> None:
                 results.append(result)
                 print(f"  done {job[0]} seed {job[2]}", flush=True)
 
-    rows = summarise(results, methods, args.log_every, args.window)
+    for seed in range(args.seeds):
+        results.append({"method": "zero", "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
+                        "curve": zero_prediction_curve(seed, args.steps, args.log_every, args.num_envs)})
+    rows = summarise(results, [*methods, "zero"], args.log_every, args.window)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"steps": args.steps, "num_envs": args.num_envs, "seeds": args.seeds, "window": args.window,
@@ -249,5 +272,5 @@ def run(argv: list[str]) -> None:
     print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'MACs/step':>10s} {'ms/update':>9s}  lr")
     for row in sorted(rows, key=lambda r: r["final_error"]):
         print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['macs_per_step']:10,d} "
-              f"{row['ms_per_step']:9.2f}  {chosen[row['method']].lr:g}")
+              f"{row['ms_per_step']:9.2f}  {chosen[row['method']].lr if row['method'] in chosen else '-'}")
     print(f"\nwrote {out / 'results.json'} and {out / 'trace_patterning.png'}")
