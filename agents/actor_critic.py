@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from agents.base import IterationResult, ModelOptions, register_learner
+from agents.base import IterationResult, ModelOptions, check_number, register_learner
 from agents.networks import ActorCritic, check_action_space
 from agents.returns import bootstrap_truncation, explained_variance, gae, vtrace
 from agents.rollout import Rollout, RolloutCollector
@@ -34,17 +34,6 @@ from rlmem.memory import State
 TARGETS = ("gae", "vtrace")
 OPTIMIZERS = ("adam", "rmsprop")
 
-
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
-                  integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        what = "an integer" if integer else "a number"
-        raise ConfigError(f"agent.{name} must be {what} {bound}, got {value!r}")
 
 
 @dataclass
@@ -70,23 +59,23 @@ class ActorCriticOptions:
     anneal_lr: bool = True  # linearly to 0 over train.total_steps
 
     def __post_init__(self) -> None:
-        _check_number("unroll_length", self.unroll_length, 0, low_open=True, integer=True)
-        _check_number("gamma", self.gamma, 0.0, 1.0)
-        _check_number("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        check_number("unroll_length", self.unroll_length, 0, low_open=True, integer=True)
+        check_number("gamma", self.gamma, 0.0, 1.0)
+        check_number("gae_lambda", self.gae_lambda, 0.0, 1.0)
         if self.target not in TARGETS:
             raise ConfigError(f"agent.target must be one of {', '.join(TARGETS)}; got {self.target!r}")
-        _check_number("vtrace_rho_clip", self.vtrace_rho_clip, 0.0, low_open=True)
-        _check_number("vtrace_c_clip", self.vtrace_c_clip, 0.0, low_open=True)
+        check_number("vtrace_rho_clip", self.vtrace_rho_clip, 0.0, low_open=True)
+        check_number("vtrace_c_clip", self.vtrace_c_clip, 0.0, low_open=True)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"agent.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
-        _check_number("lr", self.lr, 0.0, low_open=True)
-        _check_number("adam_eps", self.adam_eps, 0.0, low_open=True)
-        _check_number("rmsprop_eps", self.rmsprop_eps, 0.0, low_open=True)
-        _check_number("rmsprop_alpha", self.rmsprop_alpha, 0.0, 1.0, low_open=True)
-        _check_number("max_grad_norm", self.max_grad_norm, 0.0)
-        _check_number("entropy_coef", self.entropy_coef, 0.0)
-        _check_number("value_coef", self.value_coef, 0.0)
-        _check_number("reward_clip", self.reward_clip, 0.0)
+        check_number("lr", self.lr, 0.0, low_open=True)
+        check_number("adam_eps", self.adam_eps, 0.0, low_open=True)
+        check_number("rmsprop_eps", self.rmsprop_eps, 0.0, low_open=True)
+        check_number("rmsprop_alpha", self.rmsprop_alpha, 0.0, 1.0, low_open=True)
+        check_number("max_grad_norm", self.max_grad_norm, 0.0)
+        check_number("entropy_coef", self.entropy_coef, 0.0)
+        check_number("value_coef", self.value_coef, 0.0)
+        check_number("reward_clip", self.reward_clip, 0.0)
         for name in ("normalize_advantages", "anneal_lr"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"agent.{name} must be true or false, got {getattr(self, name)!r}")

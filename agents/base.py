@@ -4,15 +4,17 @@ A learner owns the networks, the optimizer, the carried memory state and the env
 observation. The training loop (``rlmem.train``) only calls::
 
     learner = LEARNERS.get(name).cls(options, env=env, memory=memory_spec, model=model_options,
-                                     device=device, seed=seed)
-    result = learner.iteration()          # collect + update
+                                     device=device, seed=seed, total_steps=total_steps)
+    result = learner.iteration()          # collect + update -> IterationResult
     learner.state_dict() / learner.load_state_dict(d)   # networks, optimizer, memory state, RNG
-    learner.act(obs, state, ...)          # greedy or sampled actions for ``rlmem eval``
+    learner.network                       # the ActorCritic module ``rlmem eval`` runs (agents.evaluate)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from rlmem.errors import ConfigError
 from rlmem.registry import Registry
@@ -45,6 +47,18 @@ class IterationResult:
     metrics: dict[str, float] = field(default_factory=dict)  # full TensorBoard tags: "losses/value_loss"...
     episode_returns: list[float] = field(default_factory=list)  # raw returns of episodes finished
     episode_lengths: list[int] = field(default_factory=list)
+
+
+def check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                 integer: bool = False) -> None:
+    """Validate the learner option ``agent.<name>`` lies in [low, high] (or (low, high]); ConfigError if not."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise ConfigError(f"agent.{name} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
 
 
 LEARNERS: Registry = Registry("learner")

@@ -33,24 +33,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from agents.base import IterationResult, ModelOptions, register_learner
+from agents.base import IterationResult, ModelOptions, check_number, register_learner
 from agents.networks import ActorCritic, check_action_space
 from agents.returns import bootstrap_truncation, explained_variance, gae
 from agents.rollout import Rollout, RolloutCollector
 from envs.base import VecEnv
 from rlmem.errors import ConfigError
 from rlmem.memory import State
-
-
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
-                  integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        raise ConfigError(f"agent.{name} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
 
 
 @dataclass
@@ -75,19 +64,19 @@ class PPOOptions:
     reward_clip: float = 0.0  # clip rewards to [-c, c] for learning and the core's input; 0 = off
 
     def __post_init__(self) -> None:
-        _check_number("unroll_length", self.unroll_length, 0, low_open=True, integer=True)
-        _check_number("num_minibatches", self.num_minibatches, 0, low_open=True, integer=True)
-        _check_number("update_epochs", self.update_epochs, 0, low_open=True, integer=True)
-        _check_number("gamma", self.gamma, 0.0, 1.0)
-        _check_number("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        _check_number("lr", self.lr, 0.0, low_open=True)
-        _check_number("adam_eps", self.adam_eps, 0.0, low_open=True)
-        _check_number("clip_coef", self.clip_coef, 0.0, low_open=True)
-        _check_number("entropy_coef", self.entropy_coef, 0.0)
-        _check_number("value_coef", self.value_coef, 0.0)
-        _check_number("max_grad_norm", self.max_grad_norm, 0.0)
-        _check_number("target_kl", self.target_kl, 0.0)
-        _check_number("reward_clip", self.reward_clip, 0.0)
+        check_number("unroll_length", self.unroll_length, 0, low_open=True, integer=True)
+        check_number("num_minibatches", self.num_minibatches, 0, low_open=True, integer=True)
+        check_number("update_epochs", self.update_epochs, 0, low_open=True, integer=True)
+        check_number("gamma", self.gamma, 0.0, 1.0)
+        check_number("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        check_number("lr", self.lr, 0.0, low_open=True)
+        check_number("adam_eps", self.adam_eps, 0.0, low_open=True)
+        check_number("clip_coef", self.clip_coef, 0.0, low_open=True)
+        check_number("entropy_coef", self.entropy_coef, 0.0)
+        check_number("value_coef", self.value_coef, 0.0)
+        check_number("max_grad_norm", self.max_grad_norm, 0.0)
+        check_number("target_kl", self.target_kl, 0.0)
+        check_number("reward_clip", self.reward_clip, 0.0)
         for name in ("anneal_lr", "clip_value_loss", "normalize_advantages"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"agent.{name} must be true or false, got {getattr(self, name)!r}")

@@ -53,7 +53,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
-from agents.base import IterationResult, ModelOptions, register_learner
+from agents.base import IterationResult, ModelOptions, check_number, register_learner
 from agents.networks import ActorCritic, CategoricalHead, GaussianHead, ObservationFloat, check_action_space
 from envs.base import VecEnv
 from rlmem.errors import ConfigError
@@ -62,16 +62,6 @@ from rlmem.memory import CORES, State, clone_state, core_options
 ONLINE_GRAD_MODES = ("rtrl", "snap1")
 ENV_UPDATES = ("mean", "sum")
 
-
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
-                  integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        raise ConfigError(f"agent.{name} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
 
 
 @dataclass
@@ -93,18 +83,18 @@ class StreamACOptions:
     env_update: str = "mean"  # mean | sum: how the B envs' ObGD steps combine into one update
 
     def __post_init__(self) -> None:
-        _check_number("steps_per_iteration", self.steps_per_iteration, 0, low_open=True, integer=True)
-        _check_number("gamma", self.gamma, 0.0, 1.0)
-        _check_number("trace_lambda", self.trace_lambda, 0.0, 1.0)
-        _check_number("lr", self.lr, 0.0, low_open=True)
-        _check_number("critic_kappa", self.critic_kappa, 0.0, low_open=True)
-        _check_number("actor_kappa", self.actor_kappa, 0.0, low_open=True)
-        _check_number("entropy_coef", self.entropy_coef, 0.0)
-        _check_number("sparsity", self.sparsity, 0.0, 1.0)
+        check_number("steps_per_iteration", self.steps_per_iteration, 0, low_open=True, integer=True)
+        check_number("gamma", self.gamma, 0.0, 1.0)
+        check_number("trace_lambda", self.trace_lambda, 0.0, 1.0)
+        check_number("lr", self.lr, 0.0, low_open=True)
+        check_number("critic_kappa", self.critic_kappa, 0.0, low_open=True)
+        check_number("actor_kappa", self.actor_kappa, 0.0, low_open=True)
+        check_number("entropy_coef", self.entropy_coef, 0.0)
+        check_number("sparsity", self.sparsity, 0.0, 1.0)
         if self.sparsity == 1.0:
             raise ConfigError("agent.sparsity must be < 1 (a layer with every input zeroed cannot learn), got 1.0")
-        _check_number("torso_size", self.torso_size, 0, low_open=True, integer=True)
-        _check_number("torso_layers", self.torso_layers, 0, integer=True)
+        check_number("torso_size", self.torso_size, 0, low_open=True, integer=True)
+        check_number("torso_layers", self.torso_layers, 0, integer=True)
         if self.env_update not in ENV_UPDATES:
             raise ConfigError(f"agent.env_update must be one of {', '.join(ENV_UPDATES)}; got {self.env_update!r}")
         for name in ("normalize_observations", "scale_rewards"):

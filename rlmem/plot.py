@@ -51,14 +51,35 @@ def _flat_config(run_dir: Path) -> dict[str, str]:
     return flat
 
 
+def _short(key: str) -> str:
+    section, _, option = key.partition(".")
+    return section if option == "name" else option or section
+
+
+NAME_KEYS = ("agent.name", "memory.name", "memory.grad", "env.name", "env.id", "env.game")
+
+
 def group_runs(run_dirs: Sequence[Path]) -> dict[str, list[Path]]:
-    """Label -> runs that differ only by seed."""
+    """Label -> runs that differ only by seed.
+
+    Labels name the keys that differ between groups: the component names first (learner, core, grad,
+    env); other options only where names alone do not tell the groups apart, and never options that
+    one component has and another lacks.
+    """
     configs = {d: {k: v for k, v in _flat_config(d).items() if k not in IGNORED_KEYS} for d in run_dirs}
     keys = sorted({k for c in configs.values() for k in c})
     varying = [k for k in keys if len({c.get(k) for c in configs.values()}) > 1]
+    named = [k for k in NAME_KEYS if k in varying]
+    present_everywhere = [k for k in varying if all(k in c and c[k] != "None" for c in configs.values())]
+    distinct = len({tuple(c.get(k) for k in varying) for c in configs.values()})
+    label_keys = varying
+    for candidate in (named, named + [k for k in present_everywhere if k not in named]):
+        if candidate and len({tuple(c.get(k) for k in candidate) for c in configs.values()}) == distinct:
+            label_keys = candidate  # the shortest label that still tells the groups apart
+            break
     groups: dict[str, list[Path]] = {}
     for d, c in configs.items():
-        label = ", ".join(f"{k.split('.', 1)[1] if k.count('.') else k}={c.get(k)}" for k in varying) or d.name
+        label = ", ".join(f"{_short(k)}={c.get(k)}" for k in label_keys) or d.name
         groups.setdefault(label, []).append(d)
     return groups
 

@@ -142,3 +142,19 @@ def test_list_names_every_registry(capsys):
     out = capsys.readouterr().out
     for name in ["gru", "lstm", "none", "cue_recall", "actor_critic", "hidden_size", "grad:"]:
         assert name in out
+
+
+def test_plot_labels_groups_by_component_names(tmp_path: Path):
+    from rlmem.plot import group_runs
+
+    def run(name: str, core: str, seed: int, extra: str = "") -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(
+            f"memory: {{name: {core}, hidden_size: 8{extra}}}\ntrain: {{seed: {seed}}}\n"
+        )
+        return d
+
+    runs = [run("a0", "lru", 0, ", r_min: 0.5"), run("a1", "lru", 1, ", r_min: 0.5"), run("b0", "gru", 0)]
+    groups = group_runs(runs)
+    assert groups == {"memory=lru": runs[:2], "memory=gru": runs[2:]}
