@@ -87,3 +87,19 @@ def test_initialisation_and_options():
     assert abs(core.forget_input.std().item() - 0.02) < 0.002
     with pytest.raises(ConfigError, match=r"memory\.init_std"):
         make_core({"name": "elstm", "hidden_size": 4, "init_std": -1.0}, input_size=3)
+
+
+def test_chrono_initialisation_spreads_forget_time_constants():
+    torch.manual_seed(0)
+    core = make_core({"name": "elstm", "hidden_size": 256, "chrono_horizon": 200}, input_size=3)
+    # On a zero input the forget gate is σ(b_f) = u / (1 + u): time constants 1 + u in [2, 200].
+    time_constants = 1 + torch.exp(core.forget_bias.detach())
+    assert time_constants.min() >= 2 - 1e-4 and time_constants.max() <= 200 + 1e-3
+    assert time_constants.max() > 150 and torch.all(core.cell_bias == 0)
+    # A cue written into the cell survives 128 blank steps in the slowest units.
+    cell = torch.ones(1, 256)
+    state = {"cell": cell}
+    _, state = core(torch.zeros(128, 1, 3), state, torch.zeros(128, 1, dtype=torch.bool))
+    assert state["cell"].abs().max() > 0.3
+    with pytest.raises(ConfigError, match=r"memory\.chrono_horizon"):
+        make_core({"name": "elstm", "hidden_size": 4, "chrono_horizon": 1}, input_size=3)

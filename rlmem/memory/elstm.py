@@ -15,6 +15,12 @@ and the injections ẑ ⊗ x (Z), f̂ ⊗ x (F), ẑ ⊙ c_{t-1} (w_z), f̂ ⊙ 
 sensitivities take 2·N·D + 4·N reals per env. (The Jacobian includes the w_z ⊙ ẑ term; dropping it
 fails the gradient test against BPTT.) All weights start at N(0, 0.1²), as in the paper.
 
+With small weights every forget gate starts near σ(0) = 0.5, so a cue fades as 0.5^L before learning
+has begun. ``chrono_horizon: T_max`` (Tallec and Ollivier, "Can recurrent neural networks warp
+time?", ICLR 2018) instead starts the forget biases at b_f = log u, u ~ U[1, T_max − 1], so that on a
+zero input unit i retains its cell with time constant 1 / (1 − f_i) = 1 + u_i spread up to T_max steps,
+and b_z = 0. The output-gate and input weights keep their N(0, init_std²) start.
+
 State: ``{"cell": [B, N]}``, plus ``sensitivity_<parameter>`` for the six recurrent parameters in
 ``rtrl`` mode.
 """
@@ -39,11 +45,15 @@ class ELSTMOptions(CoreOptions):
     """Options of the ``elstm`` core (``grad``: ``rtrl`` or ``bptt``)."""
 
     init_std: float = 0.1  # every weight and bias starts at N(0, init_std²)
+    chrono_horizon: int = 0  # > 1: forget biases start at log U[1, chrono_horizon − 1] (0: off)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.init_std, (int, float)) or isinstance(self.init_std, bool) or self.init_std < 0:
             raise ConfigError(f"memory.init_std must be a non-negative number, got {self.init_std!r}")
+        horizon = self.chrono_horizon
+        if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 0 or horizon == 1:
+            raise ConfigError(f"memory.chrono_horizon must be 0 (off) or an integer >= 2, got {horizon!r}")
 
 
 class ELSTMCell(RTRLCell):
@@ -121,6 +131,10 @@ class ELSTMCore(MemoryCore):
         }
         for name, shape in shapes.items():
             self.register_parameter(name, nn.Parameter(torch.randn(shape) * options.init_std))
+        if options.chrono_horizon:
+            with torch.no_grad():
+                self.forget_bias.copy_(torch.log(torch.empty(N).uniform_(1.0, options.chrono_horizon - 1)))
+                self.cell_bias.zero_()
 
     def recurrent_params(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in self.cell.param_names}
