@@ -12,6 +12,12 @@ terminal observation an episode reaches after its last action is the all-zero ob
 ``info["success"]`` [B] float is the fraction of scored actions of the ended episode that were correct
 (valid where the episode ended, 0 elsewhere); ``info["episode"]`` holds the raw returns and lengths.
 
+Every task's episodes have a fixed length, so envs that start together end together forever, and a
+learner whose window is shorter than an episode sees every reward in the same window out of
+``episode_length / unroll_length`` (the others hold none). ``desync: true`` starts each env's first
+episode after a reset at a uniformly random step of it (that episode is cut short and scores by
+chance), which spreads the episode ends evenly over the windows.
+
 Tasks (actions are discrete, observations float32 vectors):
 
 ``cue_recall``
@@ -52,6 +58,18 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise EnvError(f"env.{name} must be an integer >= {minimum}, got {value!r}")
 
 
+@dataclass
+class MemoryTaskOptions(EnvOptions):
+    """Options every built-in memory task has."""
+
+    desync: bool = False  # start each env's first episode at a random step of it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.desync, bool):
+            raise EnvError(f"env.desync must be true or false, got {self.desync!r}")
+
+
 class MemoryTask(VecEnv):
     """Shared machinery of the built-in tasks: seeding, episode counters, autoreset, state_dict.
 
@@ -64,8 +82,9 @@ class MemoryTask(VecEnv):
     state_names: ClassVar[tuple[str, ...]] = ()
     observation_size: int  # D
     num_actions: int
+    episode_length: int  # every episode's number of steps
 
-    def __init__(self, options: EnvOptions, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, options: MemoryTaskOptions, device: torch.device, seed: int = 0) -> None:
         self.options = options
         self.num_envs = options.num_envs
         self.device = torch.device(device)
@@ -80,7 +99,13 @@ class MemoryTask(VecEnv):
         self.correct = torch.zeros(B, dtype=torch.int64, device=self.device)  # correct ones among them
         self.episodes = EpisodeTracker(B, self.device)
         self._closed = False
-        self._start(torch.ones(B, dtype=torch.bool, device=self.device))
+        self._begin()
+
+    def _begin(self) -> None:
+        """Start every env's first episode (at a random step of it with ``desync``)."""
+        self._start(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
+        if self.options.desync:
+            self.step_index.copy_(self._randint(self.episode_length))
 
     def _observation_bounds(self) -> tuple[float, float]:
         return 0.0, 1.0
@@ -117,7 +142,7 @@ class MemoryTask(VecEnv):
         for counter in (self.step_index, self.scored, self.correct):
             counter.zero_()
         self.episodes.reset()
-        self._start(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
+        self._begin()
         return self._observe()
 
     def step(self, actions: Tensor | None) -> StepResult:
@@ -162,7 +187,7 @@ class MemoryTask(VecEnv):
 
 
 @dataclass
-class CueRecallOptions(EnvOptions):
+class CueRecallOptions(MemoryTaskOptions):
     num_cues: int = 4
     delay: int = 8  # blank steps between the cue and the query
     noise: float = 0.0  # std of Gaussian noise on the blank steps' cue channels
@@ -185,6 +210,7 @@ class CueRecall(MemoryTask):
     def __init__(self, options: CueRecallOptions, device: torch.device, seed: int = 0) -> None:
         self.observation_size = options.num_cues + 1
         self.num_actions = options.num_cues
+        self.episode_length = options.delay + 2
         self.cue = torch.zeros(options.num_envs, dtype=torch.int64, device=device)
         super().__init__(options, device, seed)
 
@@ -219,7 +245,7 @@ class CueRecall(MemoryTask):
 
 
 @dataclass
-class RepeatPreviousOptions(EnvOptions):
+class RepeatPreviousOptions(MemoryTaskOptions):
     num_symbols: int = 4
     k: int = 4  # the action names the symbol shown k steps earlier
     episode_length: int = 52
@@ -240,6 +266,7 @@ class RepeatPrevious(MemoryTask):
     def __init__(self, options: RepeatPreviousOptions, device: torch.device, seed: int = 0) -> None:
         self.observation_size = options.num_symbols
         self.num_actions = options.num_symbols
+        self.episode_length = options.episode_length
         # Ring buffer of the last k + 1 symbols: s_t sits at column t mod (k + 1).
         self.history = torch.zeros(options.num_envs, options.k + 1, dtype=torch.int64, device=device)
         super().__init__(options, device, seed)
@@ -275,7 +302,7 @@ class RepeatPrevious(MemoryTask):
 
 
 @dataclass
-class CountRecallOptions(EnvOptions):
+class CountRecallOptions(MemoryTaskOptions):
     num_symbols: int = 4
     num_actions: int = 16  # counts 0..num_actions-1; larger counts are clipped to the largest
     episode_length: int = 52
@@ -296,6 +323,7 @@ class CountRecall(MemoryTask):
     def __init__(self, options: CountRecallOptions, device: torch.device, seed: int = 0) -> None:
         self.observation_size = 2 * options.num_symbols
         self.num_actions = options.num_actions
+        self.episode_length = options.episode_length
         B, S = options.num_envs, options.num_symbols
         self.counts = torch.zeros(B, S, dtype=torch.int64, device=device)  # n_t(q) for every q
         self.symbol = torch.zeros(B, dtype=torch.int64, device=device)

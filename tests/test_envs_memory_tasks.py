@@ -169,9 +169,44 @@ def test_count_recall_clips_counts_at_the_largest_action():
         ({"name": "cue_recall", "num_envs": 0}, "env.num_envs"),
         ({"name": "repeat_previous", "k": 5, "episode_length": 5}, "env.episode_length must be an integer >= 6"),
         ({"name": "count_recall", "num_actions": 1}, "env.num_actions"),
-        ({"name": "cue_recall", "cues": 3}, "unknown key env.cues; valid keys: delay, noise, num_cues, num_envs"),
+        (
+            {"name": "cue_recall", "cues": 3},
+            "unknown key env.cues; valid keys: delay, desync, noise, num_cues, num_envs",
+        ),
     ],
 )
 def test_invalid_options_raise(spec, message):
     with pytest.raises(EnvError, match=message):
         make_env(spec)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "cue_recall", "delay": 6},
+        {"name": "repeat_previous", "episode_length": 8, "k": 2},
+        {"name": "count_recall", "episode_length": 8},
+    ],
+)
+def test_desync_spreads_episode_ends_and_later_episodes_are_whole(spec):
+    env = make_env({**spec, "num_envs": 256, "desync": True}, "cpu", seed=3)
+    length = env.episode_length
+    env.reset(seed=3)
+    first_end = torch.full((256,), -1)
+    lengths = []
+    for t in range(3 * length):
+        _, _, terminated, _, info = env.step(torch.zeros(256, dtype=torch.long))
+        first_end = torch.where((first_end < 0) & terminated, t, first_end)
+        lengths.append(info["episode"]["length"][terminated])
+    # Every env's first episode ends within one episode length, at every offset.
+    assert set(first_end.tolist()) == set(range(length))
+    # After the first, each episode is whole.
+    later = torch.cat(lengths[length:])
+    assert torch.all(later == length)
+    # Without desync the envs stay in lockstep.
+    env = make_env({**spec, "num_envs": 4}, "cpu", seed=3)
+    env.reset(seed=3)
+    ends = [env.step(torch.zeros(4, dtype=torch.long))[2] for _ in range(length)]
+    assert torch.all(ends[-1]) and not any(e.any() for e in ends[:-1])
+    with pytest.raises(EnvError, match=r"env\.desync"):
+        make_env({**spec, "desync": "yes"}, "cpu")
