@@ -21,6 +21,7 @@ BENCHES = {
     "ffm": ("rlmem.bench.ffm", "FFM associative-scan window vs fused GRU, forward+backward"),
     "cfc": ("rlmem.bench.cfc", "CfC per-step time and memory: rtrl vs snap1 vs bptt"),
     "kernels": ("rlmem.bench.kernels", "CUDA sensitivity kernels vs the eager PyTorch reference"),
+    "robustness": ("rlmem.bench.robustness", "return of trained runs vs observation noise σ (grouped by seed)"),
     "trace_patterning": ("rlmem.bench.trace_patterning", "CCN paper's prediction benchmark: CCN vs BPTT vs RTRL cores"),
 }
 
@@ -101,41 +102,16 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 def _cmd_eval(ns: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
-    from agents.evaluate import evaluate
     from rlmem import config as cfg
-    from rlmem.checkpoint import load_checkpoint
-    from rlmem.train import build
+    from rlmem.evaluation import evaluate_run
 
     run_dir = Path(ns.run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run dir not found: {run_dir}")
-    if ns.episodes <= 0:
-        raise ConfigError(f"--episodes must be positive, got {ns.episodes}")
     _choices, dotted = cfg.parse_overrides(ns.overrides)
-    if any(not a.startswith("env.") for a in dotted):
-        raise ConfigError("eval accepts env.key=value overrides only")
-    overrides = list(dotted)
-    if ns.num_envs is not None:
-        overrides.append(f"env.num_envs={ns.num_envs}")
-    if ns.device is not None:
-        overrides.append(f"train.device={ns.device}")
-    config = cfg.load_saved(run_dir, overrides)
-    checkpoint = load_checkpoint(run_dir)
-    env, learner, device = build(config, seed=ns.seed)
-    try:
-        learner.network.load_state_dict(checkpoint["network"])
-        if ns.obs_noise < 0:
-            raise ConfigError(f"--obs-noise must be >= 0, got {ns.obs_noise}")
-        if ns.obs_noise > 0:
-            from envs.wrappers import ObservationNoise
-
-            env = ObservationNoise(env, sigma=ns.obs_noise, seed=ns.seed)
-        with torch.no_grad():
-            returns, lengths = evaluate(learner.network, env, ns.episodes, device, greedy=ns.greedy, seed=ns.seed)
-    finally:
-        env.close()
+    returns, lengths = evaluate_run(
+        run_dir, ns.episodes, seed=ns.seed, obs_noise=ns.obs_noise, greedy=ns.greedy,
+        num_envs=ns.num_envs, device=ns.device, overrides=dotted,
+    )
     returns = np.asarray(returns, dtype=np.float64)
     print(
         f"{run_dir}: {len(returns)} episodes, return {returns.mean():.4g} ± {returns.std():.4g} "

@@ -158,3 +158,28 @@ def test_plot_labels_groups_by_component_names(tmp_path: Path):
     runs = [run("a0", "lru", 0, ", r_min: 0.5"), run("a1", "lru", 1, ", r_min: 0.5"), run("b0", "gru", 0)]
     groups = group_runs(runs)
     assert groups == {"memory=lru": runs[:2], "memory=gru": runs[2:]}
+
+
+def test_bench_robustness_groups_seeds_and_reports_every_sigma(tmp_path: Path, capsys):
+    pytest.importorskip("matplotlib")
+    import json
+
+    runs = []
+    for hidden, seed in ((16, 0), (16, 1), (8, 0)):
+        run_dir = tmp_path / f"h{hidden}_s{seed}"
+        _train(run_dir, 64, f"train.seed={seed}", f"memory.hidden_size={hidden}")
+        runs.append(str(run_dir))
+    out = tmp_path / "robust"
+    args = ["bench", "robustness", *runs, "--sigmas", "0,0.5", "--episodes", "4", "--greedy", "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(len(r["runs"]) for r in results.values()) == [1, 2]  # the two seeds form one group
+    for r in results.values():
+        assert r["sigma"] == [0.0, 0.5] and len(r["returns"]) == 2 and len(r["returns"][0]) == len(r["runs"])
+    assert (out / "robustness.png").stat().st_size > 1000 and "σ = 0.5" in (out / "results.md").read_text()
+    # Same evaluation seed, same noise stream: the figures repeat exactly.
+    assert main([*args[:-1], str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "results.json").read_text()) == results
+    capsys.readouterr()
+    assert main(["bench", "robustness", *runs, "--sigmas", "0,-1"]) == 2
+    assert "--sigmas" in capsys.readouterr().err
