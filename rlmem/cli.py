@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", default="curves.png")
     plot.add_argument("--tag", default="charts/episodic_return")
     plot.add_argument("--title", default=None)
+    plot.add_argument("--smooth", type=int, default=1, help="trailing mean over this many logged points")
 
     bench = sub.add_parser(
         "bench",
@@ -158,7 +159,9 @@ def _cmd_list(ns: argparse.Namespace) -> int:
 def _cmd_plot(ns: argparse.Namespace) -> int:
     from rlmem.plot import plot_runs
 
-    path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=ns.tag, title=ns.title)
+    if ns.smooth < 1:
+        raise ConfigError(f"--smooth must be a positive integer, got {ns.smooth}")
+    path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=ns.tag, title=ns.title, smoothing=ns.smooth)
     print(f"wrote {path}")
     return 0
 

@@ -84,9 +84,25 @@ def group_runs(run_dirs: Sequence[Path]) -> dict[str, list[Path]]:
     return groups
 
 
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` logged points (fewer at the start); 1 leaves values as they are."""
+    if window <= 1 or len(values) == 0:
+        return values
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+
+
 def plot_runs(
-    run_dirs: Sequence[Path], output: Path, tag: str = "charts/episodic_return", title: str | None = None
+    run_dirs: Sequence[Path],
+    output: Path,
+    tag: str = "charts/episodic_return",
+    title: str | None = None,
+    smoothing: int = 1,
 ) -> Path:
+    """Draw ``tag`` against steps for every group of runs; ``smoothing`` > 1 takes the trailing mean over
+    that many logged points of each run first (per-iteration figures such as a success rate averaged
+    over the few episodes that ended in one iteration are noisy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +110,7 @@ def plot_runs(
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, dirs in group_runs(run_dirs).items():
-        curves = [read_scalars(d, tag) for d in dirs]
+        curves = [(steps, smooth(values, smoothing)) for steps, values in (read_scalars(d, tag) for d in dirs)]
         if len(curves) == 1:
             steps, values = curves[0]
             ax.plot(steps, values, label=label)
@@ -106,7 +122,7 @@ def plot_runs(
         (line,) = ax.plot(grid, mean, label=f"{label} ({len(curves)} seeds)")
         ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("environment steps")
-    ax.set_ylabel(tag)
+    ax.set_ylabel(tag if smoothing <= 1 else f"{tag} (trailing mean of {smoothing} points)")
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,6 +136,18 @@ def test_plot_draws_seed_groups(tmp_path: Path):
     output = tmp_path / "curves.png"
     assert main(["plot", *runs, "-o", str(output), "--tag", "losses/value_loss"]) == 0
     assert output.is_file() and output.stat().st_size > 1000
+    smoothed = tmp_path / "smoothed.png"
+    assert main(["plot", *runs, "-o", str(smoothed), "--tag", "losses/value_loss", "--smooth", "5"]) == 0
+    assert smoothed.is_file() and main(["plot", *runs, "--smooth", "0"]) == 2
+
+
+def test_smooth_is_a_trailing_mean():
+    from rlmem.plot import smooth
+
+    values = np.array([1.0, 3.0, 5.0, 7.0])
+    assert np.allclose(smooth(values, 2), [1.0, 2.0, 4.0, 6.0])
+    assert np.allclose(smooth(values, 10), [1.0, 2.0, 3.0, 4.0])
+    assert np.array_equal(smooth(values, 1), values)
 
 
 def test_list_names_every_registry(capsys):
