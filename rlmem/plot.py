@@ -77,6 +77,8 @@ def group_runs(run_dirs: Sequence[Path]) -> dict[str, list[Path]]:
         if candidate and len({tuple(c.get(k) for k in candidate) for c in configs.values()}) == distinct:
             label_keys = candidate  # the shortest label that still tells the groups apart
             break
+    if not varying:  # seeds of one configuration: one group, named by its components
+        label_keys = [k for k in NAME_KEYS if all(k in c for c in configs.values())]
     groups: dict[str, list[Path]] = {}
     for d, c in configs.items():
         label = ", ".join(f"{_short(k)}={c.get(k)}" for k in label_keys) or d.name

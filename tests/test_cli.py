@@ -171,6 +171,9 @@ def test_plot_labels_groups_by_component_names(tmp_path: Path):
     runs = [run("a0", "lru", 0, ", r_min: 0.5"), run("a1", "lru", 1, ", r_min: 0.5"), run("b0", "gru", 0)]
     groups = group_runs(runs)
     assert groups == {"memory=lru": runs[:2], "memory=gru": runs[2:]}
+    # Seeds of a single configuration are one group, named by its components.
+    assert group_runs(runs[:2]) == {"memory=lru": runs[:2]}
+
 
 
 def test_bench_robustness_groups_seeds_and_reports_every_sigma(tmp_path: Path, capsys):
