@@ -115,6 +115,18 @@ def test_paper_initialisation_and_defaults():
     assert core.output_size == 256
 
 
+def test_zero_value_bias_keeps_the_traces_empty_on_zero_input():
+    torch.manual_seed(0)
+    x = torch.zeros(16, 2, 8)
+    reset = torch.zeros(16, 2, dtype=torch.bool)
+    for zero, empty in ((True, True), (False, False)):
+        core = make_core({"name": "ffm", "hidden_size": 32, "grad": "bptt", "zero_value_bias": zero}, input_size=8)
+        _, state = core(x, core.initial_state(2), reset)
+        assert bool(state["aggregate"].abs().max() == 0) is empty
+    with pytest.raises(ConfigError, match=r"memory\.zero_value_bias"):
+        make_core({"name": "ffm", "hidden_size": 8, "zero_value_bias": "yes"}, input_size=3)
+
+
 def test_decay_stays_negative_under_any_parameter():
     core = ffm()
     with torch.no_grad():
