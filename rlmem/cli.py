@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlmem.errors import ConfigError
+from rlmem.evaluation import EVAL_SEED
 
 BENCHES = {
     "envs": ("rlmem.bench.envs", "environment steps/s: raw library vs rlmem VecEnv vs rollout with a policy"),
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="env.key=value overrides, e.g. env.start_level=1000")
     ev.add_argument("--episodes", type=int, default=20)
     ev.add_argument("--num-envs", type=int, default=None)
-    ev.add_argument("--seed", type=int, default=12345, help="evaluation seed (differs from training by default)")
+    ev.add_argument("--seed", type=int, default=EVAL_SEED, help="evaluation seed (differs from training by default)")
     ev.add_argument("--greedy", action="store_true", help="take the most likely action instead of sampling")
     ev.add_argument("--obs-noise", type=float, default=0.0, metavar="SIGMA", help="Gaussian observation noise")
     ev.add_argument("--device", default=None)

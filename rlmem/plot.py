@@ -72,13 +72,14 @@ def group_runs(run_dirs: Sequence[Path]) -> dict[str, list[Path]]:
     named = [k for k in NAME_KEYS if k in varying]
     present_everywhere = [k for k in varying if all(k in c and c[k] != "None" for c in configs.values())]
     distinct = len({tuple(c.get(k) for k in varying) for c in configs.values()})
-    label_keys = varying
-    for candidate in (named, named + [k for k in present_everywhere if k not in named]):
-        if candidate and len({tuple(c.get(k) for k in candidate) for c in configs.values()}) == distinct:
-            label_keys = candidate  # the shortest label that still tells the groups apart
-            break
     if not varying:  # seeds of one configuration: one group, named by its components
         label_keys = [k for k in NAME_KEYS if all(k in c for c in configs.values())]
+    else:
+        label_keys = varying
+        for candidate in (named, named + [k for k in present_everywhere if k not in named]):
+            if candidate and len({tuple(c.get(k) for k in candidate) for c in configs.values()}) == distinct:
+                label_keys = candidate  # the shortest label that still tells the groups apart
+                break
     groups: dict[str, list[Path]] = {}
     for d, c in configs.items():
         label = ", ".join(f"{_short(k)}={c.get(k)}" for k in label_keys) or d.name
@@ -91,8 +92,16 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     if window <= 1 or len(values) == 0:
         return values
     sums = np.cumsum(np.concatenate([[0.0], values]))
-    counts = np.minimum(np.arange(1, len(values) + 1), window)
-    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+    ends = np.arange(1, len(values) + 1)
+    counts = np.minimum(ends, window)
+    return (sums[ends] - sums[ends - counts]) / counts
+
+
+def draw_mean_band(ax, x: np.ndarray, stacked: np.ndarray, label: str, **style) -> None:
+    """Mean over seeds with a band of ± one standard deviation; ``stacked`` is [seeds, len(x)]."""
+    mean, std = stacked.mean(axis=0), stacked.std(axis=0)
+    (line,) = ax.plot(x, mean, label=f"{label} ({len(stacked)} seeds)", **style)
+    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
 
 
 def plot_runs(
@@ -119,10 +128,7 @@ def plot_runs(
             continue
         end = min(s[-1] for s, _ in curves)
         grid = np.linspace(max(s[0] for s, _ in curves), end, 200)
-        stacked = np.stack([np.interp(grid, s, v) for s, v in curves])
-        mean, std = stacked.mean(axis=0), stacked.std(axis=0)
-        (line,) = ax.plot(grid, mean, label=f"{label} ({len(curves)} seeds)")
-        ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        draw_mean_band(ax, grid, np.stack([np.interp(grid, s, v) for s, v in curves]), label)
     ax.set_xlabel("environment steps")
     ax.set_ylabel(tag if smoothing <= 1 else f"{tag} (trailing mean of {smoothing} points)")
     if title:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rlmem.errors import ConfigError
+from rlmem.evaluation import EVAL_SEED
 
 
 def _sigmas(text: str) -> list[float]:
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--episodes", type=int, default=20, help="episodes per run and σ")
     parser.add_argument("--num-envs", type=int, default=None, help="envs in parallel (default: the run's)")
     parser.add_argument("--greedy", action="store_true", help="take the most likely action")
-    parser.add_argument("--seed", type=int, default=12345, help="evaluation seed")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="evaluation seed")
     parser.add_argument("--out", default="runs/bench/robustness", help="directory for results.json/.md/.png")
     return parser
 
@@ -50,18 +51,18 @@ def measure(
     run_dirs: Sequence[Path], sigmas: Sequence[float], episodes: int, greedy: bool, seed: int, num_envs: int | None
 ) -> dict[str, dict[str, list[float]]]:
     """Group label -> {"sigma": σ list, "returns": [[mean return of each seed] for each σ]}."""
-    from rlmem.evaluation import evaluate_run
+    from rlmem.evaluation import evaluate_at_noise_levels
     from rlmem.plot import group_runs
 
     results: dict[str, dict[str, list]] = {}
     for label, dirs in group_runs(run_dirs).items():
-        per_sigma = []
-        for sigma in sigmas:
-            per_seed = []
-            for d in dirs:
-                returns, _ = evaluate_run(d, episodes, seed=seed, obs_noise=sigma, greedy=greedy, num_envs=num_envs)
-                per_seed.append(float(np.mean(returns)))
-            per_sigma.append(per_seed)
+        per_run = [  # [run, σ]: mean return, each run loaded once
+            [float(np.mean(returns)) for returns, _ in
+             evaluate_at_noise_levels(d, episodes, sigmas, seed=seed, greedy=greedy, num_envs=num_envs)]
+            for d in dirs
+        ]
+        per_sigma = [list(row) for row in zip(*per_run)]
+        for sigma, per_seed in zip(sigmas, per_sigma):
             print(f"{label:40s} σ={sigma:<6g} return {np.mean(per_seed):9.2f} ± {np.std(per_seed):.2f} "
                   f"({len(per_seed)} runs)", flush=True)
         results[label] = {"sigma": list(sigmas), "returns": per_sigma, "runs": [str(d) for d in dirs]}
@@ -75,6 +76,8 @@ def write_report(results: dict[str, dict[str, list]], out: Path, title: str = ""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rlmem.plot import draw_mean_band
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     sigmas = next(iter(results.values()))["sigma"]
@@ -82,12 +85,11 @@ def write_report(results: dict[str, dict[str, list]], out: Path, title: str = ""
              "| --- | --- | " + " | ".join("---" for _ in sigmas) + " |"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, r in results.items():
-        values = np.array(r["returns"])  # [σ, seed]
-        mean, std = values.mean(axis=1), values.std(axis=1)
-        lines.append(f"| {label} | {values.shape[1]} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(mean, std))
+        values = np.array(r["returns"]).T  # [seed, σ]
+        mean, std = values.mean(axis=0), values.std(axis=0)
+        lines.append(f"| {label} | {len(values)} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(mean, std))
                      + " |")
-        (line,) = ax.plot(r["sigma"], mean, marker="o", label=f"{label} ({values.shape[1]} seeds)")
-        ax.fill_between(r["sigma"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        draw_mean_band(ax, np.array(r["sigma"]), values, label, marker="o")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     ax.set_xlabel("observation noise σ")
     ax.set_ylabel("mean episodic return")
