@@ -30,6 +30,11 @@ trace), which puts more data through per unit of compute but is not the single-s
 ``MACs/step`` counts one stream. Runs are independent processes (``--workers``), one thread each::
 
     rlmem bench trace_patterning --steps 300000 --seeds 5 --workers 2 --out runs/bench/trace_patterning
+
+The full comparison takes CPU-hours, so every finished run is saved at once under ``OUT/runs/`` and a
+later call with the same settings (steps, streams, curve spacing, step size) reuses it instead of
+running it again: an interrupted benchmark resumes where it stopped, and more seeds or methods can be
+added to an existing one. ``--no-reuse`` runs everything afresh.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +137,38 @@ def run_one(name: str, method: Method, seed: int, steps: int, log_every: int, nu
     }
 
 
+def _run_file(saved: Path, name: str, seed: int) -> Path:
+    return saved / f"{name}-seed{seed}.json"
+
+
+def _run_settings(method: Method, steps: int, log_every: int, num_envs: int) -> dict[str, Any]:
+    """What a saved run must share with a new call to stand in for it."""
+    return {"steps": steps, "log_every": log_every, "num_envs": num_envs, "lr": method.lr,
+            "unroll_length": method.unroll_length, "memory": method.memory, "gamma": GAMMA, "lam": LAM}
+
+
+def save_run(saved: Path, name: str, method: Method, seed: int, steps: int, log_every: int, num_envs: int,
+             result: dict[str, Any]) -> None:
+    """Write one finished run (written whole, then renamed, so an interrupted write leaves nothing)."""
+    path = _run_file(saved, name, seed)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"settings": _run_settings(method, steps, log_every, num_envs), "run": result}))
+    partial.replace(path)
+
+
+def load_run(saved: Path, name: str, method: Method, seed: int, steps: int, log_every: int,
+             num_envs: int) -> dict[str, Any] | None:
+    """A run saved earlier with the same settings, or None."""
+    path = _run_file(saved, name, seed)
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if earlier.get("settings") != json.loads(json.dumps(_run_settings(method, steps, log_every, num_envs))):
+        return None
+    return earlier["run"]
+
+
 def zero_prediction_curve(seed: int, steps: int, log_every: int, num_envs: int) -> list[float]:
     """The learning curve of V = 0 on a run's stream (the mean of G²): the error with nothing learned."""
     import torch
@@ -213,6 +250,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="parallel runs (processes, one thread each)")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a step size")
     parser.add_argument("--out", default="runs/bench/trace_patterning", help="directory for results.json and plot")
+    parser.add_argument("--no-reuse", action="store_true", help="rerun runs already saved under OUT/runs/")
     return parser
 
 
@@ -240,27 +278,44 @@ def run(argv: list[str]) -> None:
         except ValueError:
             raise ConfigError(f"--lr {item!r}: expected METHOD=<number>") from None
 
+    out = Path(args.out)
+    saved = out / "runs"
+    saved.mkdir(parents=True, exist_ok=True)
     jobs = [(name, chosen[name], seed, args.steps, args.log_every, args.num_envs)
             for seed in range(args.seeds) for name in methods]
     print(f"trace patterning: {len(methods)} methods x {args.seeds} seeds x {args.steps:,} steps "
           f"({args.num_envs} stream(s) per run), {args.workers} worker(s)", flush=True)
     results = []
+    pending = []
+    for job in jobs:
+        earlier = None if args.no_reuse else load_run(saved, *job)
+        if earlier is None:
+            pending.append(job)
+        else:
+            results.append(earlier)
+    if results:
+        print(f"  reusing {len(results)} finished run(s) from {saved}", flush=True)
+
+    def finished(job: tuple, result: dict[str, Any]) -> None:
+        save_run(saved, *job, result)
+        results.append(result)
+        print(f"  done {job[0]} seed {job[2]} ({len(results)}/{len(jobs)})", flush=True)
+
     if args.workers == 1:
-        for job in jobs:
-            results.append(run_one(*job))
-            print(f"  done {job[0]} seed {job[2]}", flush=True)
+        for job in pending:
+            finished(job, run_one(*job))
     else:
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            for job, result in zip(jobs, pool.map(run_one, *zip(*jobs))):
-                results.append(result)
-                print(f"  done {job[0]} seed {job[2]}", flush=True)
+            futures = {pool.submit(run_one, *job): job for job in pending}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+    order = {(name, seed): i for i, (name, _, seed, *_rest) in enumerate(jobs)}
+    results.sort(key=lambda r: order[(r["method"], r["seed"])])
 
     for seed in range(args.seeds):
         results.append({"method": "zero", "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
                         "curve": zero_prediction_curve(seed, args.steps, args.log_every, args.num_envs)})
     rows = summarise(results, [*methods, "zero"], args.log_every, args.window)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"steps": args.steps, "num_envs": args.num_envs, "seeds": args.seeds, "window": args.window,
                 "log_every": args.log_every,
                 "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}

@@ -1,0 +1,56 @@
+"""`rlmem bench trace_patterning` runs end to end on tiny settings, saves every finished run and reuses
+it only when the settings match, and refuses bad arguments with exit status 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlmem.cli import main
+
+TINY = ["--steps", "200", "--log-every", "100", "--window", "100", "--methods", "columnar,lstm_tbptt15"]
+
+
+def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "tp"
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "2", "--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert [row["method"] for row in first["summary"]] == ["columnar", "lstm_tbptt15", "zero"]
+    assert all(len(row["per_seed"]) == 2 for row in first["summary"])
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "columnar-seed0.json", "columnar-seed1.json", "lstm_tbptt15-seed0.json", "lstm_tbptt15-seed1.json"]
+    assert (out / "trace_patterning.png").stat().st_size > 1000
+    capsys.readouterr()
+
+    # One more seed: the four finished runs are reused as they are, only seed 2 runs.
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing 4 finished run(s)" in printed
+    assert "done columnar seed 2" in printed and "done columnar seed 0" not in printed
+    second = json.loads((out / "results.json").read_text())
+    assert [r for r in second["runs"] if r["seed"] < 2 and r["method"] != "zero"] == \
+        [r for r in first["runs"] if r["method"] != "zero"]
+
+    # A different step size is a different run: those are not reused.
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--lr", "columnar=0.02",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing 1 finished run(s)" in printed and "done columnar seed 0" in printed
+    assert json.loads((out / "runs" / "columnar-seed0.json").read_text())["settings"]["lr"] == 0.02
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "gru"], "unknown method 'gru'; valid choices: ccn"),
+        (["--steps", "0"], "--steps must be positive"),
+        (["--steps", "100", "--log-every", "200"], "must be at least --log-every"),
+        (["--lr", "ccn=fast"], "expected METHOD=<number>"),
+    ],
+)
+def test_bench_bad_arguments_exit_2(argv, message, tmp_path: Path, capsys):
+    assert main(["bench", "trace_patterning", *argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
