@@ -20,8 +20,9 @@ synchronous loop. It also costs something: the policy runs twice per step on hal
 when inference does not take CPU time from the emulators, i.e. with the policy on an accelerator, so
 that is the default (``overlap_helps``); on a CPU-only machine the policy and the emulators compete for
 the same cores (on two cores it measured slower: ``rlmem bench envs``), but ``overlap=True`` forces it.
-When the policy runs on a CUDA device and the env on the CPU, step results travel through page-locked
-(pinned) host buffers, so that their copies to the device are asynchronous.
+When the policy runs on a CUDA device and the env on the CPU (where ``train.build`` puts every env whose
+library works on the host: ``VecEnv.steps_on_host``), step results travel through page-locked (pinned)
+host buffers, so that their copies to the device are asynchronous.
 """
 
 from __future__ import annotations

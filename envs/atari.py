@@ -112,6 +112,7 @@ class AtariVecEnv(VecEnv):
     """Atari 2600 games (ale-py AtariVectorEnv, ALE v5 protocol), uint8 frames [B, stack, 84, 84]."""
 
     steps_in_background = True  # send/recv
+    steps_on_host = True
 
     def __init__(self, options: AtariOptions, device: torch.device, seed: int = 0) -> None:
         from ale_py.vector_env import AtariVectorEnv

@@ -52,6 +52,11 @@ class VecEnv:
     single_action_space: gym.Space | None
     device: torch.device
 
+    #: True where the library hands out host (numpy) arrays (Atari, ProcGen, gymnasium). Such an env is
+    #: built on the CPU whatever the training device: its results then reach a GPU policy through the
+    #: runner's pinned buffers, asynchronously, instead of by a blocking copy inside every step.
+    steps_on_host: bool = False
+
     def reset(self, seed: int | None = None) -> Tensor:
         raise NotImplementedError
 

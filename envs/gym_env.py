@@ -169,6 +169,8 @@ def _flat_bounds(space: gym.Space) -> tuple[np.ndarray, np.ndarray]:
 class GymVecEnv(VecEnv):
     """Any registered gymnasium id, vectorized by gymnasium (sync or async) with same-step autoreset."""
 
+    steps_on_host = True
+
     def __init__(self, options: GymOptions, device: torch.device, seed: int = 0) -> None:
         self.options = options
         self.num_envs = options.num_envs

@@ -98,6 +98,7 @@ class ProcgenVecEnv(VecEnv):
     """ProcGen games (gym3 vector env; easy mode, 200 levels by default), uint8 frames [B, 3, 64, 64]."""
 
     steps_in_background = True  # act/observe
+    steps_on_host = True
 
     def __init__(self, options: ProcgenOptions, device: torch.device, seed: int = 0) -> None:
         _procgen()

@@ -73,3 +73,10 @@ def make_env(spec: Mapping[str, Any], device: torch.device | str = "cpu", seed: 
     """Build a VecEnv from ``{"name": ..., "num_envs": ..., <env options>}``; it is reset by the caller."""
     options = env_options(spec)
     return env_entry(str(spec["name"])).cls(options, device=torch.device(device), seed=seed)
+
+
+def env_device(name: str, training_device: torch.device | str) -> torch.device:
+    """Where to build env ``name`` for a learner on ``training_device``: on the CPU where its library
+    works on the host (``VecEnv.steps_on_host``), so that the runner's pinned, asynchronous upload does
+    the copy; on the training device otherwise (natively batched torch envs step there)."""
+    return torch.device("cpu") if env_entry(name).cls.steps_on_host else torch.device(training_device)

@@ -58,14 +58,15 @@ def build(config: RunConfig, env_overrides: dict[str, Any] | None = None, seed: 
     import agents.actor_critic  # noqa: F401  (registers learners)
     import rlmem.memory  # noqa: F401  (registers cores)
     from agents.base import LEARNERS
-    from envs import make_env
+    from envs import env_device, make_env
 
     device = resolve_device(config.train.device)
     seed = config.train.seed if seed is None else seed
     if config.train.torch_threads:
         torch.set_num_threads(config.train.torch_threads)
     seed_everything(seed)
-    env = make_env({**config.env, **(env_overrides or {})}, device=device, seed=seed)
+    spec = {**config.env, **(env_overrides or {})}
+    env = make_env(spec, device=env_device(str(spec["name"]), device), seed=seed)
     try:
         learner = LEARNERS.get(config.agent["name"]).cls(
             config.agent_options(),

@@ -354,6 +354,32 @@ def test_cuda_policy_with_a_cpu_env_goes_through_pinned_buffers():
     check_window(learner, rollout)
 
 
+def test_library_envs_are_built_on_the_host_for_a_gpu_learner():
+    from envs import env_device
+
+    cuda = torch.device("cuda")  # (only the rule; nothing runs on CUDA here)
+    for name in ("gym", "atari", "procgen"):  # numpy from the library: the runner's pinned upload copies
+        assert env_device(name, cuda) == torch.device("cpu")
+    for name in ("cue_recall", "repeat_previous", "count_recall", "trace_patterning"):  # torch-native
+        assert env_device(name, cuda) == cuda
+    assert env_device("gym", "cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_keeps_a_gymnasium_env_on_the_host():
+    from rlmem.config import load
+    from rlmem.train import build
+
+    config = load(None, ["env=cartpole_nv", "train.device=cuda", "env.num_envs=4"])
+    env, learner, device = build(config)
+    try:
+        assert device.type == "cuda" and env.device == torch.device("cpu")
+        assert all(g.staging is not None for g in learner.collector.runner.groups)
+        learner.iteration()
+    finally:
+        env.close()
+
+
 # --------------------------------------------------------------------------------------------------
 # The library adapters: native async stepping and splitting
 
