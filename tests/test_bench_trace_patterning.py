@@ -21,24 +21,24 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     assert [row["method"] for row in first["summary"]] == ["columnar", "lstm_tbptt15", "zero"]
     assert all(len(row["per_seed"]) == 2 for row in first["summary"])
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
-        "columnar-seed0.json", "columnar-seed1.json", "lstm_tbptt15-seed0.json", "lstm_tbptt15-seed1.json"]
+        "columnar-seed0.json", "columnar-seed1.json", "lstm_tbptt15-seed0.json", "lstm_tbptt15-seed1.json",
+        "zero-seed0.json", "zero-seed1.json"]
     assert (out / "trace_patterning.png").stat().st_size > 1000
     capsys.readouterr()
 
-    # One more seed: the four finished runs are reused as they are, only seed 2 runs.
+    # One more seed: the six finished runs (V = 0 included) are reused as they are, only seed 2 runs.
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "reusing 4 finished run(s)" in printed
+    assert "reusing 6 finished run(s)" in printed
     assert "done columnar seed 2" in printed and "done columnar seed 0" not in printed
     second = json.loads((out / "results.json").read_text())
-    assert [r for r in second["runs"] if r["seed"] < 2 and r["method"] != "zero"] == \
-        [r for r in first["runs"] if r["method"] != "zero"]
+    assert [r for r in second["runs"] if r["seed"] < 2] == first["runs"]
 
     # A different step size is a different run: those are not reused.
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--lr", "columnar=0.02",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "reusing 1 finished run(s)" in printed and "done columnar seed 0" in printed
+    assert "reusing 2 finished run(s)" in printed and "done columnar seed 0" in printed
     assert json.loads((out / "runs" / "columnar-seed0.json").read_text())["settings"]["lr"] == 0.02
 
 

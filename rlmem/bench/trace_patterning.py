@@ -169,6 +169,14 @@ def load_run(saved: Path, name: str, method: Method, seed: int, steps: int, log_
     return earlier["run"]
 
 
+def run_job(name: str, method: Method, seed: int, steps: int, log_every: int, num_envs: int) -> dict[str, Any]:
+    """One run of the comparison: a learner, or (``name == "zero"``) the V = 0 reference on the same stream."""
+    if name == "zero":
+        return {"method": "zero", "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
+                "curve": zero_prediction_curve(seed, steps, log_every, num_envs)}
+    return run_one(name, method, seed, steps, log_every, num_envs)
+
+
 def zero_prediction_curve(seed: int, steps: int, log_every: int, num_envs: int) -> list[float]:
     """The learning curve of V = 0 on a run's stream (the mean of G²): the error with nothing learned."""
     import torch
@@ -281,9 +289,11 @@ def run(argv: list[str]) -> None:
     out = Path(args.out)
     saved = out / "runs"
     saved.mkdir(parents=True, exist_ok=True)
+    # The V = 0 reference steps the same streams, so it runs (and is saved) like a method.
+    chosen["zero"] = ZERO
     jobs = [(name, chosen[name], seed, args.steps, args.log_every, args.num_envs)
-            for seed in range(args.seeds) for name in methods]
-    print(f"trace patterning: {len(methods)} methods x {args.seeds} seeds x {args.steps:,} steps "
+            for seed in range(args.seeds) for name in [*methods, "zero"]]
+    print(f"trace patterning: {len(methods)} methods (and V = 0) x {args.seeds} seeds x {args.steps:,} steps "
           f"({args.num_envs} stream(s) per run), {args.workers} worker(s)", flush=True)
     results = []
     pending = []
@@ -303,18 +313,15 @@ def run(argv: list[str]) -> None:
 
     if args.workers == 1:
         for job in pending:
-            finished(job, run_one(*job))
+            finished(job, run_job(*job))
     else:
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            futures = {pool.submit(run_one, *job): job for job in pending}
+            futures = {pool.submit(run_job, *job): job for job in pending}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
     order = {(name, seed): i for i, (name, _, seed, *_rest) in enumerate(jobs)}
     results.sort(key=lambda r: order[(r["method"], r["seed"])])
 
-    for seed in range(args.seeds):
-        results.append({"method": "zero", "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
-                        "curve": zero_prediction_curve(seed, args.steps, args.log_every, args.num_envs)})
     rows = summarise(results, [*methods, "zero"], args.log_every, args.window)
     settings = {"steps": args.steps, "num_envs": args.num_envs, "seeds": args.seeds, "window": args.window,
                 "log_every": args.log_every,
@@ -327,5 +334,5 @@ def run(argv: list[str]) -> None:
     print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'MACs/step':>10s} {'ms/update':>9s}  lr")
     for row in sorted(rows, key=lambda r: r["final_error"]):
         print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['macs_per_step']:10,d} "
-              f"{row['ms_per_step']:9.2f}  {chosen[row['method']].lr if row['method'] in chosen else '-'}")
+              f"{row['ms_per_step']:9.2f}  {chosen[row['method']].lr if row['method'] != 'zero' else '-'}")
     print(f"\nwrote {out / 'results.json'} and {out / 'trace_patterning.png'}")
