@@ -23,7 +23,7 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
         "columnar-seed0.json", "columnar-seed1.json", "lstm_tbptt15-seed0.json", "lstm_tbptt15-seed1.json",
         "zero-seed0.json", "zero-seed1.json"]
-    assert (out / "trace_patterning.png").stat().st_size > 1000
+    assert (out / "trace_patterning.png").stat().st_size > 1000 and first["settings"]["task"] == "trace_patterning"
     capsys.readouterr()
 
     # One more seed: the six finished runs (V = 0 included) are reused as they are, only seed 2 runs.
@@ -40,12 +40,24 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     printed = capsys.readouterr().out
     assert "reusing 2 finished run(s)" in printed and "done columnar seed 0" in printed
     assert json.loads((out / "runs" / "columnar-seed0.json").read_text())["settings"]["lr"] == 0.02
+    capsys.readouterr()
+
+    # The memory-only task is another benchmark: nothing of trace patterning is reused.
+    other = tmp_path / "tc"
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--task", "trace_conditioning",
+                 "--out", str(out)]) == 0
+    assert "reusing" not in capsys.readouterr().out
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--task", "trace_conditioning",
+                 "--out", str(other)]) == 0
+    conditioning = json.loads((other / "results.json").read_text())
+    assert conditioning["settings"]["task"] == "trace_conditioning" and (other / "trace_conditioning.png").exists()
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--methods", "gru"], "unknown method 'gru'; valid choices: ccn"),
+        (["--task", "maze"], "unknown task 'maze'; valid choices: trace_patterning, trace_conditioning"),
         (["--steps", "0"], "--steps must be positive"),
         (["--steps", "100", "--log-every", "200"], "must be at least --log-every"),
         (["--lr", "ccn=fast"], "expected METHOD=<number>"),

@@ -31,6 +31,10 @@ trace), which puts more data through per unit of compute but is not the single-s
 
     rlmem bench trace_patterning --steps 300000 --seeds 5 --workers 2 --out runs/bench/trace_patterning
 
+``--task trace_conditioning`` runs the same comparison on the memory-only variant (one CS, every trial
+followed by the US): a check that a method can learn the timing at all before it must also read the
+pattern.
+
 The full comparison takes CPU-hours, so every finished run is saved at once under ``OUT/runs/`` and a
 later call with the same settings (steps, streams, curve spacing, step size) reuses it instead of
 running it again: an interrupted benchmark resumes where it stopped, and more seeds or methods can be
@@ -40,6 +44,7 @@ added to an existing one. ``--no-reuse`` runs everything afresh.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -52,6 +57,7 @@ from typing import Any
 from rlmem.errors import ConfigError
 
 GAMMA = 0.9
+TASKS = ("trace_patterning", "trace_conditioning")
 LAM = 0.99
 
 
@@ -105,25 +111,47 @@ def multiply_adds(core: Any, state: dict[str, Any], unroll_length: int) -> int:
     return weights + 4 * sensitivities
 
 
-def run_one(name: str, method: Method, seed: int, steps: int, log_every: int, num_envs: int) -> dict[str, Any]:
-    """One online TD(λ) run on ``num_envs`` streams; returns its learning curve (mean squared return error
-    per ``log_every`` env steps, all streams together)."""
+@dataclass(frozen=True)
+class Protocol:
+    """What every run of one benchmark call shares: the task, its length and streams, the curve spacing."""
+
+    task: str = "trace_patterning"
+    steps: int = 300_000  # env steps per run (all streams together)
+    log_every: int = 5_000  # env steps per point of the learning curve
+    num_envs: int = 1  # streams sharing one learner
+
+    def make_env(self, seed: int) -> Any:
+        from envs import make_env
+
+        return make_env({"name": self.task, "num_envs": self.num_envs, "gamma": GAMMA}, seed=seed)
+
+    @property
+    def points(self) -> int:
+        return self.steps // self.log_every
+
+    @property
+    def updates_per_point(self) -> int:
+        return self.log_every // self.num_envs
+
+
+def run_one(name: str, method: Method, seed: int, protocol: Protocol) -> dict[str, Any]:
+    """One online TD(λ) run; returns its learning curve (mean squared return error per
+    ``protocol.log_every`` env steps, all streams together)."""
     import torch
 
     import agents  # noqa: F401  (registers the learners)
     from agents.base import ModelOptions
     from agents.td import TDLearner, TDOptions
-    from envs import make_env
 
     torch.set_num_threads(1)
-    env = make_env({"name": "trace_patterning", "num_envs": num_envs, "gamma": GAMMA}, seed=seed)
+    env = protocol.make_env(seed)
     options = TDOptions(lr=method.lr, lam=LAM, unroll_length=method.unroll_length,
-                        steps_per_iteration=log_every // num_envs)
-    learner = TDLearner(options, env, memory_spec(method, steps), ModelOptions(encoder="identity"),
-                        torch.device("cpu"), seed, total_steps=steps)
+                        steps_per_iteration=protocol.updates_per_point)
+    learner = TDLearner(options, env, memory_spec(method, protocol.steps), ModelOptions(encoder="identity"),
+                        torch.device("cpu"), seed, total_steps=protocol.steps)
     curve = []
     started = time.perf_counter()
-    for _ in range(steps // log_every):
+    for _ in range(protocol.points):
         curve.append(learner.iteration().metrics["charts/prediction_error"])
     seconds = time.perf_counter() - started
     core = learner.network.core
@@ -131,67 +159,61 @@ def run_one(name: str, method: Method, seed: int, steps: int, log_every: int, nu
         "method": name,
         "seed": seed,
         "curve": curve,
-        "ms_per_step": 1e3 * seconds / (len(curve) * log_every // num_envs),  # per update (all streams)
+        "ms_per_step": 1e3 * seconds / (protocol.points * protocol.updates_per_point),  # per update
         "macs_per_step": multiply_adds(core, learner.state_after, method.unroll_length),
         "params": sum(p.numel() for p in learner.network.parameters()),
     }
+
+
+def zero_prediction_curve(seed: int, protocol: Protocol) -> list[float]:
+    """The learning curve of V = 0 on a run's stream (the mean of G²): the error with nothing learned."""
+    import torch
+
+    env = protocol.make_env(seed)
+    env.reset(seed=seed)
+    curve = []
+    for _ in range(protocol.points):
+        total = torch.zeros((), dtype=torch.float64)
+        for _ in range(protocol.updates_per_point):
+            total += env.step(None)[4]["true_return"].double().pow(2).mean()
+        curve.append(float(total) / protocol.updates_per_point)
+    return curve
+
+
+def run_job(name: str, method: Method, seed: int, protocol: Protocol) -> dict[str, Any]:
+    """One run of the comparison: a learner, or (``name == "zero"``) the V = 0 reference on the same stream."""
+    if name == "zero":
+        return {"method": "zero", "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
+                "curve": zero_prediction_curve(seed, protocol)}
+    return run_one(name, method, seed, protocol)
 
 
 def _run_file(saved: Path, name: str, seed: int) -> Path:
     return saved / f"{name}-seed{seed}.json"
 
 
-def _run_settings(method: Method, steps: int, log_every: int, num_envs: int) -> dict[str, Any]:
-    """What a saved run must share with a new call to stand in for it."""
-    return {"steps": steps, "log_every": log_every, "num_envs": num_envs, "lr": method.lr,
-            "unroll_length": method.unroll_length, "memory": method.memory, "gamma": GAMMA, "lam": LAM}
+def _run_settings(method: Method, protocol: Protocol) -> dict[str, Any]:
+    """What a saved run must share with a new call to stand in for it (as JSON would give it back)."""
+    return json.loads(json.dumps({
+        **dataclasses.asdict(protocol), "lr": method.lr, "unroll_length": method.unroll_length,
+        "memory": method.memory, "gamma": GAMMA, "lam": LAM}))
 
 
-def save_run(saved: Path, name: str, method: Method, seed: int, steps: int, log_every: int, num_envs: int,
-             result: dict[str, Any]) -> None:
+def save_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol, result: dict[str, Any]) -> None:
     """Write one finished run (written whole, then renamed, so an interrupted write leaves nothing)."""
     path = _run_file(saved, name, seed)
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"settings": _run_settings(method, steps, log_every, num_envs), "run": result}))
+    partial.write_text(json.dumps({"settings": _run_settings(method, protocol), "run": result}))
     partial.replace(path)
 
 
-def load_run(saved: Path, name: str, method: Method, seed: int, steps: int, log_every: int,
-             num_envs: int) -> dict[str, Any] | None:
+def load_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol) -> dict[str, Any] | None:
     """A run saved earlier with the same settings, or None."""
-    path = _run_file(saved, name, seed)
     try:
-        earlier = json.loads(path.read_text())
+        earlier = json.loads(_run_file(saved, name, seed).read_text())
     except (OSError, ValueError):
         return None
-    if earlier.get("settings") != json.loads(json.dumps(_run_settings(method, steps, log_every, num_envs))):
-        return None
-    return earlier["run"]
-
-
-def run_job(name: str, method: Method, seed: int, steps: int, log_every: int, num_envs: int) -> dict[str, Any]:
-    """One run of the comparison: a learner, or (``name == "zero"``) the V = 0 reference on the same stream."""
-    if name == "zero":
-        return {"method": "zero", "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
-                "curve": zero_prediction_curve(seed, steps, log_every, num_envs)}
-    return run_one(name, method, seed, steps, log_every, num_envs)
-
-
-def zero_prediction_curve(seed: int, steps: int, log_every: int, num_envs: int) -> list[float]:
-    """The learning curve of V = 0 on a run's stream (the mean of G²): the error with nothing learned."""
-    import torch
-
-    from envs import make_env
-
-    env = make_env({"name": "trace_patterning", "num_envs": num_envs, "gamma": GAMMA}, seed=seed)
-    env.reset(seed=seed)
-    curve = []
-    for _ in range(steps // log_every):
-        total = torch.zeros((), dtype=torch.float64)
-        for _ in range(log_every // num_envs):
-            total += env.step(None)[4]["true_return"].double().pow(2).mean()
-        curve.append(float(total) / (log_every // num_envs))
-    return curve
+    return earlier["run"] if earlier.get("settings") == _run_settings(method, protocol) else None
 
 
 def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: int, window: int) -> list[dict]:
@@ -257,7 +279,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=5_000, help="steps per point of the learning curve")
     parser.add_argument("--workers", type=int, default=1, help="parallel runs (processes, one thread each)")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a step size")
-    parser.add_argument("--out", default="runs/bench/trace_patterning", help="directory for results.json and plot")
+    parser.add_argument("--task", default="trace_patterning",
+                        help=f"one of: {', '.join(TASKS)} (the memory-only variant: one CS, every trial ends in a US)")
+    parser.add_argument("--out", default=None, help="directory for results.json and plot (runs/bench/TASK)")
     parser.add_argument("--no-reuse", action="store_true", help="rerun runs already saved under OUT/runs/")
     return parser
 
@@ -265,6 +289,8 @@ def _parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.task not in TASKS:
+        raise ConfigError(f"--task: unknown task {args.task!r}; valid choices: {', '.join(TASKS)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         what = repr(unknown[0]) if unknown else "(none)"
@@ -286,14 +312,14 @@ def run(argv: list[str]) -> None:
         except ValueError:
             raise ConfigError(f"--lr {item!r}: expected METHOD=<number>") from None
 
-    out = Path(args.out)
+    out = Path(args.out or f"runs/bench/{args.task}")
     saved = out / "runs"
     saved.mkdir(parents=True, exist_ok=True)
     # The V = 0 reference steps the same streams, so it runs (and is saved) like a method.
     chosen["zero"] = ZERO
-    jobs = [(name, chosen[name], seed, args.steps, args.log_every, args.num_envs)
-            for seed in range(args.seeds) for name in [*methods, "zero"]]
-    print(f"trace patterning: {len(methods)} methods (and V = 0) x {args.seeds} seeds x {args.steps:,} steps "
+    protocol = Protocol(args.task, args.steps, args.log_every, args.num_envs)
+    jobs = [(name, chosen[name], seed, protocol) for seed in range(args.seeds) for name in [*methods, "zero"]]
+    print(f"{args.task}: {len(methods)} methods (and V = 0) x {args.seeds} seeds x {args.steps:,} steps "
           f"({args.num_envs} stream(s) per run), {args.workers} worker(s)", flush=True)
     results = []
     pending = []
@@ -319,20 +345,20 @@ def run(argv: list[str]) -> None:
             futures = {pool.submit(run_job, *job): job for job in pending}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
-    order = {(name, seed): i for i, (name, _, seed, *_rest) in enumerate(jobs)}
+    order = {(name, seed): i for i, (name, _, seed, _) in enumerate(jobs)}
     results.sort(key=lambda r: order[(r["method"], r["seed"])])
 
     rows = summarise(results, [*methods, "zero"], args.log_every, args.window)
-    settings = {"steps": args.steps, "num_envs": args.num_envs, "seeds": args.seeds, "window": args.window,
-                "log_every": args.log_every,
+    settings = {**dataclasses.asdict(protocol), "seeds": args.seeds, "window": args.window,
                 "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}
     (out / "results.json").write_text(json.dumps({"settings": settings, "summary": rows, "runs": results}, indent=1))
-    title = f"trace patterning, {args.steps:,} steps ({args.num_envs} stream(s) per run), {args.seeds} seeds"
-    plot(results, rows, args.log_every, out / "trace_patterning.png", title)
+    title = f"{args.task}, {args.steps:,} steps ({args.num_envs} stream(s) per run), {args.seeds} seeds"
+    figure = out / f"{args.task}.png"
+    plot(results, rows, args.log_every, figure, title)
 
     print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps ({args.seeds} seeds):")
     print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'MACs/step':>10s} {'ms/update':>9s}  lr")
     for row in sorted(rows, key=lambda r: r["final_error"]):
         print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['macs_per_step']:10,d} "
               f"{row['ms_per_step']:9.2f}  {chosen[row['method']].lr if row['method'] != 'zero' else '-'}")
-    print(f"\nwrote {out / 'results.json'} and {out / 'trace_patterning.png'}")
+    print(f"\nwrote {out / 'results.json'} and {figure}")
