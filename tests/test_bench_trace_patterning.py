@@ -34,6 +34,15 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     second = json.loads((out / "results.json").read_text())
     assert [r for r in second["runs"] if r["seed"] < 2] == first["runs"]
 
+    # --saved-only summarises what is saved and runs nothing: seed 3 of either method is left out.
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "4", "--saved-only", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "leaving out 3 run(s) not saved yet" in printed and "done" not in printed
+    assert json.loads((out / "results.json").read_text())["runs"] == second["runs"]
+    assert not (out / "runs" / "columnar-seed3.json").exists()
+    assert main(["bench", "trace_patterning", *TINY, "--saved-only", "--out", str(tmp_path / "empty")]) == 2
+    assert "no runs with these settings are saved" in capsys.readouterr().err
+
     # A different step size is a different run: those are not reused.
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--lr", "columnar=0.02",
                  "--out", str(out)]) == 0

@@ -38,7 +38,8 @@ pattern.
 The full comparison takes CPU-hours, so every finished run is saved at once under ``OUT/runs/`` and a
 later call with the same settings (steps, streams, curve spacing, step size) reuses it instead of
 running it again: an interrupted benchmark resumes where it stopped, and more seeds or methods can be
-added to an existing one. ``--no-reuse`` runs everything afresh.
+added to an existing one. ``--no-reuse`` runs everything afresh; ``--saved-only`` runs nothing and
+summarises the runs saved so far (while the study is still running elsewhere, say).
 """
 
 from __future__ import annotations
@@ -283,6 +284,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"one of: {', '.join(TASKS)} (the memory-only variant: one CS, every trial ends in a US)")
     parser.add_argument("--out", default=None, help="directory for results.json and plot (runs/bench/TASK)")
     parser.add_argument("--no-reuse", action="store_true", help="rerun runs already saved under OUT/runs/")
+    parser.add_argument("--saved-only", action="store_true",
+                        help="run nothing: summarise the runs saved under OUT/runs/ so far (a study in progress)")
     return parser
 
 
@@ -331,6 +334,11 @@ def run(argv: list[str]) -> None:
             results.append(earlier)
     if results:
         print(f"  reusing {len(results)} finished run(s) from {saved}", flush=True)
+    if args.saved_only:
+        if not results:
+            raise ConfigError(f"--saved-only: no runs with these settings are saved under {saved}")
+        print(f"  leaving out {len(pending)} run(s) not saved yet", flush=True)
+        pending = []
 
     def finished(job: tuple, result: dict[str, Any]) -> None:
         save_run(saved, *job, result)
@@ -348,7 +356,8 @@ def run(argv: list[str]) -> None:
     order = {(name, seed): i for i, (name, _, seed, _) in enumerate(jobs)}
     results.sort(key=lambda r: order[(r["method"], r["seed"])])
 
-    rows = summarise(results, [*methods, "zero"], args.log_every, args.window)
+    rows = summarise(results, [m for m in [*methods, "zero"] if any(r["method"] == m for r in results)],
+                     args.log_every, args.window)
     settings = {**dataclasses.asdict(protocol), "seeds": args.seeds, "window": args.window,
                 "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}
     (out / "results.json").write_text(json.dumps({"settings": settings, "summary": rows, "runs": results}, indent=1))
@@ -356,7 +365,9 @@ def run(argv: list[str]) -> None:
     figure = out / f"{args.task}.png"
     plot(results, rows, args.log_every, figure, title)
 
-    print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps ({args.seeds} seeds):")
+    seeds = sorted({len(row["per_seed"]) for row in rows})
+    print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps "
+          f"({'/'.join(map(str, seeds))} seeds per method):")
     print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'MACs/step':>10s} {'ms/update':>9s}  lr")
     for row in sorted(rows, key=lambda r: r["final_error"]):
         print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['macs_per_step']:10,d} "
