@@ -245,9 +245,17 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
     import matplotlib.pyplot as plt
     import numpy as np
 
+    # Curves relative to V = 0 on the same seed's stream: every method sees the same trials, so dividing
+    # removes the trial-to-trial noise they share (how many USs fell in each stretch of 5k steps).
+    zero = {r["seed"]: np.array(r["curve"]) for r in results if r["method"] == "zero"}
+
+    def relative(run: dict[str, Any]) -> np.ndarray:  # nan where the stream had no US at all
+        reference = zero[run["seed"]]
+        return np.divide(run["curve"], reference, out=np.full_like(reference, np.nan), where=reference > 0)
+
     fig, (curves, finals) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     for i, row in enumerate(rows):
-        runs = np.array([r["curve"] for r in results if r["method"] == row["method"]])
+        runs = np.array([relative(r) for r in results if r["method"] == row["method"]])
         steps = log_every * np.arange(1, runs.shape[1] + 1)
         mean = runs.mean(0)
         stderr = runs.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
@@ -258,7 +266,7 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
         finals.scatter([i] * len(row["per_seed"]), row["per_seed"], color=color, s=10, alpha=0.5)
     curves.set_yscale("log")
     curves.set_xlabel("env steps")
-    curves.set_ylabel(f"squared return error (mean over {log_every} steps)")
+    curves.set_ylabel(f"squared return error / that of V = 0 (per {log_every} steps)")
     curves.legend(fontsize=8)
     curves.set_title(title)
     finals.set_xticks(range(len(rows)), [row["method"] for row in rows], rotation=30, ha="right")
