@@ -175,7 +175,6 @@ def test_plot_labels_groups_by_component_names(tmp_path: Path):
     assert group_runs(runs[:2]) == {"memory=lru": runs[:2]}
 
 
-
 def test_bench_robustness_groups_seeds_and_reports_every_sigma(tmp_path: Path, capsys):
     pytest.importorskip("matplotlib")
     import json

@@ -116,10 +116,10 @@ def multiply_adds(core: Any, state: dict[str, Any], unroll_length: int) -> int:
 class Protocol:
     """What every run of one benchmark call shares: the task, its length and streams, the curve spacing."""
 
-    task: str = "trace_patterning"
-    steps: int = 300_000  # env steps per run (all streams together)
-    log_every: int = 5_000  # env steps per point of the learning curve
-    num_envs: int = 1  # streams sharing one learner
+    task: str
+    steps: int  # env steps per run (all streams together)
+    log_every: int  # env steps per point of the learning curve
+    num_envs: int  # streams sharing one learner
 
     def make_env(self, seed: int) -> Any:
         from envs import make_env
@@ -203,6 +203,7 @@ def _run_settings(method: Method, protocol: Protocol) -> dict[str, Any]:
 def save_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol, result: dict[str, Any]) -> None:
     """Write one finished run (written whole, then renamed, so an interrupted write leaves nothing)."""
     path = _run_file(saved, name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps({"settings": _run_settings(method, protocol), "run": result}))
     partial.replace(path)
@@ -228,7 +229,7 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
             else float("nan")
         rows.append({
             "method": name,
-            "label": METHODS[name].label if name in METHODS else ZERO.label,
+            "label": METHODS.get(name, ZERO).label,
             "final_error": mean,
             "stderr": stderr,
             "per_seed": finals,
@@ -246,7 +247,7 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
     import numpy as np
 
     # Curves relative to V = 0 on the same seed's stream: every method sees the same trials, so dividing
-    # removes the trial-to-trial noise they share (how many USs fell in each stretch of 5k steps).
+    # removes the trial-to-trial noise they share (how many USs fell in each stretch of log_every steps).
     zero = {r["seed"]: np.array(r["curve"]) for r in results if r["method"] == "zero"}
 
     def relative(run: dict[str, Any]) -> np.ndarray:  # nan where the stream had no US at all
@@ -319,13 +320,12 @@ def run(argv: list[str]) -> None:
         if name not in METHODS:
             raise ConfigError(f"--lr {item!r}: unknown method {name!r}; valid choices: {', '.join(METHODS)}")
         try:
-            chosen[name] = Method(**{**chosen[name].__dict__, "lr": float(value)})
+            chosen[name] = dataclasses.replace(chosen[name], lr=float(value))
         except ValueError:
             raise ConfigError(f"--lr {item!r}: expected METHOD=<number>") from None
 
     out = Path(args.out or f"runs/bench/{args.task}")
     saved = out / "runs"
-    saved.mkdir(parents=True, exist_ok=True)
     # The V = 0 reference steps the same streams, so it runs (and is saved) like a method.
     chosen["zero"] = ZERO
     protocol = Protocol(args.task, args.steps, args.log_every, args.num_envs)
@@ -366,6 +366,7 @@ def run(argv: list[str]) -> None:
 
     rows = summarise(results, [m for m in [*methods, "zero"] if any(r["method"] == m for r in results)],
                      args.log_every, args.window)
+    out.mkdir(parents=True, exist_ok=True)
     settings = {**dataclasses.asdict(protocol), "seeds": args.seeds, "window": args.window,
                 "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}
     (out / "results.json").write_text(json.dumps({"settings": settings, "summary": rows, "runs": results}, indent=1))
