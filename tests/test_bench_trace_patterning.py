@@ -62,6 +62,20 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     assert conditioning["settings"]["task"] == "trace_conditioning" and (other / "trace_conditioning.png").exists()
 
 
+def test_summary_reports_mean_stderr_and_median_over_seeds():
+    from rlmem.bench.trace_patterning import summarise
+
+    def run(seed: int, curve: list[float]) -> dict:
+        return {"method": "lru", "seed": seed, "curve": curve, "macs_per_step": 10, "ms_per_step": 1.0}
+
+    # The final error averages the last `window` steps (2 points of 100); seed 2 diverges.
+    results = [run(0, [9.0, 1.0, 1.0]), run(1, [9.0, 2.0, 2.0]), run(2, [9.0, 30.0, 30.0])]
+    (row,) = summarise(results, ["lru"], log_every=100, window=200)
+    assert row["per_seed"] == [1.0, 2.0, 30.0]
+    assert row["final_error"] == pytest.approx(11.0) and row["median_error"] == 2.0
+    assert row["stderr"] == pytest.approx((((1 - 11) ** 2 + (2 - 11) ** 2 + (30 - 11) ** 2) / 2 / 3) ** 0.5)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

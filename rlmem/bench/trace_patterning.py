@@ -48,6 +48,7 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -232,6 +233,8 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
             "label": METHODS.get(name, ZERO).label,
             "final_error": mean,
             "stderr": stderr,
+            # one diverging seed moves the mean by more than the spread of the others: report both
+            "median_error": statistics.median(finals),
             "per_seed": finals,
             "macs_per_step": max(r["macs_per_step"] for r in runs),
             "ms_per_step": sum(r["ms_per_step"] for r in runs) / len(runs),
@@ -377,8 +380,9 @@ def run(argv: list[str]) -> None:
     seeds = sorted({len(row["per_seed"]) for row in rows})
     print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps "
           f"({'/'.join(map(str, seeds))} seeds per method):")
-    print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'MACs/step':>10s} {'ms/update':>9s}  lr")
+    print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'median':>9s} {'MACs/step':>10s} {'ms/update':>9s}  lr")
     for row in sorted(rows, key=lambda r: r["final_error"]):
-        print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['macs_per_step']:10,d} "
+        print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['median_error']:9.5f} "
+              f"{row['macs_per_step']:10,d} "
               f"{row['ms_per_step']:9.2f}  {chosen[row['method']].lr if row['method'] != 'zero' else '-'}")
     print(f"\nwrote {out / 'results.json'} and {figure}")
