@@ -75,13 +75,15 @@ class Method:
     label: str = ""
 
 
+# The CCN variants' normaliser decay is the CCN code's (it is also the core's default, but stating it here
+# keeps runs saved under another setting from being reused).
+COLUMNS = {"name": "ccn", "grad": "rtrl", "normalizer_decay": 0.99999}
 METHODS: dict[str, Method] = {
-    "ccn": Method({"name": "ccn", "grad": "rtrl", "hidden_size": 20, "columns_per_stage": 4}, lr=0.01,
-                  stages_per_run=5, label="CCN 20:4 (RTRL)"),
-    "columnar": Method({"name": "ccn", "grad": "rtrl", "hidden_size": 7, "columns_per_stage": 7}, lr=0.01,
-                       label="Columnar 7 (RTRL)"),
-    "constructive": Method({"name": "ccn", "grad": "rtrl", "hidden_size": 10, "columns_per_stage": 1}, lr=0.01,
-                           stages_per_run=10, label="Constructive 10:1 (RTRL)"),
+    "ccn": Method({**COLUMNS, "hidden_size": 20, "columns_per_stage": 4}, lr=0.01, stages_per_run=5,
+                  label="CCN 20:4 (RTRL)"),
+    "columnar": Method({**COLUMNS, "hidden_size": 7, "columns_per_stage": 7}, lr=0.01, label="Columnar 7 (RTRL)"),
+    "constructive": Method({**COLUMNS, "hidden_size": 10, "columns_per_stage": 1}, lr=0.01, stages_per_run=10,
+                           label="Constructive 10:1 (RTRL)"),
     "lstm_tbptt15": Method({"name": "lstm", "grad": "bptt", "hidden_size": 4}, lr=0.001, unroll_length=15,
                            label="LSTM 4, T-BPTT 15"),
     "lstm_tbptt40": Method({"name": "lstm", "grad": "bptt", "hidden_size": 2}, lr=0.001, unroll_length=40,
