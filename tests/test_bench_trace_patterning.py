@@ -51,6 +51,12 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     assert json.loads((out / "runs" / "columnar-seed0.json").read_text())["settings"]["lr"] == 0.02
     capsys.readouterr()
 
+    # So is a different core option (--set): the option is part of the saved settings.
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--lr", "columnar=0.02",
+                 "--set", "columnar.init_scale=0.1", "--out", str(out)]) == 0
+    assert "done columnar seed 0" in capsys.readouterr().out
+    assert json.loads((out / "runs" / "columnar-seed0.json").read_text())["settings"]["memory"]["init_scale"] == 0.1
+
     # The memory-only task is another benchmark: nothing of trace patterning is reused.
     other = tmp_path / "tc"
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--task", "trace_conditioning",
@@ -84,6 +90,10 @@ def test_summary_reports_mean_stderr_and_median_over_seeds():
         (["--steps", "0"], "--steps must be positive"),
         (["--steps", "100", "--log-every", "200"], "must be at least --log-every"),
         (["--lr", "ccn=fast"], "expected METHOD=<number>"),
+        (["--set", "columnar.bogus=1"], "unknown key memory.bogus"),
+        (["--set", "columnar.normalizer_decay=2"], "memory.normalizer_decay must be a number in [0, 1]"),
+        (["--set", "ccn.steps_per_stage=5"], "the stage length follows from --steps"),
+        (["--set", "columnar=1"], "expected METHOD.KEY=VALUE"),
     ],
 )
 def test_bench_bad_arguments_exit_2(argv, message, tmp_path: Path, capsys):

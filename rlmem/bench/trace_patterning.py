@@ -39,7 +39,9 @@ The full comparison takes CPU-hours, so every finished run is saved at once unde
 later call with the same settings (steps, streams, curve spacing, step size) reuses it instead of
 running it again: an interrupted benchmark resumes where it stopped, and more seeds or methods can be
 added to an existing one. ``--no-reuse`` runs everything afresh; ``--saved-only`` runs nothing and
-summarises the runs saved so far (while the study is still running elsewhere, say).
+summarises the runs saved so far (while the study is still running elsewhere, say). ``--lr METHOD=LR`` and
+``--set METHOD.KEY=VALUE`` (a core option, e.g. ``columnar.normalizer_decay=0.9999``) vary a method; both
+are part of the settings a saved run must match.
 """
 
 from __future__ import annotations
@@ -294,6 +296,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=5_000, help="steps per point of the learning curve")
     parser.add_argument("--workers", type=int, default=1, help="parallel runs (processes, one thread each)")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a step size")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="memory_options",
+                        help="override an option of a method's memory core, e.g. columnar.normalizer_decay=0.9999")
     parser.add_argument("--task", default="trace_patterning",
                         help=f"one of: {', '.join(TASKS)} (the memory-only variant: one CS, every trial ends in a US)")
     parser.add_argument("--out", default=None, help="directory for results.json and plot (runs/bench/TASK)")
@@ -301,6 +305,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--saved-only", action="store_true",
                         help="run nothing: summarise the runs saved under OUT/runs/ so far (a study in progress)")
     return parser
+
+
+def _with_memory_option(methods: dict[str, Method], item: str) -> dict[str, Method]:
+    """``--set METHOD.KEY=VALUE``: the method with that core option changed (checked by building the core)."""
+    from omegaconf import OmegaConf
+
+    from rlmem.memory import core_options
+
+    target, equals, text = item.partition("=")
+    name, dot, key = target.partition(".")
+    if not (equals and dot and key) or name not in METHODS:
+        raise ConfigError(f"--set {item!r}: expected METHOD.KEY=VALUE with METHOD one of: {', '.join(METHODS)}")
+    if key in ("name", "grad"):
+        raise ConfigError(f"--set {item!r}: a method's core and gradient are what defines it; choose another method")
+    if key == "steps_per_stage":
+        raise ConfigError(f"--set {item!r}: the stage length follows from --steps (the method's stages per run)")
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]  # typed as by `rlmem train`
+    method = methods[name]
+    changed = dataclasses.replace(method, memory={**method.memory, key: value})
+    core_options(changed.memory)  # an unknown key or a bad value ends here, with the core's own message
+    return {name: changed}
 
 
 def run(argv: list[str]) -> None:
@@ -328,6 +353,9 @@ def run(argv: list[str]) -> None:
             chosen[name] = dataclasses.replace(chosen[name], lr=float(value))
         except ValueError:
             raise ConfigError(f"--lr {item!r}: expected METHOD=<number>") from None
+
+    for item in args.memory_options:
+        chosen.update(_with_memory_option(chosen, item))
 
     out = Path(args.out or f"runs/bench/{args.task}")
     saved = out / "runs"
