@@ -194,6 +194,14 @@ def parse_overrides(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return choices, dotted
 
 
+def read_dotted(dotted: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", ...]`` → ``{"a": {"b": 1}}``, each value typed as YAML types it (1, 0.5, true, [1, 2])."""
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(dotted))) if dotted else {}  # type: ignore[return-value]
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read overrides {' '.join(dotted)!r}: {str(err).splitlines()[0]}") from None
+
+
 def _typed(section: str, options_cls: type, values: Mapping[str, Any]) -> Any:
     """Check ``values`` against ``options_cls`` (unknown keys, types) and build the dataclass."""
     valid = {f.name for f in dataclasses.fields(options_cls)}
@@ -230,10 +238,7 @@ def resolve(
     if not isinstance(defaults, Mapping) or set(defaults) - set(GROUPS):
         raise ConfigError(f"defaults must map groups to choices, e.g. {{memory: gru}}; groups: {', '.join(GROUPS)}")
     cli_choices, dotted = parse_overrides(args)
-    try:
-        cli_values = OmegaConf.to_container(OmegaConf.from_dotlist(dotted)) if dotted else {}
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot read overrides: {str(err).splitlines()[0]}") from None
+    cli_values = read_dotted(dotted)
     search_dirs = config_search_dirs(config_file)
     registries = _registries()
 

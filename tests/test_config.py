@@ -66,6 +66,7 @@ def test_registered_name_works_without_a_group_file():
         (["memory"], "expected group=choice or section.key=value"),
         (["env.num_envs=-2"], "env.num_envs must be a positive integer"),
         (["model.encoder=resnet999"], "model.encoder must be one of"),
+        (["memory.init_std=[1"], "cannot read overrides 'memory.init_std=[1'"),
     ],
 )
 def test_config_errors_name_the_key(args, fragment):
@@ -78,6 +79,8 @@ def test_config_errors_name_the_key(args, fragment):
     "argv",
     [
         ["train", "memory.hidden_sise=3"],
+        ["train", "memory.hidden_size=[3"],
+        ["bench", "trace_patterning", "--set", "columnar.init_scale=[1"],
         ["train", "memory=nope"],
         ["train", "does/not/exist.yaml"],
         ["train", "--resume", "no/such/run"],

@@ -307,25 +307,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _with_memory_option(methods: dict[str, Method], item: str) -> dict[str, Method]:
-    """``--set METHOD.KEY=VALUE``: the method with that core option changed (checked by building the core)."""
-    from omegaconf import OmegaConf
-
+def _with_memory_option(methods: dict[str, Method], item: str) -> tuple[str, Method]:
+    """``--set METHOD.KEY=VALUE``: the method with that core option changed, the value typed as
+    ``rlmem train`` types its overrides and checked by the core's own options."""
+    from rlmem.config import read_dotted
     from rlmem.memory import core_options
 
-    target, equals, text = item.partition("=")
-    name, dot, key = target.partition(".")
-    if not (equals and dot and key) or name not in METHODS:
+    name, dot, key = item.partition("=")[0].partition(".")
+    if "=" not in item or not (dot and key) or "." in key or name not in METHODS:
         raise ConfigError(f"--set {item!r}: expected METHOD.KEY=VALUE with METHOD one of: {', '.join(METHODS)}")
     if key in ("name", "grad"):
         raise ConfigError(f"--set {item!r}: a method's core and gradient are what defines it; choose another method")
     if key == "steps_per_stage":
         raise ConfigError(f"--set {item!r}: the stage length follows from --steps (the method's stages per run)")
-    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]  # typed as by `rlmem train`
-    method = methods[name]
-    changed = dataclasses.replace(method, memory={**method.memory, key: value})
+    value = read_dotted([item])[name][key]
+    changed = dataclasses.replace(methods[name], memory={**methods[name].memory, key: value})
     core_options(changed.memory)  # an unknown key or a bad value ends here, with the core's own message
-    return {name: changed}
+    return name, changed
 
 
 def run(argv: list[str]) -> None:
@@ -355,7 +353,8 @@ def run(argv: list[str]) -> None:
             raise ConfigError(f"--lr {item!r}: expected METHOD=<number>") from None
 
     for item in args.memory_options:
-        chosen.update(_with_memory_option(chosen, item))
+        name, method = _with_memory_option(chosen, item)
+        chosen[name] = method
 
     out = Path(args.out or f"runs/bench/{args.task}")
     saved = out / "runs"
@@ -413,6 +412,6 @@ def run(argv: list[str]) -> None:
     print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'median':>9s} {'MACs/step':>10s} {'ms/update':>9s}  lr")
     for row in sorted(rows, key=lambda r: r["final_error"]):
         print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['median_error']:9.5f} "
-              f"{row['macs_per_step']:10,d} "
-              f"{row['ms_per_step']:9.2f}  {chosen[row['method']].lr if row['method'] != 'zero' else '-'}")
+              f"{row['macs_per_step']:10,d} {row['ms_per_step']:9.2f}  "
+              f"{chosen[row['method']].lr if row['method'] != 'zero' else '-'}")
     print(f"\nwrote {out / 'results.json'} and {figure}")
