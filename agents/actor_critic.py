@@ -132,10 +132,9 @@ class ActorCriticLearner:
         rollout, episodes = self.collector.collect(opt.unroll_length)
         metrics, carried_state = self.update(rollout)
         self.collector.memory_state = carried_state
-        if episodes.successes:
-            metrics["charts/success_rate"] = sum(episodes.successes) / len(episodes.successes)
         metrics.update({f"memory/{k}": v for k, v in self.network.core.state_metrics(carried_state).items()})
-        return IterationResult(self.steps_per_iteration, metrics, episodes.returns, episodes.lengths)
+        return IterationResult(self.steps_per_iteration, metrics, episodes.returns, episodes.lengths,
+                               episodes.successes)
 
     def loss(self, rollout: Rollout) -> ActorCriticLoss:
         """Replay ``rollout`` with gradients from its start state; targets and the actor-critic loss."""

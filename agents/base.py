@@ -47,6 +47,8 @@ class IterationResult:
     metrics: dict[str, float] = field(default_factory=dict)  # full TensorBoard tags: "losses/value_loss"...
     episode_returns: list[float] = field(default_factory=list)  # raw returns of episodes finished
     episode_lengths: list[int] = field(default_factory=list)
+    # Per finished episode, where the env reports ``info["success"]`` (memory tasks); logged as charts/success_rate.
+    episode_successes: list[float] = field(default_factory=list)
 
 
 def check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,

@@ -142,10 +142,9 @@ class PPOLearner:
         metrics, carried_state = self.update(rollout)
         self.collector.memory_state = carried_state
         self.iterations += 1
-        if episodes.successes:
-            metrics["charts/success_rate"] = sum(episodes.successes) / len(episodes.successes)
         metrics.update({f"memory/{k}": v for k, v in self.network.core.state_metrics(carried_state).items()})
-        return IterationResult(self.steps_per_iteration, metrics, episodes.returns, episodes.lengths)
+        return IterationResult(self.steps_per_iteration, metrics, episodes.returns, episodes.lengths,
+                               episodes.successes)
 
     def targets(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """GAE(λ) advantages and λ-returns [T, B] from the acting values."""

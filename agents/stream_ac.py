@@ -369,6 +369,7 @@ class StreamACLearner:
         self.prev_action, self.prev_reward = action, reward
         self.steps += 1
         episode = info["episode"]  # the VecEnv contract: raw returns of finished episodes, on the env's device
+        success = info.get("success")  # only tasks that score their episodes report it
         return {
             "delta": delta,
             "value": value.detach(),
@@ -378,6 +379,7 @@ class StreamACLearner:
             "episode_done": torch.as_tensor(episode["done"]),
             "episode_return": torch.as_tensor(episode["return"], dtype=torch.float64),
             "episode_length": torch.as_tensor(episode["length"]),
+            **({} if success is None else {"episode_success": torch.as_tensor(success, dtype=torch.float32)}),
         }
 
     def iteration(self) -> IterationResult:
@@ -398,10 +400,12 @@ class StreamACLearner:
             metrics["charts/reward_scale"] = float((self.reward_stats.var + 1e-8).rsqrt())
         metrics.update({f"memory/{k}": v for k, v in self.network.core.state_metrics(self.memory_state).items()})
         ended = stacked["episode_done"]
-        returns, lengths = [], []
+        returns, lengths, successes = [], [], []
         if bool(ended.any()):  # one host transfer per iteration, in time-then-env order
             returns, lengths = stacked["episode_return"][ended].tolist(), stacked["episode_length"][ended].tolist()
-        return IterationResult(self.options.steps_per_iteration * self.num_envs, metrics, returns, lengths)
+            if "episode_success" in stacked:
+                successes = stacked["episode_success"][ended].tolist()
+        return IterationResult(self.options.steps_per_iteration * self.num_envs, metrics, returns, lengths, successes)
 
     # ----------------------------------------------------------------------------------------------
 

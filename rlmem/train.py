@@ -208,6 +208,8 @@ def _log_iteration(writer: SummaryWriter, result, step: int, sps: float) -> None
     if result.episode_returns:
         writer.add_scalar("charts/episodic_return", float(np.mean(result.episode_returns)), step)
         writer.add_scalar("charts/episodic_length", float(np.mean(result.episode_lengths)), step)
+    if result.episode_successes:
+        writer.add_scalar("charts/success_rate", float(np.mean(result.episode_successes)), step)
 
 
 def _capture_rng() -> dict[str, Any]:

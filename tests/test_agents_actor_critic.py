@@ -284,9 +284,10 @@ def test_iteration_runs_and_reports(make_env, core):
     lengths = [n for res in results for n in res.episode_lengths]
     assert len(returns) >= 4 * env.num_envs and set(lengths) == {5}
     if make_env is CueRecall:
-        assert set(returns) <= {0.0, 1.0} and 0 <= result.metrics["charts/success_rate"] <= 1
+        assert set(returns) <= {0.0, 1.0} and all(0 <= s <= 1 for s in result.episode_successes)
+        assert len(result.episode_successes) == len(result.episode_returns)
     else:
-        assert "charts/success_rate" not in result.metrics and max(returns) < 0
+        assert result.episode_successes == [] and max(returns) < 0
 
 
 def test_episode_stats_match_the_env():
@@ -296,7 +297,7 @@ def test_episode_stats_match_the_env():
     # Each env finished episodes at steps 2 and 5 of the window.
     assert result.episode_lengths == [3] * 8
     assert len(result.episode_returns) == 8
-    assert result.metrics["charts/success_rate"] == pytest.approx(sum(result.episode_returns) / 8)
+    assert result.episode_successes == result.episode_returns  # one scored action: success is the 0/1 return
 
 
 def test_memory_metrics_come_from_the_carried_state():
@@ -516,7 +517,7 @@ def test_rmsprop_reward_clip_and_lr_annealing():
 def test_gru_actor_critic_learns_cue_recall():
     env = CueRecall(num_envs=16, delay=2)
     learner = make_learner(env, memory={"name": "gru", "hidden_size": 32}, unroll_length=16, anneal_lr=False)
-    success = [learner.iteration().metrics["charts/success_rate"] for _ in range(160)]
+    success = [np.mean(learner.iteration().episode_successes) for _ in range(160)]
     assert np.mean(success[:10]) < 0.4  # chance is 0.25
     assert np.mean(success[-20:]) > 0.8
     returns, lengths = evaluate(learner.network, CueRecall(num_envs=16, delay=2), episodes=64, device="cpu",
@@ -633,6 +634,6 @@ def test_elstm_rtrl_learns_a_cue_beyond_the_window():
     env = CueRecall(num_envs=16, delay=2)
     learner = make_learner(env, memory={"name": "elstm", "hidden_size": 16, "grad": "rtrl"}, unroll_length=3,
                            anneal_lr=False)
-    success = [learner.iteration().metrics.get("charts/success_rate", np.nan) for _ in range(600)]
+    success = [np.mean(learner.iteration().episode_successes or [np.nan]) for _ in range(600)]
     assert np.nanmean(success[:60]) < 0.35  # chance is 0.25
     assert np.nanmean(success[-60:]) > 0.8

@@ -302,6 +302,7 @@ def test_iteration_reports_steps_episodes_and_metrics():
                 "charts/actor_step_size", "charts/reward_scale"):
         assert np.isfinite(result.metrics[tag])
     assert any(tag.startswith("memory/") for tag in result.metrics)
+    assert result.episode_successes == []  # the env does not score its episodes
 
 
 def test_resume_is_exact():
@@ -330,3 +331,6 @@ def test_runs_on_a_builtin_memory_task_with_snap1():
     learner = make_learner(env, memory={"name": "cfc", "hidden_size": 4, "grad": "snap1"})
     result = learner.iteration()
     assert result.env_steps == 8 and np.isfinite(result.metrics["losses/value_loss"])
+    # 4-step episodes, 2 envs, 4 steps: one episode each, scored by its one query (reward +1 or -1).
+    assert len(result.episode_returns) == 2
+    assert result.episode_successes == [float(r > 0) for r in result.episode_returns]

@@ -44,6 +44,7 @@ def test_train_writes_config_checkpoint_and_the_standard_tags(tmp_path: Path, ca
     for tag in [
         "charts/episodic_return",
         "charts/episodic_length",
+        "charts/success_rate",  # the default env, cue_recall, scores its episodes
         "charts/SPS",
         "charts/learning_rate",
         "losses/value_loss",
