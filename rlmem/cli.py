@@ -1,4 +1,4 @@
-"""The `rlmem` command line: train, eval, list, plot, bench.
+"""The `rlmem` command line: train, eval, list, plot, summary, bench.
 
 Every error a user can cause (config, arguments, env ids, files) ends in one message on stderr and exit
 status 2, never a traceback.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rlmem.errors import ConfigError
 from rlmem.evaluation import EVAL_SEED
+from rlmem.plot import GROUPINGS
 
 BENCHES = {
     "envs": ("rlmem.bench.envs", "environment steps/s: raw library vs rlmem VecEnv vs rollout with a policy"),
@@ -63,6 +64,26 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--tag", default="charts/episodic_return")
     plot.add_argument("--title", default=None)
     plot.add_argument("--smooth", type=int, default=1, help="trailing mean over this many logged points")
+
+    summary = sub.add_parser(
+        "summary",
+        help="table of final values and steps to thresholds over groups of seeds",
+        description="One markdown row per group of runs (seeds of one configuration, or runs named "
+        "<group>_s<seed> with --group-by name): the final value of TAG, mean ± std over runs, and the mean "
+        "step at which the moving average of TAG first reaches each threshold.",
+    )
+    summary.add_argument("run_dirs", nargs="+")
+    summary.add_argument("--tag", default="charts/episodic_return")
+    summary.add_argument("--threshold", type=float, action="append", default=[],
+                         help="a level to reach (repeat for several)")
+    summary.add_argument("--final-fraction", type=float, default=0.1,
+                         help="the final value averages this fraction of each run's last steps")
+    summary.add_argument("--window", type=int, default=10, help="moving average over this many logged points")
+    for command in (plot, summary):
+        command.add_argument("--group-by", choices=GROUPINGS, default="config",
+                             help="config: runs differing only by seed; name: directory name without _s<seed>")
+        command.add_argument("--until", type=float, default=None, metavar="STEP",
+                             help="read runs up to this env step only (equal steps for runs of unequal length)")
 
     bench = sub.add_parser(
         "bench",
@@ -162,8 +183,18 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
 
     if ns.smooth < 1:
         raise ConfigError(f"--smooth must be a positive integer, got {ns.smooth}")
-    path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=ns.tag, title=ns.title, smoothing=ns.smooth)
+    path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=ns.tag, title=ns.title, smoothing=ns.smooth,
+                     group_by=ns.group_by, until=ns.until)
     print(f"wrote {path}")
+    return 0
+
+
+def _cmd_summary(ns: argparse.Namespace) -> int:
+    from rlmem.plot import summarize_runs, summary_table
+
+    summaries = summarize_runs([Path(d) for d in ns.run_dirs], ns.tag, ns.threshold, ns.final_fraction, ns.window,
+                               ns.group_by, ns.until)
+    print(summary_table(summaries, ns.tag, ns.final_fraction))
     return 0
 
 
@@ -192,6 +223,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "list": _cmd_list,
     "plot": _cmd_plot,
+    "summary": _cmd_summary,
     "bench": _cmd_bench,
     "kernels": _cmd_kernels,
 }

@@ -1,13 +1,17 @@
-"""Learning curves from TensorBoard event files (read with TensorBoard's own reader, drawn with matplotlib).
+"""Learning curves and result tables from TensorBoard event files (read with TensorBoard's own reader,
+drawn with matplotlib).
 
 Runs whose configs differ only in the seed (and their names/dirs) form one group, drawn as the mean
 with a band of ± one standard deviation over seeds on a common step grid. Groups are labelled by the
-config keys in which they differ.
+config keys in which they differ, or (``group_by="name"``) by the run directory's name without its
+trailing ``_s<seed>``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +21,8 @@ from rlmem.errors import ConfigError
 IGNORED_KEYS = {"train.seed", "train.run_dir", "train.name", "train.progress", "train.checkpoint_every"}
 
 
-def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of one scalar tag in a run directory, sorted by step."""
+def read_scalars(run_dir: Path, tag: str, until: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one scalar tag in a run directory, sorted by step; only steps ≤ ``until`` if given."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not run_dir.is_dir():
@@ -32,7 +36,13 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     steps = np.array([e.step for e in events], dtype=np.float64)
     values = np.array([e.value for e in events], dtype=np.float64)
     order = np.argsort(steps, kind="stable")
-    return steps[order], values[order]
+    steps, values = steps[order], values[order]
+    if until is not None:
+        kept = steps <= until
+        steps, values = steps[kept], values[kept]
+        if steps.size == 0:
+            raise ConfigError(f"{run_dir} logged no {tag!r} at or before step {until:g}")
+    return steps, values
 
 
 def _flat_config(run_dir: Path) -> dict[str, str]:
@@ -59,13 +69,28 @@ def _short(key: str) -> str:
 NAME_KEYS = ("agent.name", "memory.name", "memory.grad", "env.name", "env.id", "env.game")
 
 
-def group_runs(run_dirs: Sequence[Path]) -> dict[str, list[Path]]:
+GROUPINGS = ("config", "name")
+SEED_SUFFIX = re.compile(r"_s\d+$")
+
+
+def group_runs(run_dirs: Sequence[Path], group_by: str = "config") -> dict[str, list[Path]]:
     """Label -> runs that differ only by seed.
+
+    ``group_by="name"`` groups by the directory name without a trailing ``_s<seed>`` instead (runs
+    named ``ppo-gru_s0``, ``ppo-gru_s1`` form the group ``ppo-gru``), for studies whose runs differ in
+    settings the label need not spell out.
 
     Labels name the keys that differ between groups: the component names first (learner, core, grad,
     env); other options only where names alone do not tell the groups apart, and never options that
     one component has and another lacks.
     """
+    if group_by not in GROUPINGS:
+        raise ConfigError(f"unknown grouping {group_by!r}; valid choices: {', '.join(GROUPINGS)}")
+    if group_by == "name":
+        by_name: dict[str, list[Path]] = {}
+        for d in run_dirs:
+            by_name.setdefault(SEED_SUFFIX.sub("", d.name), []).append(d)
+        return by_name
     configs = {d: {k: v for k, v in _flat_config(d).items() if k not in IGNORED_KEYS} for d in run_dirs}
     keys = sorted({k for c in configs.values() for k in c})
     varying = [k for k in keys if len({c.get(k) for c in configs.values()}) > 1]
@@ -110,18 +135,20 @@ def plot_runs(
     tag: str = "charts/episodic_return",
     title: str | None = None,
     smoothing: int = 1,
+    group_by: str = "config",
+    until: float | None = None,
 ) -> Path:
     """Draw ``tag`` against steps for every group of runs; ``smoothing`` > 1 takes the trailing mean over
     that many logged points of each run first (per-iteration figures such as a success rate averaged
-    over the few episodes that ended in one iteration are noisy)."""
+    over the few episodes that ended in one iteration are noisy); ``until`` draws steps up to it only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, dirs in group_runs(run_dirs).items():
-        curves = [(steps, smooth(values, smoothing)) for steps, values in (read_scalars(d, tag) for d in dirs)]
+    for label, dirs in group_runs(run_dirs, group_by).items():
+        curves = [(steps, smooth(values, smoothing)) for steps, values in (read_scalars(d, tag, until) for d in dirs)]
         if len(curves) == 1:
             steps, values = curves[0]
             ax.plot(steps, values, label=label)
@@ -140,3 +167,74 @@ def plot_runs(
     fig.savefig(output, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return output
+
+
+@dataclass
+class GroupSummary:
+    """One group's results: per run, the final value and the step at which each threshold was reached."""
+
+    label: str
+    runs: list[Path]
+    last_steps: list[float]  # each run's last logged step (≤ ``until``)
+    finals: list[float]  # each run's mean over the last ``final_fraction`` of its steps
+    reached: dict[float, list[float]] = field(default_factory=dict)  # threshold -> steps of the runs that reached it
+
+
+def summarize_runs(
+    run_dirs: Sequence[Path],
+    tag: str = "charts/episodic_return",
+    thresholds: Sequence[float] = (),
+    final_fraction: float = 0.1,
+    window: int = 10,
+    group_by: str = "config",
+    until: float | None = None,
+) -> list[GroupSummary]:
+    """Final value and steps to threshold of every group of runs (the groups of ``group_runs``).
+
+    A run's final value is the mean of ``tag`` over its last ``final_fraction`` of steps. A run reaches a
+    threshold at the first step where the mean of the last ``window`` logged points (a full window) is
+    at or above it. ``until`` reads every run up to that step, so runs of different lengths are compared
+    at equal environment steps.
+    """
+    if not 0 < final_fraction <= 1:
+        raise ConfigError(f"the final fraction must lie in (0, 1], got {final_fraction}")
+    if window < 1:
+        raise ConfigError(f"the threshold window must be a positive integer, got {window}")
+    summaries = []
+    for label, dirs in group_runs(run_dirs, group_by).items():
+        summary = GroupSummary(label, list(dirs), [], [], {threshold: [] for threshold in thresholds})
+        for run_dir in dirs:
+            steps, values = read_scalars(run_dir, tag, until)
+            summary.last_steps.append(float(steps[-1]))
+            summary.finals.append(float(values[steps >= (1 - final_fraction) * steps[-1]].mean()))
+            if len(values) < window:
+                continue
+            # moving[i] is the mean of points i .. i + window - 1
+            moving = np.convolve(values, np.ones(window) / window, mode="valid")
+            for threshold in thresholds:
+                above = np.flatnonzero(moving >= threshold)
+                if above.size:
+                    summary.reached[threshold].append(float(steps[above[0] + window - 1]))
+        summaries.append(summary)
+    return summaries
+
+
+def _steps(value: float) -> str:
+    return f"{value / 1e6:.3g}M" if value >= 1e6 else f"{value / 1e3:.3g}k"
+
+
+def summary_table(summaries: Sequence[GroupSummary], tag: str, final_fraction: float = 0.1) -> str:
+    """A markdown table of ``summarize_runs``: per group, final mean ± std over runs and mean steps to
+    each threshold over the runs that reached it (with how many did)."""
+    thresholds = list(summaries[0].reached) if summaries else []
+    header = ["group", "runs", "steps", f"final {tag} (mean ± std, last {final_fraction:.0%})"]
+    header += [f"steps to ≥ {threshold:g}" for threshold in thresholds]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        n = len(s.runs)
+        cells = [s.label, str(n), _steps(min(s.last_steps)), f"{np.mean(s.finals):.3g} ± {np.std(s.finals):.2g}"]
+        for threshold in thresholds:
+            hits = s.reached[threshold]
+            cells.append(f"{_steps(float(np.mean(hits)))} ({len(hits)}/{n})" if hits else f"— (0/{n})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

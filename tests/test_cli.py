@@ -140,6 +140,8 @@ def test_plot_draws_seed_groups(tmp_path: Path):
     smoothed = tmp_path / "smoothed.png"
     assert main(["plot", *runs, "-o", str(smoothed), "--tag", "losses/value_loss", "--smooth", "5"]) == 0
     assert smoothed.is_file() and main(["plot", *runs, "--smooth", "0"]) == 2
+    early = tmp_path / "early.png"
+    assert main(["plot", *runs, "-o", str(early), "--group-by", "name", "--until", "128"]) == 0 and early.is_file()
 
 
 def test_smooth_is_a_trailing_mean():
@@ -174,6 +176,9 @@ def test_plot_labels_groups_by_component_names(tmp_path: Path):
     assert groups == {"memory=lru": runs[:2], "memory=gru": runs[2:]}
     # Seeds of a single configuration are one group, named by its components.
     assert group_runs(runs[:2]) == {"memory=lru": runs[:2]}
+    # By name: the directory name without its trailing _s<seed>.
+    named = [run("lru_big_s0", "lru", 0), run("lru_big_s1", "lru", 1), run("gru", "gru", 0)]
+    assert group_runs(named, "name") == {"lru_big": named[:2], "gru": named[2:]}
 
 
 def test_bench_robustness_groups_seeds_and_reports_every_sigma(tmp_path: Path, capsys):
@@ -199,3 +204,46 @@ def test_bench_robustness_groups_seeds_and_reports_every_sigma(tmp_path: Path, c
     capsys.readouterr()
     assert main(["bench", "robustness", *runs, "--sigmas", "0,-1"]) == 2
     assert "--sigmas" in capsys.readouterr().err
+
+
+def _write_curve(run_dir: Path, steps: list[int], values: list[float]) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    for step, value in zip(steps, values):
+        writer.add_scalar("charts/success_rate", value, step)
+    writer.close()
+    return run_dir
+
+
+def test_summary_reports_finals_and_steps_to_threshold_by_name_groups(tmp_path: Path, capsys):
+    from rlmem.plot import summarize_runs
+
+    steps = list(range(100, 2100, 100))  # 20 points
+    ramp = [min(1.0, 0.05 * i) for i in range(20)]  # 1.0 from the 21st point on: never within 20 points
+    runs = [
+        _write_curve(tmp_path / "fast_s0", steps, [0.0] * 5 + [1.0] * 15),  # a 4-point window first full at 900
+        _write_curve(tmp_path / "fast_s1", steps, [0.0] * 9 + [1.0] * 11),
+        _write_curve(tmp_path / "slow_s0", steps, ramp),
+    ]
+    summaries = {s.label: s for s in summarize_runs(runs, "charts/success_rate", [0.5, 1.0], final_fraction=0.1,
+                                                     window=4, group_by="name")}
+    fast, slow = summaries["fast"], summaries["slow"]
+    assert fast.runs == runs[:2] and slow.runs == runs[2:]
+    # The last 10% of 2000 steps: the points at 1800, 1900, 2000.
+    assert fast.finals == [1.0, 1.0] and slow.finals == pytest.approx([np.mean(ramp[-3:])])
+    # The mean of 4 points first reaches 0.5 when 2 of them are 1.0, and 1.0 when all 4 are.
+    assert fast.reached == {0.5: [700.0, 1100.0], 1.0: [900.0, 1300.0]}
+    assert slow.reached[1.0] == [] and len(slow.reached[0.5]) == 1
+    # Equal steps: read up to step 1000 only, where fast_s1 has not reached 1.0 yet.
+    early = {s.label: s for s in summarize_runs(runs, "charts/success_rate", [1.0], window=4, group_by="name",
+                                                 until=1000)}
+    assert early["fast"].reached[1.0] == [900.0] and early["fast"].last_steps == [1000.0, 1000.0]
+
+    assert main(["summary", *map(str, runs), "--tag", "charts/success_rate", "--threshold", "1", "--window", "4",
+                 "--group-by", "name"]) == 0
+    out = capsys.readouterr().out
+    assert "| fast | 2 | 2k | 1 ± 0 | 1.1k (2/2) |" in out and "— (0/1)" in out
+    for bad in (["--window", "0"], ["--final-fraction", "0"], ["--tag", "no/such_tag"], ["--until", "50"]):
+        assert main(["summary", *map(str, runs), "--group-by", "name", *bad]) == 2
+    assert main(["summary", str(tmp_path / "missing_s0")]) == 2
