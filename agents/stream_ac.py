@@ -4,17 +4,17 @@ through per-step (T = 1) real-time recurrent learning.
 
 One step, for all B envs at once:
 
-1. Forward one step with gradients from the carried memory state. The core runs a T = 1 RTRL window
-   (``rlmem.rtrl``): its forward advances the sensitivities S_t = dh_t/dθ_core (reset to 0 with the
-   state where an episode starts) and its backward returns ⟨∂y_t/∂h_t, S_t⟩, the gradient of this
-   step's output through every earlier step of the episode, without truncation (exact while θ stays
-   fixed; across per-step updates the carried sensitivities are the usual RTRL approximation).
-2. Sample a_t and step the envs; scale the reward online: r̃_t = r_t / σ(discounted return).
+1. Forward one step without gradients from the carried memory state, and sample a_t.
+2. Step the envs; scale the reward online: r̃_t = r_t / σ(discounted return).
 3. TD error δ_t = r̃_t + γ (1 − terminated_t) V(s_{t+1}) − V(s_t). V(s_{t+1}) comes from one more
    forward without gradients from h_t, on the episode's final observation where it ended (so that a
-   truncated episode bootstraps); that forward leaves the sensitivities untouched.
+   truncated episode bootstraps).
 4. The gradients of V(s_t) and of the actor objective log π(a_t|s_t) + c_H sign(δ_t) H(π(·|s_t)), per
-   env, in one backward pass vectorised over (objective, env) (``per_env_gradients``).
+   env (``per_env_gradients``). The core runs a T = 1 RTRL window (``rlmem.rtrl``): its forward
+   advances the sensitivities S_t = dh_t/dθ_core (reset to 0 with the state where an episode starts)
+   and becomes the carried state; its backward returns ⟨∂y_t/∂h_t, S_t⟩, the gradient of this step's
+   output through every earlier step of the episode, without truncation (exact while θ stays fixed;
+   across per-step updates the carried sensitivities are the usual RTRL approximation).
 5. Traces z ← γλ z + ∇, one per objective and env; the ObGD step per env
    α_b = α / max(1, κ max(|δ_b|, 1) α ‖z_b‖₁) (κ = 2 for the critic's trace, 3 for the actor's), and
    θ ← θ + (1/B) Σ_b α_b δ_b z_b (``env_update: mean``; ``sum`` drops the 1/B).
@@ -26,16 +26,17 @@ a trace must only ever be multiplied by the TD errors of the trajectory it summa
 step is bounded by ObGD on its own trace and δ, and the parameter update is the mean of the B per-env
 steps (``env_update: mean``, bounded as each of them is) or their sum (``env_update: sum``, as if the
 B steps were taken one after another without re-evaluating). With B = 1 both are ObGD exactly. The
-per-env gradients come from one backward pass vectorised (``torch.func.vmap``) over 2B one-hot
-output gradients, which costs O(B) plain backward passes' arithmetic: streaming learners use few envs.
+per-env gradients come from the step run for one env under ``torch.func.vmap`` over envs (of
+``jacrev`` over the two objectives): the arithmetic of 2B single-env backward passes, with no
+quadratic term in B. The traces, 2·B·|θ| numbers, are the memory cost of many envs.
 
 The network (``StreamingActorCritic``) follows the streaming-deep-RL recipe around the memory core:
 observations normalised online (running mean and variance, inside the network so that evaluation
 uses the same statistics), then the core, then separate actor and critic torsos of Linear → LayerNorm
 without affine → LeakyReLU layers and the heads, every linear layer sparsely initialised (90% of each
 unit's inputs zero). No trainable encoder sits in front of the core: all of the core's learning is
-RTRL through its own parameters, and the vectorised per-env backward pass above needs no gradient
-with respect to the core's inputs (the RTRL window's input-gradient path does not run under vmap).
+RTRL through its own parameters, and the per-env backward pass above needs no gradient with respect
+to the core's inputs (the RTRL window's input-gradient path does not run under vmap).
 
 The core must learn online, so ``memory.grad`` must be ``rtrl`` or ``snap1``; cores that learn only
 by truncated BPTT (gru, lstm, none) are a config error.
@@ -44,8 +45,10 @@ by truncated BPTT (gru, lstm, none) are a config error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +57,14 @@ import torch
 from torch import Tensor, nn
 
 from agents.base import IterationResult, ModelOptions, check_number, register_learner
-from agents.networks import ActorCritic, CategoricalHead, GaussianHead, ObservationFloat, check_action_space
+from agents.networks import (
+    ActorCritic,
+    ActorCriticOutput,
+    CategoricalHead,
+    GaussianHead,
+    ObservationFloat,
+    check_action_space,
+)
 from envs.base import VecEnv
 from rlmem.errors import ConfigError
 from rlmem.memory import CORES, State, clone_state, core_options
@@ -239,19 +249,40 @@ class StreamingActorCritic(ActorCritic):
 # Per-env gradients and the ObGD step
 
 
-def per_env_gradients(objectives: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """∂objectives[k][b]/∂θ for every objective k and env b: one backward pass, vectorised over (k, b).
+def per_env_gradients(objectives: Callable[..., tuple[Tensor, Any]], params: Mapping[str, Tensor],
+                      *per_env: Any) -> tuple[Tensor, Any]:
+    """∂objectives[k]/∂θ for every objective k and env b, and the objectives' auxiliary output.
 
-    ``objectives``: K tensors [B], env b's value depending on env b's inputs only. Returns [K, B, P]:
-    the gradients of all ``params`` flattened and concatenated in order (zeros where an objective does
-    not reach a parameter). The backward pass runs under ``torch.func.vmap`` over one-hot output
-    gradients, so every op of it, the RTRL window's backward included, sees a batch of K·B of them."""
-    K, B = len(objectives), objectives[0].shape[0]
-    basis = torch.eye(K * B, device=objectives[0].device, dtype=objectives[0].dtype).view(K * B, K, B)
+    ``objectives(params, *args)`` sees one env's arguments (``per_env`` without their env dim 0: tensors
+    or dicts of them) and returns ([K] objectives, aux). It runs once per env under ``torch.func.vmap``
+    of ``jacrev`` (K vector-Jacobian products), so the cost is that of B single-env backward passes and
+    not, as with one-hot output gradients through a batched backward, of K·B batched ones. Returns
+    [K, B, P], the gradients of all ``params`` flattened and concatenated in order, and aux with the
+    env dim first."""
+    jacobians, aux = torch.func.vmap(torch.func.jacrev(objectives, has_aux=True),
+                                     in_dims=(None, *[0] * len(per_env)))(dict(params), *per_env)
+    return torch.cat([jacobians[name].flatten(2).transpose(0, 1) for name in params], dim=2), aux
+
+
+def step_objectives(out: ActorCriticOutput, action: Tensor, entropy_weight: Tensor) -> Tensor:
+    """[2, B]: the critic's objective V(s_t) and the actor's log π(a_t|s_t) + entropy_weight·H(π(·|s_t)),
+    in the order of the learner's κ, from the network's one-step output (leading T = 1); ``action``
+    [B, *act_shape], ``entropy_weight`` [B] (c_H·sign(δ_t))."""
+    actor = out.dist.log_prob(action[None])[0] + entropy_weight * out.dist.entropy()[0]
+    return torch.stack([out.value[0], actor])
+
+
+def batched_per_env_gradients(objectives: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``per_env_gradients`` for a core that does not run under torch.func transforms: ∂objectives[k, b]/∂θ
+    from the batched graph of ``objectives`` [K, B] (env b's entries depending on env b's inputs only),
+    by one backward pass vectorised over K·B one-hot output gradients. Every op of that pass still
+    sees all B envs, so it costs K·B batched backward passes: quadratic in B. Returns [K, B, P]."""
+    K, B = objectives.shape
+    basis = torch.eye(K * B, device=objectives.device, dtype=objectives.dtype).view(K * B, K, B)
 
     def backward(one_hot: Tensor) -> Tensor:
-        grads = torch.autograd.grad(list(objectives), list(params), list(one_hot), retain_graph=True,
-                                    allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(objectives, list(params), one_hot, retain_graph=True, allow_unused=True,
+                                    materialize_grads=True)
         return torch.cat([g.flatten() for g in grads])
 
     return torch.func.vmap(backward)(basis).view(K, B, -1)
@@ -297,7 +328,9 @@ class StreamACLearner:
             init_generator = torch.Generator().manual_seed(seed)
             self.network = StreamingActorCritic(env.single_observation_space, env.single_action_space, memory,
                                                 model, options, init_generator).to(self.device)
-        self.params = [p for p in self.network.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in self.network.named_parameters() if p.requires_grad]
+        self.param_names, self.params = [name for name, _ in named], [p for _, p in named]
+        self.vmap_gradients = True  # until the core turns out not to run under torch.func transforms
         # Traces of the critic (k = 0: ∇V) and of the actor (k = 1: ∇ of its objective) per env, over
         # all parameters flattened; a parameter an objective does not reach keeps a zero trace.
         num_params = sum(p.numel() for p in self.params)
@@ -335,15 +368,17 @@ class StreamACLearner:
     def step(self) -> dict[str, Tensor]:
         """One env step on every env and one update. Returns the step's statistics [B] (on device)."""
         opt, net = self.options, self.network
-        out = net.step(self.obs, self.memory_state, self.reset, self.prev_action, self.prev_reward)
-        sample = out.dist.sample(self.generator)  # [1, B, *act_shape]
-        action = sample[0]
-        log_prob, entropy, value = out.dist.log_prob(sample)[0], out.dist.entropy()[0], out.value[0]
+        with torch.no_grad():  # acting runs the cell only; the gradient pass below advances the sensitivities
+            out = net.step(self.obs, self.memory_state, self.reset, self.prev_action, self.prev_reward)
+        action = out.dist.sample(self.generator)[0]  # [B, *act_shape]
+        entropy, value = out.dist.entropy()[0], out.value[0]
 
         next_obs, reward, terminated, truncated, info = self.env.step(net.env_action(action).to(self.env.device))
         next_obs, reward = next_obs.to(self.device), reward.to(device=self.device, dtype=torch.float32)
         terminated, done = terminated.to(self.device), (terminated | truncated).to(self.device)
         scaled_reward = self._scale(reward)
+        # The gradient pass below must see s_t as acting saw it: normalised by the statistics before s_{t+1}.
+        acting_stats = {name: b.clone() for name, b in net.named_buffers() if name.startswith("encoder.stats.")}
         self._observe(next_obs)
 
         with torch.no_grad():
@@ -352,10 +387,9 @@ class StreamACLearner:
             # next observation elsewhere.
             following = info["final_obs"].to(self.device)
             next_value = net.step(following, out.state, torch.zeros_like(done), action, reward).value[0]
-            delta = scaled_reward + opt.gamma * (~terminated) * next_value - value.detach()
+            delta = scaled_reward + opt.gamma * (~terminated) * next_value - value
 
-        actor_objective = log_prob + opt.entropy_coef * delta.sign() * entropy
-        grads = per_env_gradients([value, actor_objective], self.params)
+        grads, next_state = self._gradients(acting_stats, action, opt.entropy_coef * delta.sign())
         update, step_size = obgd_update(self.traces, grads, delta, opt.gamma * opt.trace_lambda, opt.lr, self.kappa,
                                           opt.env_update)
         with torch.no_grad():
@@ -364,7 +398,7 @@ class StreamACLearner:
             # An ended episode's traces must not meet the next episode's TD errors.
             self.traces.mul_((~done).to(self.traces.dtype).view(1, -1, 1))
 
-        self.memory_state = out.state
+        self.memory_state = next_state
         self.obs, self.reset = next_obs, done
         self.prev_action, self.prev_reward = action, reward
         self.steps += 1
@@ -372,8 +406,8 @@ class StreamACLearner:
         success = info.get("success")  # only tasks that score their episodes report it
         return {
             "delta": delta,
-            "value": value.detach(),
-            "entropy": entropy.detach(),
+            "value": value,
+            "entropy": entropy,
             "critic_step": step_size[0],
             "actor_step": step_size[1],
             "episode_done": torch.as_tensor(episode["done"]),
@@ -381,6 +415,39 @@ class StreamACLearner:
             "episode_length": torch.as_tensor(episode["length"]),
             **({} if success is None else {"episode_success": torch.as_tensor(success, dtype=torch.float32)}),
         }
+
+    def _gradients(self, stats: dict[str, Tensor], action: Tensor, entropy_weight: Tensor) -> tuple[Tensor, State]:
+        """The per-env gradients [2, B, P] of this step's objectives and the next memory state (the
+        step's forward with gradients on, which advances the core's sensitivities), with the network's
+        buffers ``stats`` in place of its current ones."""
+        inputs = (self.obs, self.memory_state, self.reset, self.prev_action, self.prev_reward)
+        if self.vmap_gradients:
+            params = {name: p.detach() for name, p in zip(self.param_names, self.params)}
+            try:
+                return per_env_gradients(functools.partial(self._objectives, stats=stats), params, *inputs, action,
+                                         entropy_weight)
+            except RuntimeError as err:  # raised before any state changed: the core's forward is pure
+                self.vmap_gradients = False
+                warnings.warn(f"stream_ac: core {self.network.core.name!r} does not run under torch.func "
+                              f"transforms ({err}); per-env gradients fall back to a batched backward whose cost "
+                              f"grows with the square of the number of envs", stacklevel=2)
+        out = self._step_with(stats, *inputs)
+        return batched_per_env_gradients(step_objectives(out, action, entropy_weight), self.params), out.state
+
+    def _objectives(self, params: dict[str, Tensor], obs: Tensor, state: State, reset: Tensor, prev_action: Tensor,
+                    prev_reward: Tensor, action: Tensor, entropy_weight: Tensor, *,
+                    stats: dict[str, Tensor]) -> tuple[Tensor, State]:
+        """``step_objectives`` [2] of one env and its next memory state: the network with ``params`` and
+        the buffers ``stats`` on one env's inputs (no env dim), as ``per_env_gradients`` calls it under vmap."""
+        out = self._step_with({**params, **stats}, obs[None], {k: v[None] for k, v in state.items()}, reset[None],
+                              prev_action[None], prev_reward[None])
+        return step_objectives(out, action[None], entropy_weight[None])[:, 0], {k: v[0] for k, v in out.state.items()}
+
+    def _step_with(self, tensors: dict[str, Tensor], obs: Tensor, state: State, reset: Tensor, prev_action: Tensor,
+                   prev_reward: Tensor) -> ActorCriticOutput:
+        """``network.step`` (inputs [B, ...]) with the parameters and buffers in ``tensors`` replacing its own."""
+        return torch.func.functional_call(self.network, tensors, (
+            obs[None], state, reset[None], prev_action[None], prev_reward[None]))
 
     def iteration(self) -> IterationResult:
         """``steps_per_iteration`` steps on every env, each one an update; metrics over them."""

@@ -265,8 +265,9 @@ def _fused(name: str, probe: Tensor, *args: object):
     """The CUDA kernel ``kernels.<name>(*args)`` for CUDA tensors when the kernels can run (built, a
     GPU, not turned off by RLMEM_KERNELS=0), else None: the reference below runs. Imported here, and
     guarded, so that this module needs only torch; the kernels also return None for a case they do
-    not cover (e.g. float64)."""
-    if not probe.is_cuda:
+    not cover (e.g. float64), and under torch.func transforms (vmap, grad), whose wrapped tensors the
+    kernels cannot take."""
+    if not probe.is_cuda or torch._C._functorch.is_functorch_wrapped_tensor(probe):
         return None
     try:
         import kernels
@@ -526,8 +527,10 @@ class _RTRLWindow(torch.autograd.Function):
     (S after a chunk is the next chunk's S_0) and the adjoint crosses a chunk boundary as the single
     vector Ã_{t0}ᵀ δ_{t0}, so per-step coefficients only ever exist for one chunk."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, cell: RTRLCell, encoder_grad: str, reset: Tensor, h0: Tensor, *tensors: Tensor):
+    def forward(cell: RTRLCell, encoder_grad: str, reset: Tensor, h0: Tensor, *tensors: Tensor):
         sensitivities, inputs, params = _split(cell, tensors)
         h_start, chunk_states = h0, []
         for t0, t1 in _chunks(reset.shape[0]):
@@ -543,11 +546,15 @@ class _RTRLWindow(torch.autograd.Function):
             chunk_states.append(h_chunk)
             h_start = h_chunk[-1]
         h_seq = chunk_states[0] if len(chunk_states) == 1 else torch.cat(chunk_states)
+        return (h_seq, *(sensitivities[group.name] for group in cell.groups))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        cell, encoder_grad, reset, h0, *tensors = inputs
+        h_seq, *final = output
         ctx.cell, ctx.encoder_grad = cell, encoder_grad
         ctx.save_for_backward(reset, h0, h_seq, *tensors)
-        outputs = [sensitivities[group.name] for group in cell.groups]
-        ctx.mark_non_differentiable(*outputs)
-        return (h_seq, *outputs)
+        ctx.mark_non_differentiable(*final)
 
     @staticmethod
     @once_differentiable

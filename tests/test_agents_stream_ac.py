@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import gymnasium as gym
 import numpy as np
@@ -15,6 +16,7 @@ from agents.stream_ac import (
     StreamACLearner,
     StreamACOptions,
     StreamingActorCritic,
+    batched_per_env_gradients,
     obgd_update,
     per_env_gradients,
     sparse_init_,
@@ -190,26 +192,52 @@ def stream_network(memory, seed: int = 0) -> StreamingActorCritic:
                                 torch.Generator().manual_seed(seed))
 
 
+def one_env_values(net: StreamingActorCritic):
+    """The ``per_env_gradients`` objective V(s_t) of one env, with its next state as aux."""
+    def values(params, obs, state, reset):
+        out = torch.func.functional_call(net, params, (obs[None, None], {k: v[None] for k, v in state.items()},
+                                                       reset[None, None]))
+        return out.value[0], {k: v[0] for k, v in out.state.items()}
+
+    return values
+
+
+def detached_params(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in net.named_parameters()}
+
+
 @pytest.mark.parametrize("memory", [ELSTM, {"name": "lru", "hidden_size": 4, "grad": "rtrl"}])
 def test_per_env_gradients_are_the_t1_window_gradients(memory):
-    net = stream_network(memory)
-    params = list(net.parameters())
+    """The learner's objectives per env (vmap over envs) against the ordinary backward pass through a
+    batched T = 1 RTRL step: summed over envs, env by env, and the advanced state."""
+    learner = make_learner(UnevenEpisodes(num_envs=3), memory)
+    net, params = learner.network, learner.params
     B = 3
     state = net.initial_state(B)
     for _ in range(3):  # carry non-zero sensitivities into the step under test
         state = net.step(torch.randn(B, 4), state, torch.zeros(B, dtype=torch.bool)).state
     obs, reset = torch.randn(B, 4), torch.tensor([False, True, False])
-    out = net.step(obs, state, reset)
-    value, log_prob = out.value[0], out.dist.log_prob(torch.tensor([[0, 1, 1]]))[0]
+    prev_action, prev_reward = torch.tensor([1, 0, 1]), torch.tensor([0.5, 0.0, -1.0])
+    action, entropy_weight = torch.tensor([0, 1, 1]), torch.tensor([0.01, -0.01, 0.0])
+    out = net.step(obs, state, reset, prev_action, prev_reward)
+    value = out.value[0]
+    actor = out.dist.log_prob(action[None])[0] + entropy_weight * out.dist.entropy()[0]
+    objectives = functools.partial(learner._objectives, stats={})  # the network's own buffers
+    per_env, next_state = per_env_gradients(objectives, detached_params(net), obs, state, reset, prev_action,
+                                            prev_reward, action, entropy_weight)  # [2, B, P]
+    assert per_env.shape == (2, B, sum(p.numel() for p in params))
+    # The fallback for cores outside torch.func: one-hot output gradients through the batched graph.
+    torch.testing.assert_close(per_env, batched_per_env_gradients(torch.stack([value, actor]), params))
     # Summed over envs: the ordinary backward pass through the T = 1 RTRL window.
-    totals = [flat_grad(objective.sum(), params, retain_graph=True) for objective in (value, log_prob)]
-    per_env = per_env_gradients([value, log_prob], params)  # [2, B, P]
-    for k in range(2):
-        torch.testing.assert_close(per_env[k].sum(0), totals[k])
+    for k, objective in enumerate((value, actor)):
+        torch.testing.assert_close(per_env[k].sum(0), flat_grad(objective.sum(), params, retain_graph=True))
     # Env by env: a batch of that env alone.
     for b in range(B):
         alone = net.step(obs[b : b + 1], {k: v[b : b + 1] for k, v in state.items()}, reset[b : b + 1])
         torch.testing.assert_close(per_env[0, b], flat_grad(alone.value[0, 0], params))
+    # The state the gradient pass returns is the step's own, sensitivities advanced.
+    for key, expected in out.state.items():
+        torch.testing.assert_close(next_state[key], expected, msg=key)
 
 
 @pytest.mark.parametrize("memory", [ELSTM, {"name": "lru", "hidden_size": 4, "grad": "rtrl"}])
@@ -229,13 +257,27 @@ def test_per_step_rtrl_gradients_sum_to_the_bptt_gradient(memory):
     state = net.initial_state(B)
     per_step = torch.zeros(B, sum(p.numel() for p in params))
     for t in range(T):
-        out = net.step(obs[t], state, reset[t])
-        per_step += per_env_gradients([out.value[0]], params)[0]
-        state = out.state
+        grads, state = per_env_gradients(one_env_values(net), detached_params(net), obs[t], state, reset[t])
+        per_step += grads[0]
 
     values = bptt_net(obs, bptt_net.initial_state(B), reset).value
     bptt = flat_grad(values.sum(), bptt_params)
     torch.testing.assert_close(per_step.sum(0), bptt, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", [{"name": "ccn", "grad": "rtrl"}, {"name": "cfc", "grad": "rtrl"}])
+def test_cores_outside_torch_func_fall_back_to_the_batched_backward(memory):
+    # The CCN's normaliser updates a buffer in its forward and the dense CfC's RTRL carries its
+    # sensitivities through an autograd.Function of the old style: neither runs under vmap.
+    memory = {**memory, "hidden_size": 4}
+    learner = make_learner(UnevenEpisodes(num_envs=3), memory)
+    with pytest.warns(UserWarning, match="fall back to a batched backward"):
+        learner.step()
+    assert not learner.vmap_gradients
+    before = params_of(learner)
+    learner.step()
+    assert any(not torch.equal(before[name], value) for name, value in params_of(learner).items()
+               if name.startswith("core."))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,6 +332,20 @@ def test_single_env_update_is_obgd():
         step = 1.0 / max(1.0, kappa * max(abs(float(delta[0])), 1.0) * float(z.abs().sum()))
         expected += step * float(delta[0]) * z
     torch.testing.assert_close(after - before, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_step_gradients_are_those_of_the_forward_that_acted():
+    """The critic's trace grows by ∇V(s_t) with s_t normalised as acting saw it, by the statistics from
+    before s_{t+1} arrived, although the gradient pass runs after the env step."""
+    learner = make_learner(UnevenEpisodes(num_envs=1))  # observation normalisation on
+    for _ in range(4):
+        learner.step()
+    before = copy.deepcopy(learner)
+    learner.step()
+    assert not bool(learner.reset[0])  # mid-episode: the traces were not zeroed after the update
+    out = before.network.step(before.obs, before.memory_state, before.reset, before.prev_action, before.prev_reward)
+    expected = flat_grad(out.value[0, 0], before.params)
+    torch.testing.assert_close(learner.traces[0, 0] - 0.99 * 0.8 * before.traces[0, 0], expected)
 
 
 def test_iteration_reports_steps_episodes_and_metrics():
