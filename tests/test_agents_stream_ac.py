@@ -12,6 +12,7 @@ import torch
 
 from agents.base import LEARNERS, ModelOptions
 from agents.stream_ac import (
+    VMAP_MIN_ENVS,
     RunningMeanStd,
     StreamACLearner,
     StreamACOptions,
@@ -120,6 +121,8 @@ def test_other_config_errors():
         make_learner(UnevenEpisodes(), model=ModelOptions(encoder="mlp"))
     with pytest.raises(ConfigError, match=r"agent\.env_update must be one of mean, sum"):
         StreamACOptions(env_update="max")
+    with pytest.raises(ConfigError, match=r"agent\.per_env_gradients must be one of auto, vmap, batched"):
+        StreamACOptions(per_env_gradients="fast")
     with pytest.raises(ConfigError, match=r"agent\.trace_lambda"):
         StreamACOptions(trace_lambda=1.5)
     image_space = gym.spaces.Box(0, 255, (1, 8, 8), np.uint8)
@@ -270,7 +273,7 @@ def test_cores_outside_torch_func_fall_back_to_the_batched_backward(memory):
     # The CCN's normaliser updates a buffer in its forward and the dense CfC's RTRL carries its
     # sensitivities through an autograd.Function of the old style: neither runs under vmap.
     memory = {**memory, "hidden_size": 4}
-    learner = make_learner(UnevenEpisodes(num_envs=3), memory)
+    learner = make_learner(UnevenEpisodes(num_envs=3), memory, per_env_gradients="vmap")
     with pytest.warns(UserWarning, match="fall back to a batched backward"):
         learner.step()
     assert not learner.vmap_gradients
@@ -278,6 +281,22 @@ def test_cores_outside_torch_func_fall_back_to_the_batched_backward(memory):
     learner.step()
     assert any(not torch.equal(before[name], value) for name, value in params_of(learner).items()
                if name.startswith("core."))
+
+
+@pytest.mark.parametrize("memory", [ELSTM, {"name": "lru", "hidden_size": 4, "grad": "rtrl"}])
+def test_vmap_and_batched_learners_take_the_same_steps(memory):
+    learners = {name: make_learner(UnevenEpisodes(num_envs=3), memory, per_env_gradients=name)
+                for name in ("vmap", "batched")}
+    assert learners["vmap"].vmap_gradients and not learners["batched"].vmap_gradients
+    for learner in learners.values():
+        for _ in range(5):
+            learner.step()
+    vmapped, batched = (params_of(learner) for learner in learners.values())
+    for name, value in vmapped.items():
+        torch.testing.assert_close(value, batched[name], msg=name)
+    # auto: the batched backward for few envs, vmap from VMAP_MIN_ENVS on.
+    assert not make_learner(UnevenEpisodes(num_envs=VMAP_MIN_ENVS - 1)).vmap_gradients
+    assert make_learner(UnevenEpisodes(num_envs=VMAP_MIN_ENVS)).vmap_gradients
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,10 +353,11 @@ def test_single_env_update_is_obgd():
     torch.testing.assert_close(after - before, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_step_gradients_are_those_of_the_forward_that_acted():
+@pytest.mark.parametrize("per_env", ["vmap", "batched"])
+def test_step_gradients_are_those_of_the_forward_that_acted(per_env):
     """The critic's trace grows by ∇V(s_t) with s_t normalised as acting saw it, by the statistics from
     before s_{t+1} arrived, although the gradient pass runs after the env step."""
-    learner = make_learner(UnevenEpisodes(num_envs=1))  # observation normalisation on
+    learner = make_learner(UnevenEpisodes(num_envs=1), per_env_gradients=per_env)  # observation normalisation on
     for _ in range(4):
         learner.step()
     before = copy.deepcopy(learner)

@@ -1,0 +1,94 @@
+"""``rlmem bench stream_ac``: env steps/s of the streaming actor-critic, per-env gradients by vmap over
+envs vs by one-hot output gradients through the batched backward, as the number of envs grows
+(the figures behind ``agent.per_env_gradients: auto``).
+
+``stream_ac`` updates every step from per-env gradients (each env keeps its own eligibility traces).
+It takes them by running one env's step under ``torch.func.vmap`` over envs, which costs the
+arithmetic of 2·B single-env backward passes; cores that cannot run under torch.func fall back to
+2·B one-hot output gradients pushed through the batched graph, where every op sees all B envs:
+quadratic in B. Both run here in one process on the same task, network and seed, their timed
+iterations interleaved, so the ratio is the figure to quote. Before timing, one step of each from
+the same learner state must give the same gradients (the largest difference is printed).
+
+Example::
+
+    rlmem bench stream_ac --envs 1,16,64 --memory elstm --hidden 128 --delay 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from agents.base import ModelOptions
+from agents.stream_ac import StreamACLearner, StreamACOptions, batched_per_env_gradients, step_objectives
+from envs import make_env
+from rlmem.bench.memory import _int_list
+from rlmem.errors import ConfigError
+
+STRATEGIES = ("vmap", "batched")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlmem bench stream_ac", description=__doc__.splitlines()[0])
+    parser.add_argument("--envs", type=_int_list, default=[1, 4, 16, 64], help="numbers of envs B")
+    parser.add_argument("--memory", default="elstm", help="core name (grad: rtrl)")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden_size N")
+    parser.add_argument("--delay", type=int, default=32, help="cue_recall delay L")
+    parser.add_argument("--steps", type=int, default=16, help="learner steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per strategy (the median is shown)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: leave as is)")
+    return parser
+
+
+def _learner(args: argparse.Namespace, num_envs: int) -> StreamACLearner:
+    env = make_env({"name": "cue_recall", "num_envs": num_envs, "delay": args.delay, "desync": True}, seed=0)
+    memory = {"name": args.memory, "hidden_size": args.hidden, "grad": "rtrl"}
+    options = StreamACOptions(per_env_gradients="vmap")
+    return StreamACLearner(options, env, memory, ModelOptions(), "cpu", seed=0, total_steps=10**9)
+
+
+def _gradient_difference(learner: StreamACLearner) -> float:
+    """Largest |vmap − batched| over one step's per-env gradients, from the learner's current state."""
+    inputs = (learner.obs, learner.memory_state, learner.reset, learner.prev_action, learner.prev_reward)
+    action = torch.zeros_like(learner.prev_action)
+    entropy_weight = torch.full((learner.num_envs,), 0.01)
+    vmapped, _ = learner._gradients({}, action, entropy_weight)
+    out = learner.network.step(*inputs)
+    batched = batched_per_env_gradients(step_objectives(out, action, entropy_weight), learner.params)
+    return float((vmapped - batched).abs().max())
+
+
+def run(argv: list[str]) -> None:
+    """Time ``steps`` learner steps per repeat for each strategy and number of envs; print a table."""
+    args = _parser().parse_args(argv)
+    for key in ("hidden", "delay", "steps", "repeats"):
+        if getattr(args, key) <= 0:
+            raise ConfigError(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"stream_ac on cue_recall (L = {args.delay}), {args.memory} rtrl N = {args.hidden}, "
+          f"{args.steps} steps per repeat, median of {args.repeats}, {torch.get_num_threads()} CPU threads")
+    print(f"{'envs':>5s} {'vmap steps/s':>13s} {'batched steps/s':>16s} {'vmap/batched':>13s} {'max |diff|':>11s}")
+    for num_envs in args.envs:
+        base = _learner(args, num_envs)
+        base.step()  # carry non-zero sensitivities and traces
+        if not base.vmap_gradients:
+            raise ConfigError(f"core {args.memory!r} does not run under torch.func; only its batched path exists")
+        difference = _gradient_difference(copy.deepcopy(base))
+        learners = {name: copy.deepcopy(base) for name in STRATEGIES}
+        learners["batched"].vmap_gradients = False
+        times: dict[str, list[float]] = {name: [] for name in STRATEGIES}
+        for _ in range(args.repeats):
+            for name, learner in learners.items():  # interleaved: both see the same machine load
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    learner.step()
+                times[name].append(time.perf_counter() - start)
+        rate = {name: args.steps * num_envs / statistics.median(seconds) for name, seconds in times.items()}
+        print(f"{num_envs:5d} {rate['vmap']:13.0f} {rate['batched']:16.0f} {rate['vmap'] / rate['batched']:13.2f} "
+              f"{difference:11.1e}")
