@@ -247,3 +247,16 @@ def test_summary_reports_finals_and_steps_to_threshold_by_name_groups(tmp_path: 
     for bad in (["--window", "0"], ["--final-fraction", "0"], ["--tag", "no/such_tag"], ["--until", "50"]):
         assert main(["summary", *map(str, runs), "--group-by", "name", *bad]) == 2
     assert main(["summary", str(tmp_path / "missing_s0")]) == 2
+
+
+def test_bench_stream_ac_times_both_gradient_paths_and_checks_they_agree(capsys):
+    args = ["bench", "stream_ac", "--envs", "1,3", "--hidden", "4", "--steps", "1", "--repeats", "1"]
+    assert main(args) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["1", "3"]
+    assert all(float(row[-1]) < 1e-5 for row in rows)  # the largest gradient difference between the paths
+    with pytest.warns(UserWarning):  # the CCN cannot run under vmap: no comparison to make
+        assert main(["bench", "stream_ac", "--envs", "2", "--memory", "ccn", "--hidden", "4"]) == 2
+    with pytest.raises(SystemExit) as exited:  # argparse: usage, one message, exit status 2
+        main(["bench", "stream_ac", "--envs", "0"])
+    assert exited.value.code == 2
