@@ -382,10 +382,12 @@ class StreamACLearner:
     def step(self) -> dict[str, Tensor]:
         """One env step on every env and one update. Returns the step's statistics [B] (on device)."""
         opt, net = self.options, self.network
-        with torch.no_grad():  # acting runs the cell only; the gradient pass below advances the sensitivities
+        # The batched backward reuses this forward's graph; vmap runs the step again per env (the acting
+        # forward then runs the cell only, and the vmapped one advances the sensitivities).
+        with torch.set_grad_enabled(not self.vmap_gradients):
             out = net.step(self.obs, self.memory_state, self.reset, self.prev_action, self.prev_reward)
         action = out.dist.sample(self.generator)[0]  # [B, *act_shape]
-        entropy, value = out.dist.entropy()[0], out.value[0]
+        entropy, value = out.dist.entropy()[0].detach(), out.value[0].detach()
 
         next_obs, reward, terminated, truncated, info = self.env.step(net.env_action(action).to(self.env.device))
         next_obs, reward = next_obs.to(self.device), reward.to(device=self.device, dtype=torch.float32)
@@ -403,7 +405,7 @@ class StreamACLearner:
             next_value = net.step(following, out.state, torch.zeros_like(done), action, reward).value[0]
             delta = scaled_reward + opt.gamma * (~terminated) * next_value - value
 
-        grads, next_state = self._gradients(acting_stats, action, opt.entropy_coef * delta.sign())
+        grads, next_state = self._gradients(out, acting_stats, action, opt.entropy_coef * delta.sign())
         update, step_size = obgd_update(self.traces, grads, delta, opt.gamma * opt.trace_lambda, opt.lr, self.kappa,
                                           opt.env_update)
         with torch.no_grad():
@@ -430,27 +432,30 @@ class StreamACLearner:
             **({} if success is None else {"episode_success": torch.as_tensor(success, dtype=torch.float32)}),
         }
 
-    def _gradients(self, stats: dict[str, Tensor], action: Tensor, entropy_weight: Tensor) -> tuple[Tensor, State]:
-        """The per-env gradients [2, B, P] of this step's objectives and the next memory state (the
-        step's forward with gradients on, which advances the core's sensitivities), with the network's
-        buffers ``stats`` in place of its current ones."""
+    def _gradients(self, out: ActorCriticOutput, stats: dict[str, Tensor], action: Tensor,
+                   entropy_weight: Tensor) -> tuple[Tensor, State]:
+        """The per-env gradients [2, B, P] of this step's objectives and the next memory state (from the
+        step's forward with gradients on, which advances the core's sensitivities): ``out``'s graph in the
+        batched path, or the step run again with the network's buffers ``stats`` in place of its
+        current ones (the statistics acting used)."""
         inputs = (self.obs, self.memory_state, self.reset, self.prev_action, self.prev_reward)
         if self.vmap_gradients:
             params = {name: p.detach() for name, p in zip(self.param_names, self.params)}
             try:
-                return per_env_gradients(functools.partial(self._objectives, stats=stats), params, *inputs, action,
-                                         entropy_weight)
+                objectives = functools.partial(self.one_env_objectives, stats=stats)
+                return per_env_gradients(objectives, params, *inputs, action, entropy_weight)
             except RuntimeError as err:  # raised before any state changed: the core's forward is pure
                 self.vmap_gradients = False
                 warnings.warn(f"stream_ac: core {self.network.core.name!r} does not run under torch.func "
                               f"transforms ({err}); per-env gradients fall back to a batched backward whose cost "
                               f"grows with the square of the number of envs", stacklevel=2)
-        out = self._step_with(stats, *inputs)
+        if not out.value.requires_grad:  # acting ran without gradients for vmap, which then fell back
+            out = self._step_with(stats, *inputs)
         return batched_per_env_gradients(step_objectives(out, action, entropy_weight), self.params), out.state
 
-    def _objectives(self, params: dict[str, Tensor], obs: Tensor, state: State, reset: Tensor, prev_action: Tensor,
-                    prev_reward: Tensor, action: Tensor, entropy_weight: Tensor, *,
-                    stats: dict[str, Tensor]) -> tuple[Tensor, State]:
+    def one_env_objectives(self, params: dict[str, Tensor], obs: Tensor, state: State, reset: Tensor,
+                           prev_action: Tensor, prev_reward: Tensor, action: Tensor, entropy_weight: Tensor, *,
+                           stats: dict[str, Tensor]) -> tuple[Tensor, State]:
         """``step_objectives`` [2] of one env and its next memory state: the network with ``params`` and
         the buffers ``stats`` on one env's inputs (no env dim), as ``per_env_gradients`` calls it under vmap."""
         out = self._step_with({**params, **stats}, obs[None], {k: v[None] for k, v in state.items()}, reset[None],

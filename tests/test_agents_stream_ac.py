@@ -225,7 +225,7 @@ def test_per_env_gradients_are_the_t1_window_gradients(memory):
     out = net.step(obs, state, reset, prev_action, prev_reward)
     value = out.value[0]
     actor = out.dist.log_prob(action[None])[0] + entropy_weight * out.dist.entropy()[0]
-    objectives = functools.partial(learner._objectives, stats={})  # the network's own buffers
+    objectives = functools.partial(learner.one_env_objectives, stats={})  # the network's own buffers
     per_env, next_state = per_env_gradients(objectives, detached_params(net), obs, state, reset, prev_action,
                                             prev_reward, action, entropy_weight)  # [2, B, P]
     assert per_env.shape == (2, B, sum(p.numel() for p in params))

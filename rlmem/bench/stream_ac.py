@@ -19,13 +19,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 
 import torch
 
 from agents.base import ModelOptions
-from agents.stream_ac import StreamACLearner, StreamACOptions, batched_per_env_gradients, step_objectives
+from agents.stream_ac import (
+    StreamACLearner,
+    StreamACOptions,
+    batched_per_env_gradients,
+    per_env_gradients,
+    step_objectives,
+)
 from envs import make_env
 from rlmem.bench.memory import _int_list
 from rlmem.errors import ConfigError
@@ -57,7 +64,9 @@ def _gradient_difference(learner: StreamACLearner) -> float:
     inputs = (learner.obs, learner.memory_state, learner.reset, learner.prev_action, learner.prev_reward)
     action = torch.zeros_like(learner.prev_action)
     entropy_weight = torch.full((learner.num_envs,), 0.01)
-    vmapped, _ = learner._gradients({}, action, entropy_weight)
+    params = {name: p.detach() for name, p in zip(learner.param_names, learner.params)}
+    objectives = functools.partial(learner.one_env_objectives, stats={})  # the network's own buffers
+    vmapped, _ = per_env_gradients(objectives, params, *inputs, action, entropy_weight)
     out = learner.network.step(*inputs)
     batched = batched_per_env_gradients(step_objectives(out, action, entropy_weight), learner.params)
     return float((vmapped - batched).abs().max())
