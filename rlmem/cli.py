@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         help="table of final values and steps to thresholds over groups of seeds",
         description="One markdown row per group of runs (seeds of one configuration, or runs named "
         "<group>_s<seed> with --group-by name): the final value of TAG, mean ± std over runs, and the mean "
-        "step at which the moving average of TAG first reaches each threshold.",
+        "step at which the mean of TAG over the last --window env steps first reaches each threshold.",
     )
     summary.add_argument("run_dirs", nargs="+")
     summary.add_argument("--tag", default="charts/episodic_return")
@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="a level to reach (repeat for several)")
     summary.add_argument("--final-fraction", type=float, default=0.1,
                          help="the final value averages this fraction of each run's last steps")
-    summary.add_argument("--window", type=int, default=10, help="moving average over this many logged points")
+    summary.add_argument("--window", type=float, default=10_000,
+                         help="a threshold is reached when the mean over the last WINDOW env steps reaches it")
     for command in (plot, summary):
         command.add_argument("--group-by", choices=GROUPINGS, default="config",
                              help="config: runs differing only by seed; name: directory name without _s<seed>")

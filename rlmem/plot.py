@@ -185,21 +185,22 @@ def summarize_runs(
     tag: str = "charts/episodic_return",
     thresholds: Sequence[float] = (),
     final_fraction: float = 0.1,
-    window: int = 10,
+    window: float = 10_000,
     group_by: str = "config",
     until: float | None = None,
 ) -> list[GroupSummary]:
     """Final value and steps to threshold of every group of runs (the groups of ``group_runs``).
 
     A run's final value is the mean of ``tag`` over its last ``final_fraction`` of steps. A run reaches a
-    threshold at the first step where the mean of the last ``window`` logged points (a full window) is
-    at or above it. ``until`` reads every run up to that step, so runs of different lengths are compared
-    at equal environment steps.
+    threshold at the first logged step s ≥ ``window`` where the mean of the points logged in the last
+    ``window`` env steps, (s − window, s], is at or above it: a window in env steps, so that learners
+    that log at different intervals are averaged over the same stretch of experience. ``until`` reads
+    every run up to that step, so runs of different lengths are compared at equal environment steps.
     """
     if not 0 < final_fraction <= 1:
         raise ConfigError(f"the final fraction must lie in (0, 1], got {final_fraction}")
-    if window < 1:
-        raise ConfigError(f"the threshold window must be a positive integer, got {window}")
+    if not window > 0:
+        raise ConfigError(f"the threshold window must be a positive number of env steps, got {window}")
     summaries = []
     for label, dirs in group_runs(run_dirs, group_by).items():
         summary = GroupSummary(label, list(dirs), [], [], {threshold: [] for threshold in thresholds})
@@ -207,14 +208,14 @@ def summarize_runs(
             steps, values = read_scalars(run_dir, tag, until)
             summary.last_steps.append(float(steps[-1]))
             summary.finals.append(float(values[steps >= (1 - final_fraction) * steps[-1]].mean()))
-            if len(values) < window:
-                continue
-            # moving[i] is the mean of points i .. i + window - 1
-            moving = np.convolve(values, np.ones(window) / window, mode="valid")
+            first = np.searchsorted(steps, steps - window, side="right")  # point i averages first[i] .. i
+            sums = np.concatenate([[0.0], np.cumsum(values)])
+            ends = np.arange(1, len(values) + 1)
+            moving = (sums[ends] - sums[first]) / (ends - first)
             for threshold in thresholds:
-                above = np.flatnonzero(moving >= threshold)
+                above = np.flatnonzero((moving >= threshold) & (steps >= window))
                 if above.size:
-                    summary.reached[threshold].append(float(steps[above[0] + window - 1]))
+                    summary.reached[threshold].append(float(steps[above[0]]))
         summaries.append(summary)
     return summaries
 

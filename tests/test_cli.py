@@ -222,12 +222,12 @@ def test_summary_reports_finals_and_steps_to_threshold_by_name_groups(tmp_path: 
     steps = list(range(100, 2100, 100))  # 20 points
     ramp = [min(1.0, 0.05 * i) for i in range(20)]  # 1.0 from the 21st point on: never within 20 points
     runs = [
-        _write_curve(tmp_path / "fast_s0", steps, [0.0] * 5 + [1.0] * 15),  # a 4-point window first full at 900
+        _write_curve(tmp_path / "fast_s0", steps, [0.0] * 5 + [1.0] * 15),  # 400-step windows: 4 points
         _write_curve(tmp_path / "fast_s1", steps, [0.0] * 9 + [1.0] * 11),
         _write_curve(tmp_path / "slow_s0", steps, ramp),
     ]
     summaries = {s.label: s for s in summarize_runs(runs, "charts/success_rate", [0.5, 1.0], final_fraction=0.1,
-                                                     window=4, group_by="name")}
+                                                     window=400, group_by="name")}
     fast, slow = summaries["fast"], summaries["slow"]
     assert fast.runs == runs[:2] and slow.runs == runs[2:]
     # The last 10% of 2000 steps: the points at 1800, 1900, 2000.
@@ -236,11 +236,11 @@ def test_summary_reports_finals_and_steps_to_threshold_by_name_groups(tmp_path: 
     assert fast.reached == {0.5: [700.0, 1100.0], 1.0: [900.0, 1300.0]}
     assert slow.reached[1.0] == [] and len(slow.reached[0.5]) == 1
     # Equal steps: read up to step 1000 only, where fast_s1 has not reached 1.0 yet.
-    early = {s.label: s for s in summarize_runs(runs, "charts/success_rate", [1.0], window=4, group_by="name",
+    early = {s.label: s for s in summarize_runs(runs, "charts/success_rate", [1.0], window=400, group_by="name",
                                                  until=1000)}
     assert early["fast"].reached[1.0] == [900.0] and early["fast"].last_steps == [1000.0, 1000.0]
 
-    assert main(["summary", *map(str, runs), "--tag", "charts/success_rate", "--threshold", "1", "--window", "4",
+    assert main(["summary", *map(str, runs), "--tag", "charts/success_rate", "--threshold", "1", "--window", "400",
                  "--group-by", "name"]) == 0
     out = capsys.readouterr().out
     assert "| fast | 2 | 2k | 1 ± 0 | 1.1k (2/2) |" in out and "— (0/1)" in out
