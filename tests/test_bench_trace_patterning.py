@@ -20,9 +20,8 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     first = json.loads((out / "results.json").read_text())
     assert [row["method"] for row in first["summary"]] == ["columnar", "lstm_tbptt15", "zero"]
     assert all(len(row["per_seed"]) == 2 for row in first["summary"])
-    assert sorted(p.name for p in (out / "runs").iterdir()) == [
-        "columnar-seed0.json", "columnar-seed1.json", "lstm_tbptt15-seed0.json", "lstm_tbptt15-seed1.json",
-        "zero-seed0.json", "zero-seed1.json"]
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (out / "runs").iterdir()) == [
+        "columnar-seed0", "columnar-seed1", "lstm_tbptt15-seed0", "lstm_tbptt15-seed1", "zero-seed0", "zero-seed1"]
     assert (out / "trace_patterning.png").stat().st_size > 1000 and first["settings"]["task"] == "trace_patterning"
     capsys.readouterr()
 
@@ -39,7 +38,7 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     printed = capsys.readouterr().out
     assert "leaving out 3 run(s) not saved yet" in printed and "done" not in printed
     assert json.loads((out / "results.json").read_text())["runs"] == second["runs"]
-    assert not (out / "runs" / "columnar-seed3.json").exists()
+    assert not list((out / "runs").glob("columnar-seed3-*.json"))
     assert main(["bench", "trace_patterning", *TINY, "--saved-only", "--out", str(tmp_path / "empty")]) == 2
     assert "no runs with these settings are saved" in capsys.readouterr().err
 
@@ -48,14 +47,18 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "reusing 2 finished run(s)" in printed and "done columnar seed 0" in printed
-    assert json.loads((out / "runs" / "columnar-seed0.json").read_text())["settings"]["lr"] == 0.02
-    capsys.readouterr()
+    assert sorted(json.loads(p.read_text())["settings"]["lr"]
+                  for p in (out / "runs").glob("columnar-seed0-*.json")) == [0.01, 0.02]
+    # ... saved beside the first setting's run, which is still there to reuse.
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--out", str(out)]) == 0
+    assert "reusing 3 finished run(s)" in capsys.readouterr().out
 
     # So is a different core option (--set): the option is part of the saved settings.
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--lr", "columnar=0.02",
                  "--set", "columnar.init_scale=0.1", "--out", str(out)]) == 0
     assert "done columnar seed 0" in capsys.readouterr().out
-    assert json.loads((out / "runs" / "columnar-seed0.json").read_text())["settings"]["memory"]["init_scale"] == 0.1
+    assert any(json.loads(p.read_text())["settings"]["memory"].get("init_scale") == 0.1
+               for p in (out / "runs").glob("columnar-seed0-*.json"))
 
     # The memory-only task is another benchmark: nothing of trace patterning is reused.
     other = tmp_path / "tc"
@@ -99,3 +102,15 @@ def test_summary_reports_mean_stderr_and_median_over_seeds():
 def test_bench_bad_arguments_exit_2(argv, message, tmp_path: Path, capsys):
     assert main(["bench", "trace_patterning", *argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_runs_saved_under_the_first_file_names_are_reused(tmp_path: Path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "tp"
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--out", str(out)]) == 0
+    for path in (out / "runs").iterdir():  # <method>-seed<seed>.json, as the first version named them
+        path.rename(path.with_name(path.name.rsplit("-", 1)[0] + ".json"))
+    capsys.readouterr()
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing 3 finished run(s)" in printed and "done columnar" not in printed

@@ -41,13 +41,15 @@ running it again: an interrupted benchmark resumes where it stopped, and more se
 added to an existing one. ``--no-reuse`` runs everything afresh; ``--saved-only`` runs nothing and
 summarises the runs saved so far (while the study is still running elsewhere, say). ``--lr METHOD=LR`` and
 ``--set METHOD.KEY=VALUE`` (a core option, e.g. ``columnar.normalizer_decay=0.9999``) vary a method; both
-are part of the settings a saved run must match.
+are part of the settings a saved run must match, and of its file name (``<method>-seed<s>-<digest>.json``),
+so runs of several settings share one ``OUT`` without replacing each other.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import statistics
@@ -194,10 +196,6 @@ def run_job(name: str, method: Method, seed: int, protocol: Protocol) -> dict[st
     return run_one(name, method, seed, protocol)
 
 
-def _run_file(saved: Path, name: str, seed: int) -> Path:
-    return saved / f"{name}-seed{seed}.json"
-
-
 def _run_settings(method: Method, protocol: Protocol) -> dict[str, Any]:
     """What a saved run must share with a new call to stand in for it (as JSON would give it back)."""
     return json.loads(json.dumps({
@@ -205,22 +203,34 @@ def _run_settings(method: Method, protocol: Protocol) -> dict[str, Any]:
         "memory": method.memory, "gamma": GAMMA, "lam": LAM}))
 
 
+def _run_file(saved: Path, name: str, seed: int, settings: dict[str, Any]) -> Path:
+    """``<method>-seed<seed>-<digest of the settings>.json``: runs of other settings live side by side."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return saved / f"{name}-seed{seed}-{digest}.json"
+
+
 def save_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol, result: dict[str, Any]) -> None:
     """Write one finished run (written whole, then renamed, so an interrupted write leaves nothing)."""
-    path = _run_file(saved, name, seed)
+    settings = _run_settings(method, protocol)
+    path = _run_file(saved, name, seed, settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"settings": _run_settings(method, protocol), "run": result}))
+    partial.write_text(json.dumps({"settings": settings, "run": result}))
     partial.replace(path)
 
 
 def load_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol) -> dict[str, Any] | None:
-    """A run saved earlier with the same settings, or None."""
-    try:
-        earlier = json.loads(_run_file(saved, name, seed).read_text())
-    except (OSError, ValueError):
-        return None
-    return earlier["run"] if earlier.get("settings") == _run_settings(method, protocol) else None
+    """A run saved earlier with the same settings, or None. Files of the first format, named by method
+    and seed only (one setting per directory), are read too."""
+    settings = _run_settings(method, protocol)
+    for path in (_run_file(saved, name, seed, settings), saved / f"{name}-seed{seed}.json"):
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if earlier.get("settings") == settings:
+            return earlier["run"]
+    return None
 
 
 def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: int, window: int) -> list[dict]:
