@@ -527,6 +527,8 @@ class _RTRLWindow(torch.autograd.Function):
     (S after a chunk is the next chunk's S_0) and the adjoint crosses a chunk boundary as the single
     vector Ã_{t0}ᵀ δ_{t0}, so per-step coefficients only ever exist for one chunk."""
 
+    # forward without ctx plus setup_context, and a generated vmap rule: the form torch.func needs, so
+    # that a window can run under vmap (stream_ac takes per-env gradients that way).
     generate_vmap_rule = True
 
     @staticmethod
