@@ -528,7 +528,8 @@ class _RTRLWindow(torch.autograd.Function):
     vector Ã_{t0}ᵀ δ_{t0}, so per-step coefficients only ever exist for one chunk."""
 
     # forward without ctx plus setup_context, and a generated vmap rule: the form torch.func needs, so
-    # that a window can run under vmap (stream_ac takes per-env gradients that way).
+    # that a one-step window can run under vmap (stream_ac takes per-env gradients that way). Longer
+    # windows read the reset flags on the host (run_cell), which vmap cannot trace.
     generate_vmap_rule = True
 
     @staticmethod

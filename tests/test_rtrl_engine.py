@@ -381,3 +381,33 @@ def test_backward_working_memory_does_not_grow_with_the_window(monkeypatch):
     one_chunk, four_chunks = backward_peak(8), backward_peak(32)
     assert one_chunk > 0
     assert four_chunks <= 1.25 * one_chunk, (one_chunk, four_chunks)
+
+
+@pytest.mark.parametrize("name", ["elstm", "lru", "ffm"])
+def test_one_step_windows_run_under_vmap_for_per_env_gradients(name):
+    """torch.func.vmap over envs of the gradient through a T = 1 RTRL window (carried sensitivities, one
+    env resetting) gives each env's own gradient, as a batch of that env alone does. (Longer windows
+    read the reset flags on the host to skip steps, which vmap cannot trace.)"""
+    from rlmem.memory import make_core
+
+    torch.manual_seed(0)
+    core = make_core({"name": name, "hidden_size": 4, "grad": "rtrl"}, input_size=3).double()
+    T, B = 1, 4
+    x = torch.randn(T, B, 3, dtype=torch.float64)
+    reset = torch.zeros(T, B, dtype=torch.bool)
+    reset[0, 2] = True
+    _, state = core(torch.randn(3, B, 3, dtype=torch.float64), core.initial_state(B, dtype=torch.float64),
+                    torch.zeros(3, B, dtype=torch.bool))  # carry non-zero sensitivities in
+    params = {n: p.detach() for n, p in core.named_parameters()}
+
+    def loss(params, x_env, state_env, reset_env):
+        y, _ = torch.func.functional_call(core, params, (x_env[:, None], {k: v[None] for k, v in state_env.items()},
+                                                        reset_env[:, None]))
+        return y.pow(2).sum()
+
+    per_env = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 1, 0, 1))(params, x, state, reset)
+    for b in range(B):
+        y, _ = core(x[:, b : b + 1], {k: v[b : b + 1] for k, v in state.items()}, reset[:, b : b + 1])
+        alone = torch.autograd.grad(y.pow(2).sum(), list(core.parameters()))
+        for (param_name, _), expected in zip(core.named_parameters(), alone):
+            torch.testing.assert_close(per_env[param_name][b], expected, msg=f"{param_name}, env {b}")
