@@ -393,8 +393,10 @@ class StreamACLearner:
         next_obs, reward = next_obs.to(self.device), reward.to(device=self.device, dtype=torch.float32)
         terminated, done = terminated.to(self.device), (terminated | truncated).to(self.device)
         scaled_reward = self._scale(reward)
-        # The gradient pass below must see s_t as acting saw it: normalised by the statistics before s_{t+1}.
-        acting_stats = {name: b.clone() for name, b in net.named_buffers() if name.startswith("encoder.stats.")}
+        # A gradient pass that runs the step again must see s_t as acting saw it: normalised by the
+        # statistics before s_{t+1} (the batched path backpropagates through the acting forward itself).
+        acting_stats = {name: b.clone() for name, b in net.named_buffers()
+                        if name.startswith("encoder.stats.")} if self.vmap_gradients else {}
         self._observe(next_obs)
 
         with torch.no_grad():
@@ -405,7 +407,7 @@ class StreamACLearner:
             next_value = net.step(following, out.state, torch.zeros_like(done), action, reward).value[0]
             delta = scaled_reward + opt.gamma * (~terminated) * next_value - value
 
-        grads, next_state = self._gradients(out, acting_stats, action, opt.entropy_coef * delta.sign())
+        grads, next_state = self.gradients(out, acting_stats, action, opt.entropy_coef * delta.sign())
         update, step_size = obgd_update(self.traces, grads, delta, opt.gamma * opt.trace_lambda, opt.lr, self.kappa,
                                           opt.env_update)
         with torch.no_grad():
@@ -432,7 +434,7 @@ class StreamACLearner:
             **({} if success is None else {"episode_success": torch.as_tensor(success, dtype=torch.float32)}),
         }
 
-    def _gradients(self, out: ActorCriticOutput, stats: dict[str, Tensor], action: Tensor,
+    def gradients(self, out: ActorCriticOutput, stats: dict[str, Tensor], action: Tensor,
                    entropy_weight: Tensor) -> tuple[Tensor, State]:
         """The per-env gradients [2, B, P] of this step's objectives and the next memory state (from the
         step's forward with gradients on, which advances the core's sensitivities): ``out``'s graph in the

@@ -112,14 +112,18 @@ def group_runs(run_dirs: Sequence[Path], group_by: str = "config") -> dict[str, 
     return groups
 
 
+def _trailing_mean(values: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Point i's mean over points first[i] .. i."""
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    ends = np.arange(1, len(values) + 1)
+    return (sums[ends] - sums[first]) / (ends - first)
+
+
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over the last ``window`` logged points (fewer at the start); 1 leaves values as they are."""
     if window <= 1 or len(values) == 0:
         return values
-    sums = np.cumsum(np.concatenate([[0.0], values]))
-    ends = np.arange(1, len(values) + 1)
-    counts = np.minimum(ends, window)
-    return (sums[ends] - sums[ends - counts]) / counts
+    return _trailing_mean(values, np.maximum(np.arange(len(values)) - window + 1, 0))
 
 
 def draw_mean_band(ax, x: np.ndarray, stacked: np.ndarray, label: str, **style) -> None:
@@ -208,10 +212,8 @@ def summarize_runs(
             steps, values = read_scalars(run_dir, tag, until)
             summary.last_steps.append(float(steps[-1]))
             summary.finals.append(float(values[steps >= (1 - final_fraction) * steps[-1]].mean()))
-            first = np.searchsorted(steps, steps - window, side="right")  # point i averages first[i] .. i
-            sums = np.concatenate([[0.0], np.cumsum(values)])
-            ends = np.arange(1, len(values) + 1)
-            moving = (sums[ends] - sums[first]) / (ends - first)
+            # the points logged in (s − window, s]
+            moving = _trailing_mean(values, np.searchsorted(steps, steps - window, side="right"))
             for threshold in thresholds:
                 above = np.flatnonzero((moving >= threshold) & (steps >= window))
                 if above.size:

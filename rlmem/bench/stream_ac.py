@@ -19,20 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import statistics
 import time
 
 import torch
 
 from agents.base import ModelOptions
-from agents.stream_ac import (
-    StreamACLearner,
-    StreamACOptions,
-    batched_per_env_gradients,
-    per_env_gradients,
-    step_objectives,
-)
+from agents.stream_ac import StreamACLearner, StreamACOptions
 from envs import make_env
 from rlmem.bench.memory import _int_list
 from rlmem.errors import ConfigError
@@ -60,15 +53,16 @@ def _learner(args: argparse.Namespace, num_envs: int) -> StreamACLearner:
 
 
 def _gradient_difference(learner: StreamACLearner) -> float:
-    """Largest |vmap − batched| over one step's per-env gradients, from the learner's current state."""
+    """Largest |vmap − batched| over one step's per-env gradients from the learner's current state, both
+    taken by the learner's own ``gradients``."""
     inputs = (learner.obs, learner.memory_state, learner.reset, learner.prev_action, learner.prev_reward)
     action = torch.zeros_like(learner.prev_action)
     entropy_weight = torch.full((learner.num_envs,), 0.01)
-    params = {name: p.detach() for name, p in zip(learner.param_names, learner.params)}
-    objectives = functools.partial(learner.one_env_objectives, stats={})  # the network's own buffers
-    vmapped, _ = per_env_gradients(objectives, params, *inputs, action, entropy_weight)
-    out = learner.network.step(*inputs)
-    batched = batched_per_env_gradients(step_objectives(out, action, entropy_weight), learner.params)
+    with torch.no_grad():  # as the learner acts on the vmap path
+        acting = learner.network.step(*inputs)
+    vmapped, _ = learner.gradients(acting, {}, action, entropy_weight)
+    learner.vmap_gradients = False
+    batched, _ = learner.gradients(learner.network.step(*inputs), {}, action, entropy_weight)
     return float((vmapped - batched).abs().max())
 
 
