@@ -17,9 +17,11 @@ Overlap needs a group's step to run in the background (ale-py ``send``/``recv``,
 ``AsyncVectorEnv``, ProcGen's ``act``/``observe``: ``VecEnv.steps_in_background``) and an env that can
 be split; elsewhere the runner keeps one group and steps the whole batch, which is the plain
 synchronous loop. It also costs something: the policy runs twice per step on half batches. It pays
-when inference does not take CPU time from the emulators, i.e. with the policy on an accelerator, so
-that is the default (``overlap_helps``); on a CPU-only machine the policy and the emulators compete for
-the same cores (on two cores it measured slower: ``rlmem bench envs``), but ``overlap=True`` forces it.
+most where inference does not take CPU time from the emulators, i.e. with the policy on an
+accelerator, so that is the default (``overlap_helps``). On a CPU-only machine the policy and the
+emulators share the cores; the groups then split the library's worker threads between them
+(``envs.base.threads_per_group``), and Atari on two cores still gained from it (``rlmem bench envs``;
+``configs/env/atari.yaml`` turns it on). ``env.overlap`` (true, false, auto) or ``overlap=`` decides.
 When the policy runs on a CUDA device and the env on the CPU (where ``train.build`` puts every env whose
 library works on the host: ``VecEnv.steps_on_host``), step results travel through page-locked (pinned)
 host buffers, so that their copies to the device are asynchronous.
@@ -108,13 +110,16 @@ class EnvRunner:
 
     ``overlap``: True splits the env into two groups that step while the policy acts for the other
     (only if the env can be split; otherwise the runner keeps one group), False keeps one group, None
-    chooses ``overlap_helps(env, device)``. The runner must own the env from its first reset: splitting
+    takes the env's own setting (``env.overlap``, from its options) and, where that is auto too,
+    ``overlap_helps(env, device)``. The runner must own the env from its first reset: splitting
     rebuilds the env's groups afresh.
     """
 
     def __init__(self, env: VecEnv, device: torch.device, overlap: bool | None = None) -> None:
         self.env = env
         self.device = torch.device(device)
+        if overlap is None:
+            overlap = env.overlap
         want = overlap_helps(env, self.device) if overlap is None else bool(overlap)
         parts = list(env.split(GROUPS)) if want else [env]
         if len(parts) < 2:

@@ -19,7 +19,8 @@ Same-step autoreset is ale-py's own; ``info["final_obs"]`` holds the frame reach
 of an ended game (and of a lost life, under ``episodic_life``).
 
 ``step_async``/``step_wait`` are ale-py's ``send``/``recv``: the emulators step in ale-py's C++
-threads meanwhile. ``split`` rebuilds the env as several ale-py vector envs (env ``j`` keeps its seed).
+threads meanwhile. ``split`` rebuilds the env as several ale-py vector envs (env ``j`` keeps its seed) that share the
+emulator threads the whole env had.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, StepResult, VecEnv
+from envs.base import EnvError, StepResult, VecEnv, threads_per_group
 from envs.common import EpisodeTracker, check_actions, to_numpy_actions, to_tensor
 from envs.registry import EnvOptions, register_env
 
@@ -219,8 +220,11 @@ class AtariVecEnv(VecEnv):
         )
 
     def split(self, parts: int) -> Sequence[VecEnv]:
+        threads = threads_per_group(self.options.num_threads, parts)
+
         def make(num_envs: int, start: int) -> VecEnv:
-            return AtariVecEnv(dataclasses.replace(self.options, num_envs=num_envs), self.device, self._seed + start)
+            options = dataclasses.replace(self.options, num_envs=num_envs, num_threads=threads)
+            return AtariVecEnv(options, self.device, self._seed + start)
 
         self._check_open()
         return self._split_with(parts, make, self.env.close)

@@ -28,6 +28,7 @@ VecEnv has working defaults, so a source needs none of this to meet the contract
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,6 +71,8 @@ class VecEnv:
 
     #: True where ``step_async`` returns while the library steps in its own threads or processes.
     steps_in_background: bool = False
+    #: Whether a runner should overlap this env's steps with inference (``env.overlap``); None: its choice.
+    overlap: bool | None = None
     _pending_step: StepResult | None = None  # the default pair's result, held from step_async to step_wait
     _step_in_flight: bool = False
 
@@ -161,6 +164,21 @@ def split_bounds(num_envs: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_group(threads: int, parts: int) -> int:
+    """Worker threads for each of ``parts`` groups of an env whose library was given ``threads``
+    (0: one per available core). The groups step side by side, so each gets its share: more threads
+    than cores only makes them preempt each other and the policy (``rlmem bench envs``, overlap)."""
+    return max(1, (threads or available_cores()) // max(1, parts))
 
 
 def _merge(values: list[Any], sizes: list[int]) -> Any:

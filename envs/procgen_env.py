@@ -17,7 +17,8 @@ than hides:
 gym3 envs cannot be reset; ``reset(seed)`` builds a fresh vector env seeded with ``seed``.
 
 ``step_async``/``step_wait`` are gym3's ``act``/``observe``: ProcGen steps in its worker threads
-meanwhile. ``split`` rebuilds the env as several gym3 envs (group ``i`` seeded with ``seed + start_i``).
+meanwhile. ``split`` rebuilds the env as several gym3 envs (group ``i`` seeded with ``seed + start_i``)
+that share the worker threads the whole env had.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, StepResult, VecEnv
+from envs.base import EnvError, StepResult, VecEnv, threads_per_group
 from envs.common import EpisodeTracker, check_actions, to_tensor
 from envs.registry import EnvOptions, register_env
 
@@ -184,9 +185,12 @@ class ProcgenVecEnv(VecEnv):
         return obs, reward, terminated, truncated, {"final_obs": obs, "episode": episode}
 
     def split(self, parts: int) -> Sequence[VecEnv]:
+        # 0 threads (stepping in the caller's thread) stays 0; otherwise the groups share the threads.
+        threads = self.options.num_threads and threads_per_group(self.options.num_threads, parts)
+
         def make(num_envs: int, start: int) -> VecEnv:
-            return ProcgenVecEnv(dataclasses.replace(self.options, num_envs=num_envs), self.device,
-                                 self._env_seed + start)
+            options = dataclasses.replace(self.options, num_envs=num_envs, num_threads=threads)
+            return ProcgenVecEnv(options, self.device, self._env_seed + start)
 
         def release() -> None:
             self.env = None  # gym3 envs free their native resources when collected

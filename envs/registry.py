@@ -21,10 +21,15 @@ class EnvOptions:
     """Options every environment has; an environment's own options dataclass extends this one."""
 
     num_envs: int = 16
+    # Step half of the envs while the policy acts for the other half (agents.runner): true, false, or
+    # auto (where the env steps in the background and the policy runs on an accelerator).
+    overlap: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_envs, int) or self.num_envs <= 0:
             raise EnvError(f"env.num_envs must be a positive integer, got {self.num_envs!r}")
+        if not (isinstance(self.overlap, bool) or self.overlap == "auto"):
+            raise EnvError(f"env.overlap must be true, false or auto, got {self.overlap!r}")
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,9 @@ def env_options(spec: Mapping[str, Any]) -> Any:
 def make_env(spec: Mapping[str, Any], device: torch.device | str = "cpu", seed: int = 0) -> VecEnv:
     """Build a VecEnv from ``{"name": ..., "num_envs": ..., <env options>}``; it is reset by the caller."""
     options = env_options(spec)
-    return env_entry(str(spec["name"])).cls(options, device=torch.device(device), seed=seed)
+    env = env_entry(str(spec["name"])).cls(options, device=torch.device(device), seed=seed)
+    env.overlap = None if options.overlap == "auto" else options.overlap
+    return env
 
 
 def env_device(name: str, training_device: torch.device | str) -> torch.device:

@@ -21,7 +21,7 @@ from agents.base import LEARNERS, ModelOptions
 from agents.rollout import RolloutCollector
 from agents.runner import EnvRunner, overlap_helps
 from envs import EnvError, make_env
-from envs.base import VecEnv, VecEnvGroup, split_bounds
+from envs.base import VecEnv, VecEnvGroup, split_bounds, threads_per_group
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -211,6 +211,31 @@ def test_overlap_default_and_fallbacks():
     assert not EnvRunner(Recall(num_envs=1), cpu, overlap=True).overlap
     runner = EnvRunner(Recall(num_envs=5), cpu, overlap=True)
     assert [g.index for g in runner.groups] == [slice(0, 3), slice(3, 5)]
+
+
+def test_the_env_option_overlap_decides_where_the_runner_is_not_told():
+    cpu = torch.device("cpu")
+    forced = Recall()
+    forced.overlap = True  # what make_env sets from env.overlap=true
+    assert EnvRunner(forced, cpu).overlap
+    refused = Recall()
+    refused.overlap = False
+    assert not EnvRunner(refused, torch.device("cuda")).overlap  # (no CUDA work: the env is a fake)
+    assert not EnvRunner(forced, cpu, overlap=False).overlap  # the caller's word wins
+    for value, expected in (("auto", None), (True, True), (False, False)):
+        assert make_env({"name": "cue_recall", "num_envs": 2, "overlap": value}).overlap is expected
+    with pytest.raises(EnvError, match=r"env\.overlap must be true, false or auto, got 'maybe'"):
+        make_env({"name": "cue_recall", "overlap": "maybe"})
+
+
+def test_split_groups_share_the_worker_threads(monkeypatch):
+    import envs.base
+
+    monkeypatch.setattr(envs.base, "available_cores", lambda: 6)
+    assert threads_per_group(0, 2) == 3  # 0: one per core, shared
+    assert threads_per_group(4, 2) == 2
+    assert threads_per_group(1, 2) == 1  # at least one each
+    assert threads_per_group(0, 8) == 1
 
 
 def test_each_group_steps_while_the_policy_acts_for_the_other():
@@ -460,8 +485,9 @@ def test_native_async_pair_refuses_misuse_without_hanging(spec):
 
 @needs_procgen
 def test_procgen_splits_and_closes_its_groups():
-    env = make_env({"name": "procgen", "game": "maze", "num_envs": 4})
+    env = make_env({"name": "procgen", "game": "maze", "num_envs": 4, "num_threads": 4})
     parts = env.split(2)
+    assert [p.options.num_threads for p in parts] == [2, 2]  # the groups share the library's threads
     obs = env.reset(seed=0)
     assert obs.shape == (4, 3, 64, 64) and obs.dtype == torch.uint8
     obs, *_, info = env.step(torch.zeros(4, dtype=torch.long))
@@ -473,13 +499,14 @@ def test_procgen_splits_and_closes_its_groups():
 
 @needs_ale
 def test_atari_rollout_with_overlap_replays_exactly():
-    env = make_env({"name": "atari", "game": "pong", "num_envs": 4, "episodic_life": True, "reward_clip": True})
+    env = make_env({"name": "atari", "game": "pong", "num_envs": 4, "episodic_life": True, "reward_clip": True,
+                    "num_threads": 2, "overlap": True})
     try:
         learner = LEARNERS.get("actor_critic").cls(
             ActorCriticOptions(unroll_length=5), env, {"name": "gru", "hidden_size": 16},
             ModelOptions(encoder_size=32, prev_action=True, prev_reward=True), torch.device("cpu"), 0, 10_000)
-        learner.collector = RolloutCollector(learner.network, env, learner.device, learner.generator, 0, overlap=True)
-        assert learner.collector.overlap
+        assert learner.collector.overlap  # env.overlap=true, on a CPU
+        assert [g.env.options.num_threads for g in learner.collector.runner.groups] == [1, 1]
         learner.iteration()
         rollout, _ = collect(learner)
         with torch.no_grad():

@@ -5,13 +5,18 @@
 
 * ``raw``: the library's own vector env under random actions (``envs.bench``'s measurement);
 * ``vecenv``: rlmem's VecEnv on the same id and env count, random actions (``envs.bench`` likewise);
+* ``policy``: the acting network alone (below) on the env's first observations, with no env step:
+  what inference can deliver on this machine, whatever the env;
 * ``rollout``: ``RolloutCollector.collect(T)`` with policy inference and no learning: the default
   encoder for the observation space (``model.encoder: auto``), a GRU core of H units, sampled actions
   and the rollout buffers, with the overlap of env steps and inference off and on
   (``agents.runner``; "-" where the env cannot overlap: it cannot be split or does not step in the
   background);
 
-and the ratios rollout / raw (for sources without a raw library, rollout / vecenv, marked ``*``). All
+and the ratios rollout / raw (for sources without a raw library, rollout / vecenv, marked ``*``), with
+``seq/raw``: the ratio that stepping and then acting would reach with no overhead at all,
+1 / (1/raw + 1/policy), over raw. A rollout that does not overlap cannot pass it; one that overlaps
+can only where the cores are not all busy already (the env's threads and inference share them). All
 contenders of a source are built once and timed in alternating rounds of N vector steps (rollouts:
 N / T windows of T steps); each figure is the best of R rounds, so that load from other processes
 skews them alike. Acting uses K intra-op threads, the training default (``train.torch_threads``).
@@ -29,23 +34,61 @@ from envs.bench import SOURCES, Contender, _rlmem, measure
 DEFAULT_SOURCES = ("atari", "procgen", "cartpole", "cue_recall")
 
 
+def _network(env: Any, hidden: int) -> Any:
+    """The acting network: the default encoder for the env's observations and a GRU core of ``hidden``
+    units, seeded alike for every contender, in eval mode."""
+    import torch
+
+    from agents.base import ModelOptions
+    from agents.networks import ActorCritic
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        network = ActorCritic(env.single_observation_space, env.single_action_space,
+                              {"name": "gru", "hidden_size": hidden}, ModelOptions())
+    return network.eval()
+
+
+def _policy(spec: dict[str, Any], hidden: int) -> Contender:
+    """Inference alone: call ``i`` acts once for all envs on the env's first observations (carried
+    memory state, sampled actions), with no env step. Its rate bounds any rollout of this network."""
+    import torch
+
+    from envs import make_env
+
+    env = make_env(spec, seed=0)
+    try:
+        obs = env.reset(seed=0)
+        network = _network(env, hidden)
+    finally:
+        env.close()
+    B = obs.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    carried = {"state": network.initial_state(B)}
+    reset = torch.zeros(B, dtype=torch.bool)
+    prev_action = torch.zeros(B, *network.action_shape, dtype=network.action_dtype())
+    prev_reward = torch.zeros(B)
+
+    @torch.no_grad()
+    def step(i: int) -> Any:
+        out = network.step(obs, carried["state"], reset, prev_action, prev_reward)
+        carried["state"] = out.state
+        return out.dist.sample(generator)
+
+    return Contender(step, lambda: None)
+
+
 def _rollout(spec: dict[str, Any], unroll: int, hidden: int, overlap: bool) -> Contender | None:
     """A contender whose call ``i`` collects one window of ``unroll`` steps where ``i % unroll == 0``
     (so N calls take N vector steps); None where ``overlap`` is asked for and cannot engage."""
     import torch
 
-    from agents.base import ModelOptions
-    from agents.networks import ActorCritic
     from agents.rollout import RolloutCollector
     from envs import make_env
 
     env = make_env(spec, seed=0)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            network = ActorCritic(env.single_observation_space, env.single_action_space,
-                                  {"name": "gru", "hidden_size": hidden}, ModelOptions())
-        network.eval()
+        network = _network(env, hidden)
         generator = torch.Generator().manual_seed(0)
         collector = RolloutCollector(network, env, torch.device("cpu"), generator, seed=0, overlap=overlap)
     except BaseException:
@@ -108,8 +151,8 @@ def run(argv: list[str]) -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    header = (f"{'source':<12} {'envs':>4} {'raw':>9} {'vecenv':>9} {'rollout':>9} {'overlap':>9} "
-              f"{'roll/raw':>8} {'ovl/raw':>8}")
+    header = (f"{'source':<12} {'envs':>4} {'raw':>9} {'vecenv':>9} {'policy':>9} {'rollout':>9} {'overlap':>9} "
+              f"{'roll/raw':>8} {'ovl/raw':>8} {'seq/raw':>8}")
     print(f"env steps/s; rollout: GRU {args.hidden}, default encoder, T = {args.unroll}, "
           f"{torch.get_num_threads()} torch thread(s); best of {args.repeats} rounds of {steps} steps")
     print(header)
@@ -126,6 +169,7 @@ def run(argv: list[str]) -> None:
             try:
                 built["raw"] = source.raw(num_envs, steps) if source.raw is not None else None
                 built["vecenv"] = _rlmem(spec, steps)
+                built["policy"] = _policy(spec, args.hidden)
                 built["rollout"] = _rollout(spec, args.unroll, args.hidden, overlap=False)
                 built["overlap"] = _rollout(spec, args.unroll, args.hidden, overlap=True)
                 present = {k: c for k, c in built.items() if c is not None}
@@ -137,9 +181,12 @@ def run(argv: list[str]) -> None:
                         contender.close()
             raw, vecenv = rates.get("raw"), rates["vecenv"]
             base, mark = (raw, " ") if raw is not None else (vecenv, "*")
-            print(f"{name:<12} {num_envs:>4} {_rate(raw, 9)} {_rate(vecenv, 9)} {_rate(rates['rollout'], 9)} "
-                  f"{_rate(rates.get('overlap'), 9)} {_ratio(rates['rollout'], base, mark):>8} "
-                  f"{_ratio(rates.get('overlap'), base, mark):>8}", flush=True)
+            policy = rates["policy"]
+            sequential = 1.0 / (1.0 / base + 1.0 / policy)  # stepping, then acting, with no overhead
+            print(f"{name:<12} {num_envs:>4} {_rate(raw, 9)} {_rate(vecenv, 9)} {_rate(policy, 9)} "
+                  f"{_rate(rates['rollout'], 9)} {_rate(rates.get('overlap'), 9)} "
+                  f"{_ratio(rates['rollout'], base, mark):>8} {_ratio(rates.get('overlap'), base, mark):>8} "
+                  f"{_ratio(sequential, base, mark):>8}", flush=True)
     finally:
         torch.set_num_threads(threads)
     print("* relative to the rlmem VecEnv (the source has no raw library)")
