@@ -130,11 +130,16 @@ class ProcgenVecEnv(VecEnv):
         return env
 
     def _frames(self, observation: dict[str, np.ndarray]) -> Tensor:
-        """gym3's ``{"rgb": [B, 64, 64, 3]}`` -> contiguous uint8 ``[B, 3, 64, 64]`` on ``device``.
+        """gym3's ``{"rgb": [B, 64, 64, 3]}`` -> uint8 ``[B, 3, 64, 64]`` on ``device``, in channels-last
+        memory layout (a permuted view of a plain copy of the frames).
 
-        The channel move is one numpy copy (about as fast as a plain copy of the frames).
+        A copy that also moves the channels costs about 8× a plain one on the host (0.4 against 0.05 ms
+        at 64 envs, a third of a raw vector step), so it is left to where it is cheap: the GPU, after
+        the runner's pinned upload keeps the layout, or the rollout's store of the frame on a CPU
+        (whose convolutions take either layout).
         """
-        return to_tensor(observation["rgb"].transpose(0, 3, 1, 2), self.device)
+        frames = torch.from_numpy(np.array(observation["rgb"], copy=True))
+        return frames.to(self.device).permute(0, 3, 1, 2)
 
     def _check_open(self) -> None:
         if self._closed:

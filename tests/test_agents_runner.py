@@ -497,10 +497,13 @@ def test_procgen_splits_and_closes_its_groups():
         parts[0].step(torch.zeros(2, dtype=torch.long))
 
 
-@needs_ale
-def test_atari_rollout_with_overlap_replays_exactly():
-    env = make_env({"name": "atari", "game": "pong", "num_envs": 4, "episodic_life": True, "reward_clip": True,
-                    "num_threads": 2, "overlap": True})
+@pytest.mark.parametrize("spec", [
+    pytest.param({"name": "atari", "game": "pong", "episodic_life": True, "reward_clip": True}, marks=needs_ale,
+                 id="atari"),
+    pytest.param({"name": "procgen", "game": "maze"}, marks=needs_procgen, id="procgen"),  # channels-last frames
+])
+def test_library_rollout_with_overlap_replays_exactly(spec):
+    env = make_env({**spec, "num_envs": 4, "num_threads": 2, "overlap": True})
     try:
         learner = LEARNERS.get("actor_critic").cls(
             ActorCriticOptions(unroll_length=5), env, {"name": "gru", "hidden_size": 16},

@@ -100,3 +100,17 @@ def test_invalid_options_raise(options, message):
 def test_memory_mode_builds_for_a_game_that_has_it():
     with make_env({"name": "procgen", "game": "heist", "distribution_mode": "memory", "num_envs": 2}) as env:
         assert env.reset().shape == (2, 3, 64, 64)
+
+
+def test_frames_are_copies_of_the_library_frames_channels_first_in_channels_last_layout():
+    env = make_env({"name": "procgen", "game": "maze", "num_envs": 2})
+    obs = env.reset(seed=0)
+    _, observation, _ = env.env.observe()
+    assert obs.shape == (2, 3, 64, 64) and obs.dtype == torch.uint8
+    assert obs.is_contiguous(memory_format=torch.channels_last)  # the plain copy, permuted (see _frames)
+    assert torch.equal(obs, torch.from_numpy(observation["rgb"]).permute(0, 3, 1, 2))
+    before = obs.clone()
+    for _ in range(3):
+        env.step(torch.ones(2, dtype=torch.long))
+    assert torch.equal(obs, before)  # a copy: the library's later steps leave it alone
+    env.close()
