@@ -19,8 +19,8 @@ Same-step autoreset is ale-py's own; ``info["final_obs"]`` holds the frame reach
 of an ended game (and of a lost life, under ``episodic_life``).
 
 ``step_async``/``step_wait`` are ale-py's ``send``/``recv``: the emulators step in ale-py's C++
-threads meanwhile. ``split`` rebuilds the env as several ale-py vector envs (env ``j`` keeps its seed) that share the
-emulator threads the whole env had.
+threads meanwhile. ``split`` rebuilds the env as several ale-py vector envs (env ``j`` keeps its seed)
+that share the emulator threads the whole env had.
 """
 
 from __future__ import annotations
