@@ -65,12 +65,16 @@ class PinnedStaging:
         self.copied: torch.cuda.Event | None = None
 
     def _buffer(self, name: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """A pinned buffer with the shape and strides of ``like`` (dense, e.g. channels-last frames),
-        so that the host copy into it is a plain one and the device copy keeps the layout."""
+        """A pinned buffer shaped like ``like``, channels-last where ``like`` is (ProcGen's frames), so
+        that the host copy into it is a plain one and the device copy keeps the layout."""
         dtype = dtype or like.dtype
+        layout = (torch.channels_last if like.dim() == 4 and not like.is_contiguous()
+                  and like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
         buffer = self.buffers.get(name)
-        if buffer is None or buffer.shape != like.shape or buffer.stride() != like.stride() or buffer.dtype != dtype:
-            buffer = self.buffers[name] = torch.empty_strided(like.shape, like.stride(), dtype=dtype, pin_memory=True)
+        if (buffer is None or buffer.shape != like.shape or buffer.dtype != dtype
+                or not buffer.is_contiguous(memory_format=layout)):
+            buffer = torch.empty(like.shape, dtype=dtype, pin_memory=True, memory_format=layout)
+            self.buffers[name] = buffer
         return buffer
 
     def upload(self, **tensors: Tensor) -> dict[str, Tensor]:

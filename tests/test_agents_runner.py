@@ -379,6 +379,20 @@ def test_cuda_policy_with_a_cpu_env_goes_through_pinned_buffers():
     check_window(learner, rollout)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_upload_keeps_channels_last_frames_channels_last():
+    from agents.runner import PinnedStaging
+
+    staging = PinnedStaging(torch.device("cuda"))
+    hwc = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    frames = hwc.permute(0, 3, 1, 2)  # what the ProcGen adapter hands out
+    for _ in range(2):  # the second upload reuses the buffers
+        up = staging.upload(obs=frames, flat=torch.arange(4))
+        assert up["obs"].is_contiguous(memory_format=torch.channels_last) and torch.equal(up["obs"].cpu(), frames)
+        assert up["flat"].is_contiguous() and torch.equal(up["flat"].cpu(), torch.arange(4))
+    assert staging.buffers["obs"].is_pinned() and staging.buffers["obs"].stride() == frames.stride()
+
+
 def test_library_envs_are_built_on_the_host_for_a_gpu_learner():
     from envs import env_device
 
