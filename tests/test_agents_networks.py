@@ -64,6 +64,28 @@ def test_impala_cnn_structure():
     assert grey(torch.zeros(5, 32, 32, dtype=torch.uint8)).shape == (5, 16)
 
 
+@pytest.mark.parametrize("name", ["nature_cnn", "impala"])
+def test_conv_encoders_run_channels_last_with_the_values_and_gradients_of_the_plain_layout(name):
+    space = gym.spaces.Box(0, 255, (3, 64, 64), np.uint8)
+    encoder = make_encoder(name, space, 32, 1)
+    conv = encoder[1]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in conv.parameters() if p.dim() == 4)
+    # The same network in the plain layout: contiguous weights, stem and head called directly.
+    plain = make_encoder(name, space, 32, 1)
+    plain.load_state_dict(encoder.state_dict())
+    for p in plain.parameters():
+        p.data = p.data.contiguous()
+    frames = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    for inputs in (frames, frames.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):  # either input layout
+        out = encoder(inputs)
+        expected = plain[1].head(plain[1].stem(plain[0](inputs).contiguous()))
+        torch.testing.assert_close(out, expected)
+        grads = torch.autograd.grad(out.square().sum(), list(encoder.parameters()))
+        expected_grads = torch.autograd.grad(expected.square().sum(), list(plain.parameters()))
+        for g, e in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(g, e)
+
+
 def test_mlp_encoder_layers_and_discrete_one_hot():
     encoder = make_encoder("mlp", VECTOR, 32, 2)
     assert sum(isinstance(m, nn.Linear) for m in encoder.modules()) == 2 and encoder.output_size == 32
