@@ -56,6 +56,7 @@ def test_atari_row_measures_the_overlap_through_the_cli(capsys):
         (["--unroll", "0"], "--unroll must be positive"),
         (["--hidden", "-1"], "--hidden must be positive"),
         (["--torch-threads", "-1"], "--torch-threads must be >= 0"),
+        (["--encoder", "resnet"], "invalid choice: 'resnet'"),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, capsys):

@@ -1,15 +1,16 @@
 """Environment and rollout throughput: raw library, rlmem VecEnv, and rollout collection with a policy.
 
 ``rlmem bench envs [--steps N] [--repeats R] [--num-envs B] [--sources a,b,...] [--unroll T]
-[--hidden H] [--torch-threads K]`` prints, per source, env steps per second (all envs together) of
+[--hidden H] [--encoder E] [--torch-threads K]`` prints, per source, env steps per second (all envs
+together) of
 
 * ``raw``: the library's own vector env under random actions (``envs.bench``'s measurement);
 * ``vecenv``: rlmem's VecEnv on the same id and env count, random actions (``envs.bench`` likewise);
 * ``policy``: the acting network alone (below) on the env's first observations, with no env step:
   what inference can deliver on this machine, whatever the env;
-* ``rollout``: ``RolloutCollector.collect(T)`` with policy inference and no learning: the default
-  encoder for the observation space (``model.encoder: auto``), a GRU core of H units, sampled actions
-  and the rollout buffers, with the overlap of env steps and inference off and on
+* ``rollout``: ``RolloutCollector.collect(T)`` with policy inference and no learning: encoder E
+  (``model.encoder``; by default ``auto``, the Nature CNN for frames), a GRU core of H units, sampled
+  actions and the rollout buffers, with the overlap of env steps and inference off and on
   (``agents.runner``; "-" where the env cannot overlap: it cannot be split or does not step in the
   background);
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from envs.bench import SOURCES, Contender, _rlmem, measure
@@ -34,9 +36,16 @@ from envs.bench import SOURCES, Contender, _rlmem, measure
 DEFAULT_SOURCES = ("atari", "procgen", "cartpole", "cue_recall")
 
 
-def _network(env: Any, hidden: int) -> Any:
-    """The acting network: the default encoder for the env's observations and a GRU core of ``hidden``
-    units, seeded alike for every contender, in eval mode."""
+@dataclass(frozen=True)
+class Policy:
+    """The acting network's settings: a GRU core of ``hidden`` units behind ``encoder`` (``model.encoder``)."""
+
+    hidden: int = 128
+    encoder: str = "auto"
+
+
+def _network(env: Any, policy: Policy) -> Any:
+    """The acting network for ``env``, seeded alike for every contender, in eval mode."""
     import torch
 
     from agents.base import ModelOptions
@@ -45,11 +54,11 @@ def _network(env: Any, hidden: int) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         network = ActorCritic(env.single_observation_space, env.single_action_space,
-                              {"name": "gru", "hidden_size": hidden}, ModelOptions())
+                              {"name": "gru", "hidden_size": policy.hidden}, ModelOptions(encoder=policy.encoder))
     return network.eval()
 
 
-def _policy(spec: dict[str, Any], hidden: int) -> Contender:
+def _policy(spec: dict[str, Any], policy: Policy) -> Contender:
     """Inference alone: call ``i`` acts once for all envs on the env's first observations (carried
     memory state, sampled actions), with no env step. Its rate bounds any rollout of this network."""
     import torch
@@ -59,7 +68,7 @@ def _policy(spec: dict[str, Any], hidden: int) -> Contender:
     env = make_env(spec, seed=0)
     try:
         obs = env.reset(seed=0)
-        network = _network(env, hidden)
+        network = _network(env, policy)
     finally:
         env.close()
     B = obs.shape[0]
@@ -78,7 +87,7 @@ def _policy(spec: dict[str, Any], hidden: int) -> Contender:
     return Contender(step, lambda: None)
 
 
-def _rollout(spec: dict[str, Any], unroll: int, hidden: int, overlap: bool) -> Contender | None:
+def _rollout(spec: dict[str, Any], unroll: int, policy: Policy, overlap: bool) -> Contender | None:
     """A contender whose call ``i`` collects one window of ``unroll`` steps where ``i % unroll == 0``
     (so N calls take N vector steps); None where ``overlap`` is asked for and cannot engage."""
     import torch
@@ -88,7 +97,7 @@ def _rollout(spec: dict[str, Any], unroll: int, hidden: int, overlap: bool) -> C
 
     env = make_env(spec, seed=0)
     try:
-        network = _network(env, hidden)
+        network = _network(env, policy)
         generator = torch.Generator().manual_seed(0)
         collector = RolloutCollector(network, env, torch.device("cpu"), generator, seed=0, overlap=overlap)
     except BaseException:
@@ -106,6 +115,8 @@ def _rollout(spec: dict[str, Any], unroll: int, hidden: int, overlap: bool) -> C
 
 
 def _parser() -> argparse.ArgumentParser:
+    from agents.networks import ENCODERS
+
     parser = argparse.ArgumentParser(prog="rlmem bench envs", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200,
                         help="vector steps per timed round (rounded up to whole windows; default 200)")
@@ -117,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default: {','.join(DEFAULT_SOURCES)})")
     parser.add_argument("--unroll", type=int, default=20, help="rollout window T (default 20)")
     parser.add_argument("--hidden", type=int, default=128, help="GRU hidden size (default 128)")
+    parser.add_argument("--encoder", default="auto", choices=ENCODERS,
+                        help="the policy's encoder, as model.encoder (default auto: the Nature CNN for frames)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="intra-op threads for the policy (default 1, as train.torch_threads; 0: torch's own)")
     return parser
@@ -147,13 +160,14 @@ def run(argv: list[str]) -> None:
     if args.torch_threads < 0:
         parser.error(f"--torch-threads must be >= 0, got {args.torch_threads}")
     steps = math.ceil(args.steps / args.unroll) * args.unroll  # whole windows
+    policy = Policy(args.hidden, args.encoder)
     threads = torch.get_num_threads()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
     header = (f"{'source':<12} {'envs':>4} {'raw':>9} {'vecenv':>9} {'policy':>9} {'rollout':>9} {'overlap':>9} "
               f"{'roll/raw':>8} {'ovl/raw':>8} {'seq/raw':>8}")
-    print(f"env steps/s; rollout: GRU {args.hidden}, default encoder, T = {args.unroll}, "
+    print(f"env steps/s; rollout: GRU {args.hidden}, {args.encoder} encoder, T = {args.unroll}, "
           f"{torch.get_num_threads()} torch thread(s); best of {args.repeats} rounds of {steps} steps")
     print(header)
     print("-" * len(header))
@@ -169,9 +183,9 @@ def run(argv: list[str]) -> None:
             try:
                 built["raw"] = source.raw(num_envs, steps) if source.raw is not None else None
                 built["vecenv"] = _rlmem(spec, steps)
-                built["policy"] = _policy(spec, args.hidden)
-                built["rollout"] = _rollout(spec, args.unroll, args.hidden, overlap=False)
-                built["overlap"] = _rollout(spec, args.unroll, args.hidden, overlap=True)
+                built["policy"] = _policy(spec, policy)
+                built["rollout"] = _rollout(spec, args.unroll, policy, overlap=False)
+                built["overlap"] = _rollout(spec, args.unroll, policy, overlap=True)
                 present = {k: c for k, c in built.items() if c is not None}
                 rates = dict(zip(present, measure(list(present.values()), steps, args.repeats, num_envs),
                                  strict=True))
@@ -181,9 +195,9 @@ def run(argv: list[str]) -> None:
                         contender.close()
             raw, vecenv = rates.get("raw"), rates["vecenv"]
             base, mark = (raw, " ") if raw is not None else (vecenv, "*")
-            policy = rates["policy"]
-            sequential = 1.0 / (1.0 / base + 1.0 / policy)  # stepping, then acting, with no overhead
-            print(f"{name:<12} {num_envs:>4} {_rate(raw, 9)} {_rate(vecenv, 9)} {_rate(policy, 9)} "
+            inference = rates["policy"]
+            sequential = 1.0 / (1.0 / base + 1.0 / inference)  # stepping, then acting, with no overhead
+            print(f"{name:<12} {num_envs:>4} {_rate(raw, 9)} {_rate(vecenv, 9)} {_rate(inference, 9)} "
                   f"{_rate(rates['rollout'], 9)} {_rate(rates.get('overlap'), 9)} "
                   f"{_ratio(rates['rollout'], base, mark):>8} {_ratio(rates.get('overlap'), base, mark):>8} "
                   f"{_ratio(sequential, base, mark):>8}", flush=True)
