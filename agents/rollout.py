@@ -29,6 +29,16 @@ from agents.runner import EnvGroup, EnvRunner
 from envs.base import VecEnv
 from rlmem.memory import State, cat_states, clone_state, select_state
 
+_acting_threads = 0  # see set_acting_threads
+
+
+def set_acting_threads(threads: int) -> None:
+    """Intra-op threads for every ``RolloutCollector.collect`` in this process (0: the process's own
+    setting). Acting runs while the env's own threads step (ale-py, ProcGen) and wants few; the update
+    that follows has the cores to itself and can use them all (``train.acting_threads``)."""
+    global _acting_threads
+    _acting_threads = int(threads)
+
 
 @dataclass
 class Rollout:
@@ -145,8 +155,20 @@ class RolloutCollector:
 
     # ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def collect(self, unroll_length: int) -> tuple[Rollout, EpisodeStats]:
+        """Act for ``unroll_length`` steps on every env (on ``acting_threads`` intra-op threads, where set)."""
+        threads = torch.get_num_threads()
+        switch = 0 < _acting_threads != threads
+        if switch:
+            torch.set_num_threads(_acting_threads)
+        try:
+            return self._collect(unroll_length)
+        finally:
+            if switch:
+                torch.set_num_threads(threads)
+
+    @torch.no_grad()
+    def _collect(self, unroll_length: int) -> tuple[Rollout, EpisodeStats]:
         T, B, device = unroll_length, self.num_envs, self.device
         env_device = self.env.device
         window = _Window(

@@ -54,6 +54,9 @@ class TrainOptions:
     # Small recurrent nets act fastest on one intra-op thread (more threads spin against the envs and
     # each other); raise it for CNN encoders on CPU. 0 keeps PyTorch's default.
     torch_threads: int = 1
+    # Intra-op threads while actor_critic and ppo collect a window (0: torch_threads). With a CNN on a CPU,
+    # acting on 1 thread beside the emulators' threads and updating on all cores (torch_threads: 0) is fastest.
+    acting_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.total_steps <= 0:
@@ -62,6 +65,8 @@ class TrainOptions:
             raise ConfigError(f"train.checkpoint_every must be positive, got {self.checkpoint_every}")
         if self.torch_threads < 0:
             raise ConfigError(f"train.torch_threads must be >= 0, got {self.torch_threads}")
+        if self.acting_threads < 0:
+            raise ConfigError(f"train.acting_threads must be >= 0, got {self.acting_threads}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device must be one of cpu, cuda, cuda:N, auto; got {self.device!r}")
 

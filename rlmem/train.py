@@ -58,12 +58,14 @@ def build(config: RunConfig, env_overrides: dict[str, Any] | None = None, seed: 
     import agents.actor_critic  # noqa: F401  (registers learners)
     import rlmem.memory  # noqa: F401  (registers cores)
     from agents.base import LEARNERS
+    from agents.rollout import set_acting_threads
     from envs import env_device, make_env
 
     device = resolve_device(config.train.device)
     seed = config.train.seed if seed is None else seed
     if config.train.torch_threads:
         torch.set_num_threads(config.train.torch_threads)
+    set_acting_threads(config.train.acting_threads)
     seed_everything(seed)
     spec = {**config.env, **(env_overrides or {})}
     env = make_env(spec, device=env_device(str(spec["name"]), device), seed=seed)

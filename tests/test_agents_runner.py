@@ -238,6 +238,28 @@ def test_split_groups_share_the_worker_threads(monkeypatch):
     assert threads_per_group(0, 8) == 1
 
 
+def test_collect_acts_on_the_acting_threads_and_gives_the_update_its_own():
+    from agents.rollout import set_acting_threads
+
+    env = Recall(num_envs=4)
+    learner = make_learner(env, unroll_length=3)
+    seen = []
+    learner.network.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()  # 1: this module's fixture
+    torch.set_num_threads(2)
+    try:
+        set_acting_threads(1)
+        collect(learner)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2  # restored for the update
+        seen.clear()
+        set_acting_threads(0)  # 0: the process's own setting
+        collect(learner)
+        assert set(seen) == {2}
+    finally:
+        set_acting_threads(0)
+        torch.set_num_threads(threads)
+
+
 def test_each_group_steps_while_the_policy_acts_for_the_other():
     env = Recall(num_envs=6)
     learner = make_learner(env, unroll_length=4)

@@ -65,6 +65,8 @@ def test_registered_name_works_without_a_group_file():
         (["hidden_size=3"], "unknown group 'hidden_size'"),
         (["memory"], "expected group=choice or section.key=value"),
         (["env.num_envs=-2"], "env.num_envs must be a positive integer"),
+        (["env.overlap=sometimes"], "env.overlap must be true, false or auto"),
+        (["train.acting_threads=-1"], "train.acting_threads must be >= 0"),
         (["model.encoder=resnet999"], "model.encoder must be one of"),
         (["memory.init_std=[1"], "cannot read overrides 'memory.init_std=[1'"),
     ],
