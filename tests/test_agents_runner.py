@@ -387,6 +387,7 @@ def test_resume_with_overlap_is_bit_identical():
         assert torch.equal(p, q)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_policy_with_a_cpu_env_goes_through_pinned_buffers():
     env = Recall(num_envs=6)
@@ -401,6 +402,7 @@ def test_cuda_policy_with_a_cpu_env_goes_through_pinned_buffers():
     check_window(learner, rollout)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_pinned_upload_keeps_channels_last_frames_channels_last():
     from agents.runner import PinnedStaging
@@ -426,6 +428,7 @@ def test_library_envs_are_built_on_the_host_for_a_gpu_learner():
     assert env_device("gym", "cpu") == torch.device("cpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_on_cuda_keeps_a_gymnasium_env_on_the_host():
     from rlmem.config import load
