@@ -19,7 +19,7 @@ be split; elsewhere the runner keeps one group and steps the whole batch, which 
 synchronous loop. It also costs something: the policy runs twice per step on half batches. It pays
 most where inference does not take CPU time from the emulators, i.e. with the policy on an
 accelerator, so that is the default (``overlap_helps``). On a CPU-only machine the policy and the
-emulators share the cores; the groups then split the library's worker threads between them
+emulators share the cores; each group's worker threads are then capped at its share of the cores
 (``envs.base.threads_per_group``), and Atari on two cores still gained from it (``rlmem bench envs``;
 ``configs/env/atari.yaml`` turns it on). ``env.overlap`` (true, false, auto) or ``overlap=`` decides.
 When the policy runs on a CUDA device and the env on the CPU (where ``train.build`` puts every env whose

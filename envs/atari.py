@@ -20,7 +20,7 @@ of an ended game (and of a lost life, under ``episodic_life``).
 
 ``step_async``/``step_wait`` are ale-py's ``send``/``recv``: the emulators step in ale-py's C++
 threads meanwhile. ``split`` rebuilds the env as several ale-py vector envs (env ``j`` keeps its seed)
-that share the emulator threads the whole env had.
+whose emulator threads are capped at each group's share of the cores (``threads_per_group``).
 """
 
 from __future__ import annotations

@@ -176,9 +176,11 @@ def available_cores() -> int:
 
 def threads_per_group(threads: int, parts: int) -> int:
     """Worker threads for each of ``parts`` groups of an env whose library was given ``threads``
-    (0: one per available core). The groups step side by side, so each gets its share: more threads
-    than cores only makes them preempt each other and the policy (``rlmem bench envs``, overlap)."""
-    return max(1, (threads or available_cores()) // max(1, parts))
+    (0: one per available core): as many, but no more than the group's share of the cores. The
+    groups step side by side, and more threads than cores only make them preempt each other and the
+    policy (``rlmem bench envs``, overlap)."""
+    share = max(1, available_cores() // max(1, parts))
+    return min(threads, share) if threads else share
 
 
 def _merge(values: list[Any], sizes: list[int]) -> Any:

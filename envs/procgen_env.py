@@ -18,7 +18,7 @@ gym3 envs cannot be reset; ``reset(seed)`` builds a fresh vector env seeded with
 
 ``step_async``/``step_wait`` are gym3's ``act``/``observe``: ProcGen steps in its worker threads
 meanwhile. ``split`` rebuilds the env as several gym3 envs (group ``i`` seeded with ``seed + start_i``)
-that share the worker threads the whole env had.
+whose worker threads are capped at each group's share of the cores (``threads_per_group``).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class ProcgenVecEnv(VecEnv):
         return obs, reward, terminated, truncated, {"final_obs": obs, "episode": episode}
 
     def split(self, parts: int) -> Sequence[VecEnv]:
-        # 0 threads (stepping in the caller's thread) stays 0; otherwise the groups share the threads.
+        # 0 threads (stepping in the caller's thread) stays 0; otherwise capped at each group's share of the cores.
         threads = self.options.num_threads and threads_per_group(self.options.num_threads, parts)
 
         def make(num_envs: int, start: int) -> VecEnv:

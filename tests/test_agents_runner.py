@@ -233,9 +233,11 @@ def test_split_groups_share_the_worker_threads(monkeypatch):
 
     monkeypatch.setattr(envs.base, "available_cores", lambda: 6)
     assert threads_per_group(0, 2) == 3  # 0: one per core, shared
-    assert threads_per_group(4, 2) == 2
-    assert threads_per_group(1, 2) == 1  # at least one each
-    assert threads_per_group(0, 8) == 1
+    assert threads_per_group(4, 2) == 3  # capped at the group's share of the cores
+    assert threads_per_group(2, 2) == 2  # within the share: kept
+    assert threads_per_group(0, 8) == 1  # at least one each
+    monkeypatch.setattr(envs.base, "available_cores", lambda: 16)
+    assert threads_per_group(4, 2) == 4  # a big machine: each group keeps the library's count
 
 
 def test_collect_acts_on_the_acting_threads_and_gives_the_update_its_own():
@@ -523,10 +525,13 @@ def test_native_async_pair_refuses_misuse_without_hanging(spec):
 
 
 @needs_procgen
-def test_procgen_splits_and_closes_its_groups():
+def test_procgen_splits_and_closes_its_groups(monkeypatch):
+    import envs.base
+
+    monkeypatch.setattr(envs.base, "available_cores", lambda: 4)
     env = make_env({"name": "procgen", "game": "maze", "num_envs": 4, "num_threads": 4})
     parts = env.split(2)
-    assert [p.options.num_threads for p in parts] == [2, 2]  # the groups share the library's threads
+    assert [p.options.num_threads for p in parts] == [2, 2]  # each group's share of the 4 cores
     obs = env.reset(seed=0)
     assert obs.shape == (4, 3, 64, 64) and obs.dtype == torch.uint8
     obs, *_, info = env.step(torch.zeros(4, dtype=torch.long))
@@ -541,7 +546,10 @@ def test_procgen_splits_and_closes_its_groups():
                  id="atari"),
     pytest.param({"name": "procgen", "game": "maze"}, marks=needs_procgen, id="procgen"),  # channels-last frames
 ])
-def test_library_rollout_with_overlap_replays_exactly(spec):
+def test_library_rollout_with_overlap_replays_exactly(spec, monkeypatch):
+    import envs.base
+
+    monkeypatch.setattr(envs.base, "available_cores", lambda: 2)
     env = make_env({**spec, "num_envs": 4, "num_threads": 2, "overlap": True})
     try:
         learner = LEARNERS.get("actor_critic").cls(
