@@ -11,18 +11,20 @@ import pytest
 from rlmem.cli import main
 
 TINY = ["--steps", "200", "--log-every", "100", "--window", "100", "--methods", "columnar,lstm_tbptt15"]
+TABLE = "results-columnar+lstm_tbptt15.json"  # a subset's table: the whole comparison's results.json stays apart
 
 
 def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "tp"
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "2", "--out", str(out)]) == 0
-    first = json.loads((out / "results.json").read_text())
+    first = json.loads((out / TABLE).read_text())
     assert [row["method"] for row in first["summary"]] == ["columnar", "lstm_tbptt15", "zero"]
     assert all(len(row["per_seed"]) == 2 for row in first["summary"])
     assert sorted(p.name.rsplit("-", 1)[0] for p in (out / "runs").iterdir()) == [
         "columnar-seed0", "columnar-seed1", "lstm_tbptt15-seed0", "lstm_tbptt15-seed1", "zero-seed0", "zero-seed1"]
-    assert (out / "trace_patterning.png").stat().st_size > 1000 and first["settings"]["task"] == "trace_patterning"
+    assert (out / "trace_patterning-columnar+lstm_tbptt15.png").stat().st_size > 1000
+    assert first["settings"]["task"] == "trace_patterning" and not (out / "results.json").exists()
     capsys.readouterr()
 
     # One more seed: the six finished runs (V = 0 included) are reused as they are, only seed 2 runs.
@@ -30,14 +32,14 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     printed = capsys.readouterr().out
     assert "reusing 6 finished run(s)" in printed
     assert "done columnar seed 2" in printed and "done columnar seed 0" not in printed
-    second = json.loads((out / "results.json").read_text())
+    second = json.loads((out / TABLE).read_text())
     assert [r for r in second["runs"] if r["seed"] < 2] == first["runs"]
 
     # --saved-only summarises what is saved and runs nothing: seed 3 of either method is left out.
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "4", "--saved-only", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "leaving out 3 run(s) not saved yet" in printed and "done" not in printed
-    assert json.loads((out / "results.json").read_text())["runs"] == second["runs"]
+    assert json.loads((out / TABLE).read_text())["runs"] == second["runs"]
     assert not list((out / "runs").glob("columnar-seed3-*.json"))
     assert main(["bench", "trace_patterning", *TINY, "--saved-only", "--out", str(tmp_path / "empty")]) == 2
     assert "no runs with these settings are saved" in capsys.readouterr().err
@@ -49,6 +51,9 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     assert "reusing 2 finished run(s)" in printed and "done columnar seed 0" in printed
     assert sorted(json.loads(p.read_text())["settings"]["lr"]
                   for p in (out / "runs").glob("columnar-seed0-*.json")) == [0.01, 0.02]
+    changed = list(out.glob("results-columnar+lstm_tbptt15-*.json"))  # its own table, named by a digest
+    assert len(changed) == 1 and json.loads(changed[0].read_text())["settings"]["lr"]["columnar"] == 0.02
+    assert json.loads((out / TABLE).read_text())["runs"] == second["runs"]  # the default setting's, untouched
     # ... saved beside the first setting's run, which is still there to reuse.
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--out", str(out)]) == 0
     assert "reusing 3 finished run(s)" in capsys.readouterr().out
@@ -67,8 +72,9 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     assert "reusing" not in capsys.readouterr().out
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--task", "trace_conditioning",
                  "--out", str(other)]) == 0
-    conditioning = json.loads((other / "results.json").read_text())
-    assert conditioning["settings"]["task"] == "trace_conditioning" and (other / "trace_conditioning.png").exists()
+    conditioning = json.loads((other / TABLE).read_text())
+    assert conditioning["settings"]["task"] == "trace_conditioning"
+    assert (other / "trace_conditioning-columnar+lstm_tbptt15.png").exists()
 
 
 def test_summary_reports_mean_stderr_and_median_over_seeds():
@@ -114,3 +120,18 @@ def test_runs_saved_under_the_first_file_names_are_reused(tmp_path: Path, capsys
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "reusing 3 finished run(s)" in printed and "done columnar" not in printed
+
+
+def test_only_the_whole_comparison_at_its_own_settings_writes_results_json(tmp_path: Path):
+    import dataclasses
+
+    from rlmem.bench.trace_patterning import METHODS, output_files
+
+    everything = list(METHODS)
+    assert output_files(tmp_path, "trace_patterning", everything, dict(METHODS)) == (
+        tmp_path / "results.json", tmp_path / "trace_patterning.png")
+    table, figure = output_files(tmp_path, "trace_patterning", ["elstm", "lru"], dict(METHODS))
+    assert (table.name, figure.name) == ("results-elstm+lru.json", "trace_patterning-elstm+lru.png")
+    slower = {**METHODS, "lru": dataclasses.replace(METHODS["lru"], lr=0.0003)}
+    table, _ = output_files(tmp_path, "trace_patterning", everything, slower)
+    assert table.name.startswith("results-" + "+".join(everything) + "-") and table.suffix == ".json"

@@ -42,7 +42,10 @@ added to an existing one. ``--no-reuse`` runs everything afresh; ``--saved-only`
 summarises the runs saved so far (while the study is still running elsewhere, say). ``--lr METHOD=LR`` and
 ``--set METHOD.KEY=VALUE`` (a core option, e.g. ``columnar.normalizer_decay=0.9999``) vary a method; both
 are part of the settings a saved run must match, and of its file name (``<method>-seed<s>-<digest>.json``),
-so runs of several settings share one ``OUT`` without replacing each other.
+so runs of several settings share one ``OUT`` without replacing each other. The table and plot are
+``OUT/results.json`` and ``OUT/<task>.png`` for the whole comparison at the bench's settings; a subset of
+methods or changed settings writes its own (``results-<methods>[-<digest>].json``), so that a side check
+run into the study's ``OUT`` leaves the study's table alone.
 """
 
 from __future__ import annotations
@@ -311,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="override an option of a method's memory core, e.g. columnar.normalizer_decay=0.9999")
     parser.add_argument("--task", default="trace_patterning",
                         help=f"one of: {', '.join(TASKS)} (the memory-only variant: one CS, every trial ends in a US)")
-    parser.add_argument("--out", default=None, help="directory for results.json and plot (runs/bench/TASK)")
+    parser.add_argument("--out", default=None, help="directory for the runs, the table and the plot (runs/bench/TASK)")
     parser.add_argument("--no-reuse", action="store_true", help="rerun runs already saved under OUT/runs/")
     parser.add_argument("--saved-only", action="store_true",
                         help="run nothing: summarise the runs saved under OUT/runs/ so far (a study in progress)")
@@ -335,6 +338,20 @@ def _with_memory_option(methods: dict[str, Method], item: str) -> tuple[str, Met
     changed = dataclasses.replace(methods[name], memory={**methods[name].memory, key: value})
     core_options(changed.memory)  # an unknown key or a bad value ends here, with the core's own message
     return name, changed
+
+
+def output_files(out: Path, task: str, methods: Sequence[str], chosen: dict[str, Method]) -> tuple[Path, Path]:
+    """Where a call's table and plot go: ``results.json`` and ``<task>.png`` for the whole comparison
+    at the bench's own settings; for a subset of methods or changed settings, files named after them
+    (``results-<methods>[-<digest>].json``), so that such a call into the study's OUT leaves its table
+    and plot alone."""
+    if list(methods) == list(METHODS) and all(chosen[m] == METHODS[m] for m in methods):
+        return out / "results.json", out / f"{task}.png"
+    tag = "+".join(methods)
+    if any(chosen[m] != METHODS[m] for m in methods):
+        changed = {m: [chosen[m].lr, chosen[m].memory] for m in methods if chosen[m] != METHODS[m]}
+        tag += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+    return out / f"results-{tag}.json", out / f"{task}-{tag}.png"
 
 
 def run(argv: list[str]) -> None:
@@ -412,9 +429,9 @@ def run(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     settings = {**dataclasses.asdict(protocol), "seeds": args.seeds, "window": args.window,
                 "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}
-    (out / "results.json").write_text(json.dumps({"settings": settings, "summary": rows, "runs": results}, indent=1))
+    table, figure = output_files(out, args.task, methods, chosen)
+    table.write_text(json.dumps({"settings": settings, "summary": rows, "runs": results}, indent=1))
     title = f"{args.task}, {args.steps:,} steps ({args.num_envs} stream(s) per run), {args.seeds} seeds"
-    figure = out / f"{args.task}.png"
     plot(results, rows, args.log_every, figure, title)
 
     seeds = sorted({len(row["per_seed"]) for row in rows})
@@ -425,4 +442,4 @@ def run(argv: list[str]) -> None:
         print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['median_error']:9.5f} "
               f"{row['macs_per_step']:10,d} {row['ms_per_step']:9.2f}  "
               f"{chosen[row['method']].lr if row['method'] != 'zero' else '-'}")
-    print(f"\nwrote {out / 'results.json'} and {figure}")
+    print(f"\nwrote {table} and {figure}")
