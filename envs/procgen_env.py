@@ -138,8 +138,7 @@ class ProcgenVecEnv(VecEnv):
         the runner's pinned upload keeps the layout, or the rollout's store of the frame on a CPU
         (whose convolutions take either layout).
         """
-        frames = torch.from_numpy(np.array(observation["rgb"], copy=True))
-        return frames.to(self.device).permute(0, 3, 1, 2)
+        return to_tensor(observation["rgb"], self.device).permute(0, 3, 1, 2)
 
     def _check_open(self) -> None:
         if self._closed:

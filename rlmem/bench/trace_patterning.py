@@ -207,10 +207,14 @@ def _run_settings(method: Method, protocol: Protocol) -> dict[str, Any]:
         "memory": method.memory, "gamma": GAMMA, "lam": LAM}))
 
 
+def _digest(value: Any, length: int) -> str:
+    """A short name for a JSON-able value (settings): the first ``length`` hex digits of its SHA-256."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
+
+
 def _run_file(saved: Path, name: str, seed: int, settings: dict[str, Any]) -> Path:
     """``<method>-seed<seed>-<digest of the settings>.json``: runs of other settings live side by side."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return saved / f"{name}-seed{seed}-{digest}.json"
+    return saved / f"{name}-seed{seed}-{_digest(settings, 12)}.json"
 
 
 def save_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol, result: dict[str, Any]) -> None:
@@ -350,7 +354,7 @@ def output_files(out: Path, task: str, methods: Sequence[str], chosen: dict[str,
     tag = "+".join(methods)
     if any(chosen[m] != METHODS[m] for m in methods):
         changed = {m: [chosen[m].lr, chosen[m].memory] for m in methods if chosen[m] != METHODS[m]}
-        tag += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+        tag += "-" + _digest(changed, 8)
     return out / f"results-{tag}.json", out / f"{task}-{tag}.png"
 
 
