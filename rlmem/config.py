@@ -120,19 +120,46 @@ def _registries() -> dict[str, tuple[Any, Any]]:
     }
 
 
+def packaged_configs() -> Path:
+    """The configs that ship inside the package: group files and experiment files (the repository's
+    ``configs/`` folder, reached through the ``rlmem/configs`` link in a checkout)."""
+    return Path(str(resources.files("rlmem").joinpath("configs")))
+
+
 def config_search_dirs(config_file: Path | None) -> list[Path]:
-    """Where group files are looked up: next to the runnable file, ./configs, the source tree."""
+    """Where group files are looked up: next to the runnable file, then the packaged configs. The working
+    directory plays no part, so a config resolves the same from any folder and any install."""
     dirs: list[Path] = []
     if config_file is not None:
         parent = config_file.resolve().parent
         dirs += [parent, parent / "configs", parent.parent / "configs"]
-    dirs.append(Path.cwd() / "configs")
-    dirs.append(Path(__file__).resolve().parent.parent / "configs")
+    dirs.append(packaged_configs().resolve())
     unique: list[Path] = []
     for d in dirs:
         if d not in unique and d.is_dir():
             unique.append(d)
     return unique
+
+
+def experiment_names() -> list[str]:
+    """The runnable experiment files that ship with the package, by name (``atari_pong_gru``, ...)."""
+    return sorted(p.stem for p in packaged_configs().glob("*.yaml"))
+
+
+def find_config_file(config_path: str) -> Path:
+    """A runnable file: the path as given, else the packaged experiment file of that name, so that
+    ``rlmem train configs/atari_pong_gru.yaml`` (or ``atari_pong_gru``) works from any folder."""
+    path = Path(config_path)
+    if path.is_file():
+        return path
+    name = path.name if path.parent in (Path("."), Path("configs")) else None
+    if name is not None:
+        packaged = packaged_configs() / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        if packaged.is_file():
+            return packaged
+    raise ConfigError(
+        f"config file not found: {config_path}; the packaged experiment files are: {', '.join(experiment_names())}"
+    )
 
 
 def group_choices_available(group: str, search_dirs: Sequence[Path]) -> list[str]:
@@ -172,7 +199,7 @@ def _group_file(group: str, choice: str, search_dirs: Sequence[Path]) -> dict[st
 
 def embedded_default() -> dict[str, Any]:
     """The runnable config that `rlmem train` uses when no file is given."""
-    text = resources.files("rlmem").joinpath("configs/default.yaml").read_text()
+    text = (packaged_configs() / "default.yaml").read_text()
     return OmegaConf.to_container(OmegaConf.create(text), resolve=True)  # type: ignore[return-value]
 
 
@@ -290,7 +317,7 @@ def load(config_path: str | None, args: Sequence[str] = ()) -> RunConfig:
     """Load a runnable file (or the embedded default) and apply command-line arguments."""
     if config_path is None:
         return resolve(embedded_default(), args)
-    path = Path(config_path)
+    path = find_config_file(config_path)
     return resolve(_read_yaml(path, "config file"), args, config_file=path)
 
 
