@@ -118,8 +118,6 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         return 0
     args = list(ns.args)
     config_path = args.pop(0) if args and "=" not in args[0] else None
-    if config_path is not None and not Path(config_path).is_file():
-        raise ConfigError(f"config file not found: {config_path}")
     config = cfg.load(config_path, args)
     train(config)
     return 0

@@ -33,7 +33,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import agents  # noqa: F401  (registers the learners)
+import envs  # registers the environments
+from agents.base import LEARNERS, ModelOptions
 from rlmem.errors import ConfigError
+from rlmem.memory import CORES
 
 GROUPS = ("memory", "env", "agent")
 SECTIONS = (*GROUPS, "model", "train")
@@ -78,13 +82,11 @@ class RunConfig:
     memory: dict[str, Any]  # core spec for make_core: name + options
     env: dict[str, Any]  # env spec for make_env: name + options
     agent: dict[str, Any]  # learner name + options
-    model: Any  # agents.base.ModelOptions
+    model: ModelOptions
     train: TrainOptions
     choices: dict[str, str] = field(default_factory=dict)  # the group choices that produced it
 
     def agent_options(self) -> Any:
-        from agents.base import LEARNERS
-
         values = dict(self.agent)
         return LEARNERS.get(values.pop("name")).options(**values)
 
@@ -102,19 +104,10 @@ class RunConfig:
         return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
 
 
-# --------------------------------------------------------------------------------------------------
-# Registries, imported lazily so that `rlmem.config` stays cheap to import.
-
-
 def _registries() -> dict[str, tuple[Any, Any]]:
     """group -> (lookup(name) -> options class, list of valid names)."""
-    import agents.actor_critic  # noqa: F401  (registers learners)
-    import envs
-    import rlmem.memory
-    from agents.base import LEARNERS
-
     return {
-        "memory": (lambda n: rlmem.memory.CORES.get(n).options, rlmem.memory.CORES.names()),
+        "memory": (lambda n: CORES.get(n).options, CORES.names()),
         "env": (lambda n: envs.registry.env_entry(n).options, sorted(envs.ENVS)),
         "agent": (lambda n: LEARNERS.get(n).options, LEARNERS.names()),
     }
@@ -260,8 +253,6 @@ def resolve(
     base: Mapping[str, Any], args: Sequence[str] = (), config_file: Path | None = None
 ) -> RunConfig:
     """Compose a runnable config (``base``) with command-line ``args`` into a validated RunConfig."""
-    from agents.base import ModelOptions
-
     base = dict(base)
     unknown = sorted(set(base) - {*SECTIONS, "defaults"})
     if unknown:
@@ -303,8 +294,6 @@ def resolve(
 
 def check_combination(config: RunConfig) -> None:
     """Cross-section checks that no single options dataclass can make."""
-    from rlmem.memory import CORES
-
     core_cls = CORES.get(config.memory["name"]).cls
     if config.memory.get("grad") not in core_cls.grad_modes:
         raise ConfigError(
