@@ -324,3 +324,15 @@ def test_a_diverging_rtrl_run_ends_in_one_message(tmp_path: Path, capsys):
     err = capsys.readouterr().err
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "diverged at step" in err
+
+
+def test_a_checkpoint_of_another_run_is_refused_with_one_message(tmp_path: Path, capsys):
+    small, other = tmp_path / "small", tmp_path / "other"
+    assert _train(small, "actor_critic", 32) == 0
+    assert _train(other, "actor_critic", 32, "memory.hidden_size=16") == 0
+    (other / CHECKPOINT_NAME).write_bytes((small / CHECKPOINT_NAME).read_bytes())
+    capsys.readouterr()
+    for argv in (["train", "--resume", str(other)], ["eval", str(other)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "does not fit the run's config.yaml" in err
