@@ -1,11 +1,26 @@
-"""Run a trained actor-critic with its memory until a number of episodes have finished."""
+"""Run a trained network with its memory on fresh data: a policy for episodes, a prediction for steps.
+
+* ``evaluate``: an actor-critic acts until ``episodes`` episodes have finished; their raw returns and
+  lengths.
+* ``evaluate_prediction``: a prediction network (``agents.td``) follows ``steps`` steps of each stream
+  of a prediction task without learning; the mean squared error of its prediction ``V(obs_t)`` against
+  the true return ``G_t`` the env reports (``info["true_return"]``, see ``envs.prediction_tasks``),
+
+      error = mean over t = 1..steps and streams b of (V(obs_t)[b] − G_t[b])²
+
+  the error the ``td`` learner logs as ``charts/prediction_error`` while it learns, and beside it the
+  same mean for V = 0 (nothing learned: the mean of G²).
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from agents.networks import ActorCritic
-from envs.base import VecEnv
+from agents.td import PredictionNetwork
+from envs.base import EnvError, VecEnv
 
 
 @torch.no_grad()
@@ -65,3 +80,49 @@ def evaluate(
         prev_action, prev_reward = action, reward
     network.train(was_training)
     return returns[:episodes], lengths[:episodes]
+
+
+class PredictionError(NamedTuple):
+    """Mean squared errors over every step and stream of an evaluation (module docstring)."""
+
+    squared_error: float  # of the network's prediction
+    zero_squared_error: float  # of V = 0, i.e. the mean of G²
+
+
+@torch.no_grad()
+def evaluate_prediction(
+    network: PredictionNetwork,
+    env: VecEnv,
+    steps: int,
+    device: torch.device | str,
+    seed: int = 0,
+) -> PredictionError:
+    """The prediction error of ``network`` over ``steps`` steps of every stream of ``env`` (reset with
+    ``seed``), its memory carried from step to step and reset where an episode starts, as in training.
+
+    Without gradients the network does not learn (memory cores adapt only while gradients are enabled).
+    """
+    device = torch.device(device)
+    was_training = network.training
+    network.eval()
+    B = env.num_envs
+    state = network.initial_state(B, device)
+    reset = torch.ones(B, dtype=torch.bool, device=device)
+    obs = env.reset(seed=seed).to(device)
+    _, state = network(obs.unsqueeze(0), state, reset.unsqueeze(0))  # the memory of obs_0, whose G is not given
+    squared = torch.zeros((), dtype=torch.float64, device=device)
+    zero_squared = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in range(steps):
+        obs, _reward, terminated, truncated, info = env.step(None)
+        if "true_return" not in info:
+            raise EnvError(
+                f"{type(env).__name__} reports no true return (info['true_return']): there is no ground truth "
+                "to measure the prediction against"
+            )
+        reset = (terminated | truncated).to(device)
+        values, state = network(obs.to(device).unsqueeze(0), state, reset.unsqueeze(0))
+        target = info["true_return"].to(device, torch.float64)
+        squared += (values[0].double() - target).pow(2).mean()
+        zero_squared += target.pow(2).mean()
+    network.train(was_training)
+    return PredictionError(float(squared) / steps, float(zero_squared) / steps)

@@ -1,7 +1,7 @@
 """The `rlmem` command line: train, eval, list, plot, summary, bench.
 
-Every error a user can cause (config, arguments, env ids, files) ends in one message on stderr and exit
-status 2, never a traceback.
+Every error a user can cause (config, arguments, env ids, files, a run that diverges) ends in one
+message on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlmem.errors import ConfigError
-from rlmem.evaluation import EVAL_SEED
+from rlmem.errors import ConfigError, TrainingDiverged
+from rlmem.evaluation import DEFAULT_EPISODES, DEFAULT_PREDICTION_STEPS, EVAL_SEED
 from rlmem.plot import GROUPINGS
 
 BENCHES = {
@@ -47,10 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs="*", help="CONFIG file, group choices (memory=lstm) and dotted overrides")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
-    ev = sub.add_parser("eval", help="evaluate the saved policy of a run")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate the saved policy (return) or prediction (error) of a run",
+        description="A policy plays --episodes episodes and reports their return; a prediction (learner td) "
+        "follows --steps steps of each stream and reports its mean squared error against the true return.",
+    )
     ev.add_argument("run_dir")
     ev.add_argument("overrides", nargs="*", help="env.key=value overrides, e.g. env.start_level=1000")
-    ev.add_argument("--episodes", type=int, default=20)
+    ev.add_argument("--episodes", type=int, default=None, help=f"of a policy (default {DEFAULT_EPISODES})")
+    ev.add_argument("--steps", type=int, default=None,
+                    help=f"per stream, of a prediction (default {DEFAULT_PREDICTION_STEPS})")
     ev.add_argument("--num-envs", type=int, default=None)
     ev.add_argument("--seed", type=int, default=EVAL_SEED, help="evaluation seed (differs from training by default)")
     ev.add_argument("--greedy", action="store_true", help="take the most likely action instead of sampling")
@@ -104,17 +111,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     from rlmem import config as cfg
-    from rlmem.train import train
+    from rlmem.train import resume_config, train
 
     if ns.resume:
-        run_dir = Path(ns.resume)
-        _choices, dotted = cfg.parse_overrides(ns.args)
-        allowed = [a for a in dotted if a.split("=", 1)[0] == "train.total_steps"]
-        if len(allowed) != len(ns.args):
-            raise ConfigError("with --resume only train.total_steps=N may be changed; the rest comes from the run")
-        config = cfg.load_saved(run_dir, allowed)
-        config.train.run_dir = str(run_dir)
-        train(config, resume=True)
+        train(resume_config(Path(ns.resume), ns.args), resume=True)
         return 0
     args = list(ns.args)
     config_path = args.pop(0) if args and "=" not in args[0] else None
@@ -127,20 +127,26 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     import numpy as np
 
     from rlmem import config as cfg
-    from rlmem.evaluation import evaluate_run
+    from rlmem.evaluation import EpisodeScores, evaluate_saved
 
     run_dir = Path(ns.run_dir)
     _choices, dotted = cfg.parse_overrides(ns.overrides)
-    returns, lengths = evaluate_run(
-        run_dir, ns.episodes, seed=ns.seed, obs_noise=ns.obs_noise, greedy=ns.greedy,
+    scores = evaluate_saved(
+        run_dir, episodes=ns.episodes, steps=ns.steps, seed=ns.seed, obs_noise=ns.obs_noise, greedy=ns.greedy,
         num_envs=ns.num_envs, device=ns.device, overrides=dotted,
     )
-    returns = np.asarray(returns, dtype=np.float64)
-    print(
-        f"{run_dir}: {len(returns)} episodes, return {returns.mean():.4g} ± {returns.std():.4g} "
-        f"(min {returns.min():.4g}, max {returns.max():.4g}), mean length {np.mean(lengths):.1f}"
-        + (f", obs noise σ={ns.obs_noise}" if ns.obs_noise else "")
-    )
+    noise = f", obs noise σ={ns.obs_noise}" if ns.obs_noise else ""
+    if isinstance(scores, EpisodeScores):
+        returns = np.asarray(scores.returns, dtype=np.float64)
+        print(
+            f"{run_dir}: {len(returns)} episodes, return {returns.mean():.4g} ± {returns.std():.4g} "
+            f"(min {returns.min():.4g}, max {returns.max():.4g}), mean length {np.mean(scores.lengths):.1f}{noise}"
+        )
+    else:
+        print(
+            f"{run_dir}: prediction error {scores.squared_error:.4g} (mean squared error against the true return "
+            f"over {scores.steps} steps x {scores.streams} streams; {scores.zero_squared_error:.4g} for V = 0){noise}"
+        )
     return 0
 
 
@@ -235,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[ns.command](ns)
-    except (ConfigError, EnvError) as err:
+    except (ConfigError, EnvError, TrainingDiverged) as err:
         print(f"rlmem: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,13 +1,49 @@
-"""Evaluate a saved run: rebuild its env and network from the run dir, load the checkpoint, play episodes."""
+"""Evaluate a saved run: rebuild its env and network from the run dir, load the checkpoint, run it fresh.
+
+What a run is evaluated on depends on its network:
+
+* a policy (``ActorCritic``: actor_critic, ppo, stream_ac): ``episodes`` episodes, their raw returns and
+  lengths (``agents.evaluate.evaluate``);
+* a prediction (``PredictionNetwork``: td on a prediction task): ``steps`` steps of every stream, the
+  mean squared error of the prediction against the true return the env reports, beside that of V = 0
+  (``agents.evaluate.evaluate_prediction``).
+
+Any other network is refused with one message. Evaluation runs with ``seed`` (``EVAL_SEED`` by
+default, not a training seed), so it sees fresh episodes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rlmem.errors import ConfigError
 
 EVAL_SEED = 12345  # differs from the training seeds, so evaluation sees fresh episodes
+DEFAULT_EPISODES = 20  # of a policy
+DEFAULT_PREDICTION_STEPS = 10_000  # per stream, of a prediction (about 75 trials of trace patterning)
+
+
+@dataclass
+class EpisodeScores:
+    """A policy's evaluation: the raw return and length of each episode."""
+
+    returns: list[float]
+    lengths: list[int]
+
+
+@dataclass
+class PredictionScores:
+    """A prediction's evaluation: mean squared errors against the true return over ``steps`` × ``streams``."""
+
+    steps: int  # per stream
+    streams: int
+    squared_error: float  # of the saved network's prediction
+    zero_squared_error: float  # of V = 0 (nothing learned)
 
 
 def evaluate_run(
@@ -43,17 +79,80 @@ def evaluate_at_noise_levels(
     import torch
 
     from agents.evaluate import evaluate
-    from envs.wrappers import ObservationNoise
+    from agents.networks import ActorCritic
+
+    _check_counts("--episodes", episodes)
+    _check_sigmas(sigmas)
+    with _saved_run(run_dir, seed, num_envs, device, overrides) as (env, network, run_device, _config):
+        if not isinstance(network, ActorCritic):
+            raise ConfigError(f"{run_dir} holds a {type(network).__name__}, not a policy: no episode returns to "
+                              f"measure (`rlmem eval {run_dir}` reports what it can)")
+        with torch.no_grad():
+            return [
+                evaluate(network, _noisy(env, sigma, seed), episodes, run_device, greedy=greedy, seed=seed)
+                for sigma in sigmas
+            ]
+
+
+def evaluate_saved(
+    run_dir: Path,
+    episodes: int | None = None,
+    steps: int | None = None,
+    seed: int = EVAL_SEED,
+    obs_noise: float = 0.0,
+    greedy: bool = False,
+    num_envs: int | None = None,
+    device: str | None = None,
+    overrides: Sequence[str] = (),
+) -> EpisodeScores | PredictionScores:
+    """Evaluate the run in ``run_dir`` as its network allows (module docstring): ``episodes`` of a policy
+    (default ``DEFAULT_EPISODES``) or ``steps`` per stream of a prediction (``DEFAULT_PREDICTION_STEPS``).
+    Asking for what the network cannot do (``steps`` or ``greedy`` of a prediction, ``steps`` of a policy)
+    raises ``ConfigError``."""
+    from agents.evaluate import evaluate, evaluate_prediction
+    from agents.networks import ActorCritic
+    from agents.td import PredictionNetwork
+
+    for name, count in (("--episodes", episodes), ("--steps", steps)):
+        if count is not None:
+            _check_counts(name, count)
+    _check_sigmas([obs_noise])
+    with _saved_run(run_dir, seed, num_envs, device, overrides) as (env, network, run_device, config):
+        if isinstance(network, ActorCritic):
+            if steps is not None:
+                raise ConfigError(f"--steps applies to prediction runs; {run_dir} holds a policy: use --episodes")
+            returns, lengths = evaluate(network, _noisy(env, obs_noise, seed), episodes or DEFAULT_EPISODES,
+                                        run_device, greedy=greedy, seed=seed)
+            return EpisodeScores(returns, lengths)
+        if isinstance(network, PredictionNetwork):
+            if episodes is not None or greedy:
+                raise ConfigError(
+                    f"{run_dir} holds a prediction (no actions, no episodes): --episodes and --greedy do not "
+                    "apply; use --steps"
+                )
+            _check_ground_truth(run_dir, config.agent.get("gamma"), env)
+            steps = steps or DEFAULT_PREDICTION_STEPS
+            error = evaluate_prediction(network, _noisy(env, obs_noise, seed), steps, run_device, seed=seed)
+            return PredictionScores(steps, env.num_envs, error.squared_error, error.zero_squared_error)
+        raise ConfigError(f"rlmem eval cannot evaluate {run_dir}: it holds a {type(network).__name__}, which is "
+                          "neither a policy nor a prediction network")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _saved_run(
+    run_dir: Path, seed: int, num_envs: int | None, device: str | None, overrides: Sequence[str]
+) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """(env, network with the checkpoint's weights, device, config) of the run in ``run_dir``; the env closes
+    after."""
     from rlmem import config as cfg
-    from rlmem.checkpoint import load_checkpoint
+    from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from rlmem.train import build
 
     if not run_dir.is_dir():
         raise ConfigError(f"run dir not found: {run_dir}")
-    if episodes <= 0:
-        raise ConfigError(f"--episodes must be positive, got {episodes}")
-    if any(sigma < 0 for sigma in sigmas):
-        raise ConfigError(f"--obs-noise must be >= 0, got {min(sigmas)}")
     if any(not a.startswith("env.") for a in overrides):
         raise ConfigError("eval accepts env.key=value overrides only")
     overrides = list(overrides)
@@ -65,13 +164,41 @@ def evaluate_at_noise_levels(
     checkpoint = load_checkpoint(run_dir)
     env, learner, run_device = build(config, seed=seed)
     try:
-        learner.network.load_state_dict(checkpoint["network"])
-        with torch.no_grad():
-            # Only σ > 0 wraps: the wrapper needs a Box observation space.
-            return [
-                evaluate(learner.network, ObservationNoise(env, sigma=sigma, seed=seed) if sigma > 0 else env,
-                         episodes, run_device, greedy=greedy, seed=seed)
-                for sigma in sigmas
-            ]
+        try:
+            learner.network.load_state_dict(checkpoint["network"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            detail = (str(err).splitlines() or [""])[0]
+            raise ConfigError(f"checkpoint {run_dir / CHECKPOINT_NAME} does not fit the run's config.yaml "
+                              f"({type(err).__name__}: {detail})") from None
+        yield env, learner.network, run_device, config
     finally:
         env.close()
+
+
+def _noisy(env: Any, sigma: float, seed: int) -> Any:
+    from envs.wrappers import ObservationNoise
+
+    # Only σ > 0 wraps: the wrapper needs a Box observation space.
+    return ObservationNoise(env, sigma=sigma, seed=seed) if sigma > 0 else env
+
+
+def _check_ground_truth(run_dir: Path, agent_gamma: float | None, env: Any) -> None:
+    """The env's true return discounts by env.gamma; a run that predicts with another γ has no ground truth."""
+    env_gamma = getattr(env, "gamma", None)
+    if env_gamma is None:
+        raise ConfigError(f"the env of {run_dir} defines no discount and no true return to measure predictions by")
+    if agent_gamma is not None and not math.isclose(float(agent_gamma), float(env_gamma)):
+        raise ConfigError(
+            f"{run_dir} predicts returns discounted by agent.gamma={agent_gamma}, but the env's true return uses "
+            f"env.gamma={env_gamma}: there is no ground truth to measure its prediction against"
+        )
+
+
+def _check_counts(name: str, count: int) -> None:
+    if count <= 0:
+        raise ConfigError(f"{name} must be positive, got {count}")
+
+
+def _check_sigmas(sigmas: Sequence[float]) -> None:
+    if any(sigma < 0 for sigma in sigmas):
+        raise ConfigError(f"--obs-noise must be >= 0, got {min(sigmas)}")

@@ -1,19 +1,31 @@
 """The training loop: config -> env -> learner -> TensorBoard, with atomic checkpoints and exact resume.
 
 A run directory ``runs/<name>/`` holds ``config.yaml`` (the resolved config), TensorBoard event files
-and ``checkpoint.pt``. Checkpoints are written every ``train.checkpoint_every`` env steps, at the end
-and on Ctrl-C (the first Ctrl-C finishes the current iteration, saves and stops; a second one stops at
-once and keeps the last good checkpoint). A run that fails with an error keeps its last good
-checkpoint: nothing is written after an error.
+and ``checkpoint.pt`` (``rlmem.checkpoint``). Checkpoints are written every ``train.checkpoint_every``
+env steps, at the end and on Ctrl-C (the first Ctrl-C finishes the current iteration, saves and stops;
+a second one stops at once and keeps the last good checkpoint). A run that fails with an error keeps its
+last good checkpoint: nothing is written after an error.
+
+**Resume** (``rlmem train --resume RUN_DIR``) restores the learner, the env and the global generators,
+so the continuation is the uninterrupted run bit for bit; only options that cannot change what is
+learned may be set again (``resume_config``). The event writer reopens with ``purge_step`` one past the
+checkpoint's step, so TensorBoard drops what a killed process logged after its last checkpoint.
+
+**Divergence.** A learner raises ``TrainingDiverged`` when a loss, gradient, parameter or carried state
+stops being finite; the loop raises it too for a non-finite metric, for sampling from non-finite action
+probabilities and (``save_checkpoint``) for a non-finite checkpoint entry. The run stops with
+``RunDiverged``: one message naming the step, the quantity and the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import signal
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +35,11 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from rlmem.checkpoint import load_checkpoint, save_checkpoint
+from envs.base import EnvError
+from rlmem import config as cfg
+from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from rlmem.config import RunConfig
-from rlmem.errors import ConfigError
+from rlmem.errors import ConfigError, TrainingDiverged
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,13 +135,111 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+# Options a resumed run may change: they decide how long the run goes on, how often it checkpoints,
+# what the console shows and how many threads compute, never what is computed. Thread counts can change
+# the rounding of parallel reductions (a bit-for-bit continuation needs the same counts), not the
+# algorithm, its data or its random streams. train.device is not among them: the saved generator
+# states belong to the device they were drawn on, and other kernels round differently.
+RESUMABLE_OPTIONS = (
+    "train.total_steps",
+    "train.checkpoint_every",
+    "train.progress",
+    "train.torch_threads",
+    "train.acting_threads",
+)
+
+
+def resume_config(run_dir: Path, args: Sequence[str] = ()) -> RunConfig:
+    """The config saved in ``run_dir`` with ``args`` applied, for ``rlmem train --resume RUN_DIR``.
+
+    A resumed run continues exactly where the interrupted one stopped, so only options that do not change
+    what the run learns may be set (``RESUMABLE_OPTIONS``); an argument that would change anything else
+    (memory, env, agent, model, train.seed, train.device, the run dir or name) raises ``ConfigError``
+    unless it sets the value the run already has.
+    """
+    saved = cfg.load_saved(run_dir)
+    choices, dotted = cfg.parse_overrides(args)
+    for group, choice in choices.items():
+        if choice not in (saved.choices.get(group), getattr(saved, group)["name"]):
+            raise _resume_refusal(run_dir, f"{group}={choice}", f"{group}={getattr(saved, group)['name']}")
+    config = cfg.load_saved(run_dir, dotted)
+    before, after = _dotted_items(saved.to_dict()), _dotted_items(config.to_dict())
+    for key, value in after.items():
+        if key.split(".", 1)[0] != "choices" and key not in RESUMABLE_OPTIONS and before.get(key) != value:
+            raise _resume_refusal(run_dir, f"{key}={value}", f"{key}={before.get(key)}")
+    config.train.run_dir = str(run_dir)
+    return config
+
+
+def _resume_refusal(run_dir: Path, asked: str, saved: str) -> ConfigError:
+    return ConfigError(
+        f"with --resume only {', '.join(RESUMABLE_OPTIONS)} may change (they do not change what the run learns); "
+        f"{asked} would make the continuation differ from the run in {run_dir} ({saved}): start a new run instead"
+    )
+
+
+def _dotted_items(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    items: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items.update(_dotted_items(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+class RunDiverged(TrainingDiverged):
+    """``TrainingDiverged`` with where it happened: the env step and the last good checkpoint."""
+
+    def __init__(self, quantity: str, step: int, last_checkpoint: tuple[Path, int] | None) -> None:
+        super().__init__(quantity)
+        if last_checkpoint is None:
+            kept = "no checkpoint was written yet"
+        else:
+            path, saved_step = last_checkpoint
+            kept = f"the last good checkpoint is {path} (step {saved_step})"
+        self.args = (f"training diverged at step {step}: non-finite {quantity}; {kept}",)
+
+
+# "losses/explained_variance" is NaN by definition when the targets do not vary (agents.returns).
+UNDEFINED_WHEN_NAN = frozenset({"losses/explained_variance"})
+
+
+def check_finite_metrics(metrics: dict[str, float]) -> None:
+    """Raise ``TrainingDiverged`` naming the first metric that is not finite."""
+    for tag, value in metrics.items():
+        if not math.isfinite(float(value)) and not (tag in UNDEFINED_WHEN_NAN and math.isnan(float(value))):
+            raise TrainingDiverged(tag)
+
+
+# torch.multinomial's message when sampling from non-finite action probabilities: the learners' acting
+# path fails there before any of their own finiteness checks can run.
+NON_FINITE_PROBABILITIES = "probability tensor contains either `inf`, `nan` or element < 0"
+
+
+def run_iteration(learner: Any) -> Any:
+    """``learner.iteration()``, with sampling from non-finite action probabilities as ``TrainingDiverged``."""
+    try:
+        return learner.iteration()
+    except TrainingDiverged:
+        raise
+    except RuntimeError as err:
+        if NON_FINITE_PROBABILITIES in str(err):
+            raise TrainingDiverged("action probabilities") from err
+        raise
+
+
 def train(config: RunConfig, resume: bool = False, log=print) -> Path:
-    """Train as ``config`` says (or continue the run in ``train.run_dir``); return the run dir."""
+    """Train as ``config`` says (or continue the run in ``train.run_dir``); return the run dir.
+
+    Raises ``RunDiverged`` (a ``TrainingDiverged``) when a loss, gradient, parameter, memory state,
+    metric or checkpoint entry stops being finite; the last good checkpoint stays.
+    """
     run_dir = run_dir_of(config)
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(run_dir)
-    elif (run_dir / "checkpoint.pt").exists():
+    elif (run_dir / CHECKPOINT_NAME).exists():
         raise ConfigError(
             f"run dir {run_dir} already holds a run; continue it with `rlmem train --resume {run_dir}` "
             "or choose another train.run_dir / train.name"
@@ -139,16 +251,20 @@ def train(config: RunConfig, resume: bool = False, log=print) -> Path:
     env, learner, _device = build(config)
     global_step = 0
     iteration = 0
+    last_checkpoint: tuple[Path, int] | None = None  # (path, step) of the last good checkpoint
     if checkpoint is not None:
-        learner.load_state_dict(checkpoint["learner"])
-        if checkpoint.get("env") is not None:
-            env.load_state_dict(checkpoint["env"])
-        global_step = int(checkpoint["global_step"])
-        iteration = int(checkpoint["iteration"])
-        _restore_rng(checkpoint["rng"])
+        try:
+            restore(checkpoint, learner, env, run_dir / CHECKPOINT_NAME)
+        except BaseException:
+            env.close()
+            raise
+        global_step = checkpoint["global_step"]
+        iteration = checkpoint["iteration"]
+        last_checkpoint = (run_dir / CHECKPOINT_NAME, global_step)
 
     def save() -> None:
-        save_checkpoint(
+        nonlocal last_checkpoint
+        path = save_checkpoint(
             run_dir,
             {
                 "learner": learner.state_dict(),
@@ -160,8 +276,13 @@ def train(config: RunConfig, resume: bool = False, log=print) -> Path:
                 "config": config.to_dict(),
             },
         )
+        last_checkpoint = (path, global_step)
 
-    writer = SummaryWriter(log_dir=str(run_dir))
+    # A resumed run drops what the interrupted one logged after its checkpoint (a killed process logs on
+    # past it): the writer opens with a SessionLog START at purge_step, and TensorBoard discards every
+    # event read before it whose step is >= purge_step. The checkpoint's own step was logged before it
+    # was saved, so that step stays.
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=None if checkpoint is None else global_step + 1)
     if checkpoint is None:
         writer.add_text("hyperparameters", "```yaml\n" + config.to_yaml() + "\n```", 0)
     log(f"run dir: {run_dir}")
@@ -176,9 +297,10 @@ def train(config: RunConfig, resume: bool = False, log=print) -> Path:
     try:
         with _StopRequest() as stop:
             while global_step < total:
-                result = learner.iteration()
+                result = run_iteration(learner)
                 iteration += 1
                 global_step += result.env_steps
+                check_finite_metrics(result.metrics)
                 sps = (global_step - started_step) / max(time.perf_counter() - started, 1e-9)
                 _log_iteration(writer, result, global_step, sps)
                 recent.returns.extend(result.episode_returns)
@@ -192,6 +314,8 @@ def train(config: RunConfig, resume: bool = False, log=print) -> Path:
                     stopped_early = True
                     break
         save()
+    except TrainingDiverged as err:
+        raise RunDiverged(err.quantity, global_step, last_checkpoint) from None
     finally:
         bar.close()
         writer.close()
@@ -199,8 +323,25 @@ def train(config: RunConfig, resume: bool = False, log=print) -> Path:
     if stopped_early:
         log(f"stopped at step {global_step}; continue with: rlmem train --resume {run_dir}")
     else:
-        log(f"done: {global_step} steps; checkpoint {run_dir / 'checkpoint.pt'}")
+        log(f"done: {global_step} steps; checkpoint {run_dir / CHECKPOINT_NAME}")
     return run_dir
+
+
+def restore(checkpoint: dict[str, Any], learner: Any, env: Any, path: Path) -> None:
+    """Load a checkpoint's learner, env and global RNG states; a checkpoint that does not fit the run's
+    learner or env (another run's file) raises ``ConfigError`` naming ``path``."""
+    try:
+        learner.load_state_dict(checkpoint["learner"])
+        if checkpoint["env"] is not None:
+            env.load_state_dict(checkpoint["env"])
+        _restore_rng(checkpoint["rng"])
+    except EnvError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        detail = (str(err).splitlines() or [""])[0]
+        raise ConfigError(
+            f"checkpoint {path} does not fit the run's config.yaml ({type(err).__name__}: {detail})"
+        ) from None
 
 
 def _log_iteration(writer: SummaryWriter, result, step: int, sps: float) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rlmem.train
+from rlmem.checkpoint import load_checkpoint
 from rlmem.cli import main
 from rlmem.plot import read_scalars
 
@@ -82,12 +83,12 @@ def test_ctrl_c_checkpoints_and_resume_reproduces_the_uninterrupted_run(tmp_path
     monkeypatch.setattr(rlmem.train, "build", interrupting_build)
     _train(split, 256)
     monkeypatch.undo()
-    first = torch.load(split / "checkpoint.pt", weights_only=False)
+    first = load_checkpoint(split)
     assert first["global_step"] == 128
 
     assert main(["train", "--resume", str(split)]) == 0
-    resumed = torch.load(split / "checkpoint.pt", weights_only=False)
-    reference = torch.load(straight / "checkpoint.pt", weights_only=False)
+    resumed = load_checkpoint(split)
+    reference = load_checkpoint(straight)
     assert resumed["global_step"] == reference["global_step"] == 256
     for name, value in reference["network"].items():
         assert torch.equal(value, resumed["network"][name]), f"{name} differs after resume"
@@ -99,14 +100,15 @@ def test_resume_can_raise_the_step_budget(tmp_path: Path):
     run_dir = tmp_path / "run"
     _train(run_dir, 64)
     assert main(["train", "--resume", str(run_dir), "train.total_steps=128"]) == 0
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["global_step"] == 128
+    assert load_checkpoint(run_dir)["global_step"] == 128
 
 
 def test_resume_refuses_other_overrides(tmp_path: Path, capsys):
     run_dir = tmp_path / "run"
     _train(run_dir, 64)
     assert main(["train", "--resume", str(run_dir), "memory.hidden_size=8"]) == 2
-    assert "only train.total_steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "only train.total_steps" in err and "memory.hidden_size=8" in err
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path: Path, capsys):
