@@ -130,9 +130,10 @@ class StepRunner:
         command_text = shlex.join(step.command)
         limit = min(step.limit_s, max(0.0, self.deadline - time.monotonic()))
         self._write(f"\n===== {step.name} (limit {limit:.0f} s) =====\n$ {command_text}\n")
-        reason = step.skip_reason or (NO_CUDA if step.needs_cuda and not self.cuda else "")
-        if not reason:
-            reason = next((f"{name} missing" for name in step.requires if not module_available(name)), "")
+        reason = (NO_CUDA if step.needs_cuda and not self.cuda else "") or step.skip_reason
+        if not reason:  # every missing module at once: all the wheels to bring next time
+            missing = [name for name in step.requires if not module_available(name)]
+            reason = f"{', '.join(missing)} missing" if missing else ""
         if reason:
             result = StepResult(step.name, command_text, step.limit_s, "skipped", 0.0, reason)
         elif limit < 1.0:
@@ -220,15 +221,17 @@ def extension_build_locks(env: dict[str, str]) -> list[Path]:
 
 
 def with_pip_ninja(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with the ninja binary of a pip-installed ``ninja`` package on ``PATH`` when none is there
-    (a wheel put on ``PYTHONPATH`` brings the binary but not the ``PATH`` entry torch's build needs)."""
+    """``env`` with the binary of a pip-installed ``ninja`` package on ``PATH`` when no ``ninja`` is on it
+    (wheels installed with ``pip install --target DIR`` and put on ``PYTHONPATH`` leave their scripts in
+    ``DIR/bin``, off the ``PATH`` that torch's build searches; older ninja wheels keep the binary in
+    ``ninja/data/bin``)."""
     if shutil.which("ninja", path=env.get("PATH")):
         return env
     spec = importlib.util.find_spec("ninja") if module_available("ninja") else None
     for location in (spec.submodule_search_locations or []) if spec else []:
-        bin_dir = Path(location) / "data" / "bin"
-        if (bin_dir / "ninja").exists():
-            return {**env, "PATH": os.pathsep.join(p for p in (str(bin_dir), env.get("PATH", "")) if p)}
+        for bin_dir in (Path(location).parent / "bin", Path(location) / "data" / "bin"):
+            if os.access(bin_dir / "ninja", os.X_OK):
+                return {**env, "PATH": os.pathsep.join(p for p in (str(bin_dir), env.get("PATH", "")) if p)}
     return env
 
 
@@ -495,6 +498,7 @@ def summary_table(results: Sequence[StepResult]) -> str:
             note = ", ".join(f"{k} {v:,.0f}" for k, v in r.figures.items() if isinstance(v, float))
         elif r.name == "pytest-gpu":
             note = ", ".join(f"{v} {k}" for k, v in r.figures.items() if isinstance(v, int))
+            note += "".join(f"; left out {Path(f).name} ({why})" for f, why in r.figures.get("left_out", {}).items())
         else:
             note = ""
         lines.append(f"{r.name:<20} {r.status:<8} {r.seconds:5.1f}/{r.limit_s:<5.0f}  {note}")

@@ -4,6 +4,7 @@ the steps' output, the summary, and the whole check on a machine without CUDA (e
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -295,3 +296,20 @@ def test_the_whole_check_without_cuda_skips_the_gpu_steps_and_exits_0(tmp_path, 
     assert gpu_check.main(["--out", str(tmp_path / "few"), "--only", "train-gru"]) == 0
     summary = json.loads((tmp_path / "few" / "summary.json").read_text())
     assert [s["name"] for s in summary["steps"]] == ["device", "train-gru"]
+
+
+def test_a_pip_installed_ninja_goes_on_the_path(tmp_path, monkeypatch):
+    target = tmp_path / "extras"  # as `pip install --target extras ninja` lays it out
+    (target / "ninja").mkdir(parents=True)
+    (target / "ninja" / "__init__.py").write_text("")
+    (target / "bin").mkdir()
+    (target / "bin" / "ninja").write_text("#!/bin/sh\n")
+    (target / "bin" / "ninja").chmod(0o755)
+    monkeypatch.syspath_prepend(str(target))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = gpu_check.with_pip_ninja({"PATH": str(empty)})
+    assert env["PATH"].split(os.pathsep) == [str(target / "bin"), str(empty)]
+    (empty / "ninja").write_text("#!/bin/sh\n")
+    (empty / "ninja").chmod(0o755)
+    assert gpu_check.with_pip_ninja({"PATH": str(empty)}) == {"PATH": str(empty)}
