@@ -117,12 +117,12 @@ class StepRunner:
     """Runs steps one after another into one log, within an overall time budget."""
 
     def __init__(self, log_path: Path, budget_s: float, cuda: bool, env: dict[str, str] | None = None,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] | None = None) -> None:
         self.log_path = log_path
         self.deadline = time.monotonic() + budget_s
         self.cuda = cuda
         self.env = dict(os.environ if env is None else env)
-        self.echo = echo
+        self.echo = echo or (lambda line: print(line, flush=True))
         self.results: list[StepResult] = []
 
     def run(self, step: Step) -> StepResult:
@@ -426,8 +426,7 @@ def gpu_steps(out: Path, train_steps: int, tests_dir: Path = REPO_ROOT / "tests"
         steps.append(Step(
             f"train-{core}",
             [python, "-m", "rlmem.cli", "train", f"configs/atari_pong_{core}.yaml", "train.device=cuda",
-             f"train.total_steps={train_steps}", "train.progress=false", f"train.checkpoint_every={train_steps}",
-             f"train.run_dir={run_dir}"],
+             f"train.total_steps={train_steps}", "train.progress=false", f"train.run_dir={run_dir}"],
             45, requires=TRAIN_MODULES, read=train_reader(run_dir)))
     for source, limit, package in (("atari", 40, "ale_py"), ("procgen", 25, "procgen")):
         steps.append(Step(
@@ -534,6 +533,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return ns
 
 
+def run_check(runner: StepRunner, out: Path, only: Sequence[str] | None, train_steps: int) -> dict[str, Any]:
+    """The device step, then (with ``TORCH_CUDA_ARCH_LIST`` set from it) the steps named in ``only``, or all;
+    returns what the device step saw. Results accumulate in ``runner.results``."""
+    device_result = runner.run(device_step())
+    device = device_result.figures
+    runner.cuda = bool(device.get("available")) and device_result.status == "ok"
+    if runner.cuda:
+        arch = arch_list(device)
+        runner.env["TORCH_CUDA_ARCH_LIST"] = arch  # build for the visible device only
+        device["TORCH_CUDA_ARCH_LIST"] = arch
+    for step in gpu_steps(out, train_steps):
+        if only is not None and step.name not in only:
+            continue
+        if step.name.startswith("train-"):  # a run dir holding a run would be refused
+            shutil.rmtree(out / "train" / step.name.removeprefix("train-"), ignore_errors=True)
+        if step.name == "kernels-build" and runner.cuda:
+            for lock in extension_build_locks(runner.env):
+                runner.echo(f"[gpu-check] removing a lock left by an interrupted build: {lock}")
+                lock.unlink(missing_ok=True)
+        result = runner.run(step)
+        if step.name == "kernels-build" and result.status in ("failed", "timeout"):
+            for lock in extension_build_locks(runner.env):
+                lock.unlink(missing_ok=True)
+            # Without this every later process would try (and wait for) the build again.
+            runner.env["RLMEM_KERNELS"] = "0"
+            runner.echo("[gpu-check] the kernels are off (RLMEM_KERNELS=0) from here on: their build did not finish")
+    return device
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(argv)
     if ns.device_info:
@@ -548,37 +576,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The children import the repository's packages, whatever the working folder.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env = with_pip_ninja(env)
-    runner = StepRunner(log_path, ns.budget, cuda=False, env=env)
-
-    device_result = runner.run(device_step())
-    device = device_result.figures
-    runner.cuda = bool(device.get("available")) and device_result.status == "ok"
-    if runner.cuda:
-        arch = arch_list(device)
-        runner.env["TORCH_CUDA_ARCH_LIST"] = arch  # build for the visible device only
-        device["TORCH_CUDA_ARCH_LIST"] = arch
-    for step in gpu_steps(out, ns.train_steps):
-        if ns.only is not None and step.name not in ns.only:
-            continue
-        if step.name.startswith("train-"):  # a run dir holding a run would be refused
-            shutil.rmtree(out / "train" / step.name.removeprefix("train-"), ignore_errors=True)
-        if step.name == "kernels-build" and runner.cuda:
-            for lock in extension_build_locks(runner.env):
-                runner.echo(f"[gpu-check] removing a lock left by an interrupted build: {lock}")
-                lock.unlink(missing_ok=True)
-        result = runner.run(step)
-        if step.name == "kernels-build" and result.status in ("failed", "timeout"):
-            for lock in extension_build_locks(runner.env):
-                lock.unlink(missing_ok=True)
-            # Without this every later process would try (and wait for) the build again.
-            runner.env["RLMEM_KERNELS"] = "0"
-            runner.echo("[gpu-check] kernels off (RLMEM_KERNELS=0) for the remaining steps: the build did not finish")
+    runner = StepRunner(log_path, ns.budget, cuda=False, env=with_pip_ninja(env))
+    device: dict[str, Any] = {}
+    interrupted = False
+    try:
+        device = run_check(runner, out, ns.only, ns.train_steps)
+    except KeyboardInterrupt:  # the running step's group is gone already (StepRunner kills it on the way out)
+        interrupted = True
+        print("[gpu-check] interrupted: the summary holds the steps that ended", flush=True)
+        device = runner.results[0].figures if runner.results else {}
 
     summary = write_summary(out / "summary.json", device, runner.results, ns.budget)
     print()
     print(summary_table(runner.results))
     print(f"\nlog: {log_path}\nsummary: {out / 'summary.json'}")
+    if interrupted:
+        return 130
     return 0 if summary["ok"] else 1
 
 

@@ -313,3 +313,43 @@ def test_a_pip_installed_ninja_goes_on_the_path(tmp_path, monkeypatch):
     (empty / "ninja").write_text("#!/bin/sh\n")
     (empty / "ninja").chmod(0o755)
     assert gpu_check.with_pip_ninja({"PATH": str(empty)}) == {"PATH": str(empty)}
+
+
+def test_the_check_with_a_pretend_gpu(tmp_path, monkeypatch, capsys):
+    """The orchestration on a pretend device: the arch list reaches the later steps, a stale build lock
+    goes, a failed kernel build turns the kernels off for the rest, a training's old run dir is cleared,
+    and an interrupt ends the check with the steps that ended in the summary (exit 130)."""
+    info = {"available": True, "devices": [{"name": "Pretend", "capability": [9, 0], "memory_gib": 1.0}]}
+    monkeypatch.setattr(gpu_check, "device_step", lambda: _python_step(
+        "device", f"print('DEVICE ' + {json.dumps(info)!r})", read=gpu_check.read_device))
+    extensions = tmp_path / "extensions"
+    lock = extensions / "py312_cu128" / loader.EXTENSION_NAME / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    out = tmp_path / "out"
+    old_run = out / "train" / "gru" / "checkpoint.pt"
+    old_run.parent.mkdir(parents=True)
+    old_run.write_text("")
+
+    def interrupt(output: str):
+        raise KeyboardInterrupt
+
+    show_env = ("import os, sys; "
+                "print('arch', os.environ.get('TORCH_CUDA_ARCH_LIST'), 'kernels', os.environ.get('RLMEM_KERNELS'))")
+    steps = [
+        Step("kernels-build", [PYTHON, "-c", show_env + "; sys.exit(1)"], 20),
+        Step("train-gru", [PYTHON, "-c", show_env], 20),
+        Step("bench-kernels", [PYTHON, "-c", "print('x')"], 20, read=interrupt),
+        Step("bench-envs-atari", [PYTHON, "-c", "print('never')"], 20),
+    ]
+    monkeypatch.setattr(gpu_check, "gpu_steps", lambda out, train_steps: steps)
+    assert gpu_check.main(["--out", str(out)]) == 130
+    assert not lock.exists() and not old_run.exists()
+    log = (out / "gpu_check.log").read_text()
+    assert "arch 9.0 kernels None" in log and "arch 9.0 kernels 0" in log and "never" not in log.splitlines()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(s["name"], s["status"]) for s in summary["steps"]] == [
+        ("device", "ok"), ("kernels-build", "failed"), ("train-gru", "ok")]
+    assert summary["device"]["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert "interrupted" in capsys.readouterr().out
