@@ -84,15 +84,15 @@ class Step:
     """One child process of the check.
 
     ``requires``: top-level modules it imports (a missing one skips it); ``needs_cuda``: skipped
-    without a CUDA device; ``read``: figures from its output (and an optional verdict: a
-    ``(status, reason)`` pair that overrides an exit status of 0), called after it ends."""
+    without a CUDA device; ``read``: called with its output once it ends (or is stopped), gives the
+    figures and an optional verdict, a ``(status, reason)`` pair that overrides an exit status of 0
+    (and, when the status is "skipped", a non-zero one: a build tool that is absent)."""
 
     name: str
     command: list[str]
     limit_s: float
     requires: tuple[str, ...] = ()
     needs_cuda: bool = True
-    env: dict[str, str] = field(default_factory=dict)
     read: Callable[[str], tuple[dict[str, Any], tuple[str, str] | None]] | None = None
     skip_reason: str = ""  # known before it starts (e.g. no test files)
     # An import error of a third-party module in the output means "skipped: <module> missing" (not for
@@ -152,14 +152,13 @@ class StepRunner:
             log.write(text)
 
     def _execute(self, step: Step, command_text: str, limit: float) -> StepResult:
-        env = {**self.env, **step.env}
         with self.log_path.open("a", encoding="utf-8") as log:
             start_offset = log.tell()
             started = time.monotonic()
             # Own session: on a timeout the whole group (compilers, env workers) goes, and no orphan
             # keeps writing to the log.
             process = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       cwd=REPO_ROOT, env=env, start_new_session=True)
+                                       cwd=REPO_ROOT, env=self.env, start_new_session=True)
             try:
                 returncode: int | None = process.wait(timeout=limit)
             except subprocess.TimeoutExpired:
