@@ -45,5 +45,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/rlmem bench $(ARGS)
 
+# The GPU check (rlmem/gpu_check.py, docs/gpu.md): one command under 8 minutes on a machine whose Python
+# already has a CUDA build of torch. It needs no venv: `make gpu-check PYTHON=python3 ARGS="--out DIR"`.
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) -m rlmem.gpu_check $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
