@@ -102,13 +102,7 @@ def gradients(
             grad = grad.view(units, rows, *grad.shape[1:]).sum(0)
         if form == "complex":
             grad = torch.view_as_complex(grad)
-        # From here on as in the reference: the group's reduction, then real / (real, −imaginary) parts.
-        if group.reduce is not None:
-            grad = group.reduce(grad)
-        if group.complex_param:
-            result[group.params[0]], result[group.params[1]] = grad.real, -grad.imag
-        else:
-            result[group.params[0]] = grad.real if grad.is_complex() else grad
+        result.update(group.parameter_gradients(grad))  # as in the reference from here on
     return result
 
 
