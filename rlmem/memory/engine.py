@@ -46,6 +46,11 @@ def sensitivities_in(state: State) -> dict[str, Tensor]:
     return {key[len(SENSITIVITY) :]: value for key, value in state.items() if key.startswith(SENSITIVITY)}
 
 
+def carried_sensitivities(state: State) -> State:
+    """The sensitivity entries of ``state`` as they are (what a window that does not learn passes on)."""
+    return {key: value for key, value in state.items() if key.startswith(SENSITIVITY)}
+
+
 class SensitivityLayout(NamedTuple):
     """The shapes of the engine's sensitivities (``rlmem.rtrl.zero_sensitivities``)."""
 
@@ -122,7 +127,7 @@ class EngineCore(MemoryCore):
         if self.learns_online():
             h_seq, final = rtrl_window(self.cell, h0, sensitivities_in(state), inputs, params, reset, self.encoder_grad)
             return h_seq, sensitivity_entries(final)
-        return self.run_cell(h0, inputs, params, reset), sensitivity_entries(sensitivities_in(state))
+        return self.run_cell(h0, inputs, params, reset), carried_sensitivities(state)
 
     def window_state(self, h_last: Tensor, sensitivities: State) -> State:
         """The state carried after a window: h_T (detached) and the sensitivity entries."""

@@ -42,6 +42,7 @@ from rlmem.errors import ConfigError
 from rlmem.memory.base import CoreOptions, State, register_core
 from rlmem.memory.engine import EngineCore, SensitivityLayout
 from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients
+
 ACTIVATIONS = ("none", "gelu", "glu")
 
 
