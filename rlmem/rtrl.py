@@ -370,22 +370,17 @@ class WindowCoefficients:
         return self.factors[group.u], None if group.v is None else self.factors[group.v]
 
 
-def _step_rows(
-    cell: RTRLCell,
-    h0: Tensor,
-    h_seq: Tensor,
-    inputs: Mapping[str, Tensor],
-    params: Mapping[str, Tensor],
-    reset: Tensor,
-    coefficients: bool,
-) -> tuple[Tensor, StepCoefficients | None]:
-    """The step over all T·B rows of a window at once, from h_{t-1} = m_t ⊙ (h_0, h_1..h_{T-1})."""
+def _window_rows(
+    cell: RTRLCell, h0: Tensor, h_seq: Tensor, inputs: Mapping[str, Tensor], reset: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The arguments of the step over all T·B rows of a window at once: h_{t-1} = m_t ⊙ (h_0,
+    h_1..h_{T-1}) (internal representation) and the step inputs, each [T·B, ...]."""
     T, B = reset.shape
     h_seq = _internal(cell, h_seq)
     h_prev = torch.cat([_internal(cell, h0).unsqueeze(0), h_seq[:-1]], dim=0)
     h_prev = h_prev * _keep(reset, h_prev, h_prev.dim() - 2)
     rows = {name: value.reshape(T * B, *value.shape[2:]) for name, value in inputs.items()}
-    return cell.step(h_prev.reshape(T * B, *h_prev.shape[2:]), rows, params, coefficients)
+    return h_prev.reshape(T * B, *h_prev.shape[2:]), rows
 
 
 def window_coefficients(
@@ -401,7 +396,7 @@ def window_coefficients(
     Returns the recomputed h_1..h_T (internal representation, [T·B, ...], with autograd's graph if
     enabled) and the coefficients (detached)."""
     T, B = reset.shape
-    h, step = _step_rows(cell, h0, h_seq, inputs, params, reset, True)
+    h, step = cell.step(*_window_rows(cell, h0, h_seq, inputs, reset), params, True)
     assert step is not None
 
     def windowed(x: Tensor) -> Tensor:
@@ -599,7 +594,7 @@ class _RTRLWindow(torch.autograd.Function):
                 with torch.enable_grad():
                     leaves = {name: x.detach().requires_grad_(input_needs[name]) for name, x in chunk_inputs.items()}
                     prepared = cell.prepare(leaves, fixed)
-                    h, _ = _step_rows(cell, h_start, h_seq[chunk], prepared, fixed, reset[chunk], False)
+                    h, _ = cell.step(*_window_rows(cell, h_start, h_seq[chunk], prepared, reset[chunk]), fixed, False)
                     h = _external(cell, h).reshape(h_seq[chunk].shape)
                 upstream = _external(cell, adjoint_errors) if ctx.encoder_grad == "window" else errors[chunk]
                 found = torch.autograd.grad(h, [leaves[name] for name in wanted], upstream, allow_unused=True)
