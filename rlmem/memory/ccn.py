@@ -86,8 +86,8 @@ class CCNOptions(CoreOptions):
     grad: str = "rtrl"
     columns_per_stage: int = 4  # S; = hidden_size: columnar, 1: constructive
     steps_per_stage: int = 1_000_000  # env steps each stage learns before the next one starts
-    # d of the running input and output statistics (1: never update). 0.99999 is the CCN code's setting
-    # for trace patterning; at 0.9999 the columns did not learn trace conditioning in 100k steps.
+    # d of the running input and output statistics (1: never update); the CCN code's setting for trace
+    # patterning (docs/cores.md)
     normalizer_decay: float = 0.99999
     variance_floor: float = 0.01  # lower bound of the running variances
     init_scale: float = 0.01  # column weights start at U(−init_scale, init_scale)

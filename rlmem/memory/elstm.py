@@ -12,8 +12,7 @@ The output gate reads c_t but does not feed back, so it learns by ordinary backp
     ẑ = (1 − f)(1 − z²)      f̂ = (c_{t-1} − z) f (1 − f)      a = ∂c_t/∂c_{t-1} = f + w_z ⊙ ẑ + w_f ⊙ f̂
 
 and the injections ẑ ⊗ x (Z), f̂ ⊗ x (F), ẑ ⊙ c_{t-1} (w_z), f̂ ⊙ c_{t-1} (w_f), ẑ (b_z), f̂ (b_f): the
-sensitivities take 2·N·D + 4·N reals per env. (The Jacobian includes the w_z ⊙ ẑ term; dropping it
-fails the gradient test against BPTT.) All weights start at N(0, 0.1²), as in the paper.
+sensitivities take 2·N·D + 4·N reals per env. All weights start at N(0, 0.1²), as in the paper.
 
 With small weights every forget gate starts near σ(0) = 0.5, so a cue fades as 0.5^L before learning
 has begun. ``chrono_horizon: T_max`` (Tallec and Ollivier, "Can recurrent neural networks warp

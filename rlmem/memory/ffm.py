@@ -166,10 +166,8 @@ class FFMOptions(CoreOptions):
 
     traces: int = 32  # m: memory traces, each with its own decay rate
     context: int = 4  # c: context columns, each with its own rotation frequency
-    # Start the value bias at zero, so that a zero input writes nothing into the traces. With the
-    # default (random) bias every step writes the same constant, which piles up in the slow traces
-    # (up to 1 / (1 − |γ|) ≈ 220 times) and drowns a single earlier write: a supervised cue-recall
-    # check then fails at L = 32 and learns L = 128 in under 100 updates with the zero start.
+    # Start the value bias at zero, so that a zero input writes nothing into the traces (with a random
+    # bias every step writes the same constant, up to 1 / (1 − |γ|) times in a slow trace; docs/cores.md).
     zero_value_bias: bool = False
 
     def __post_init__(self) -> None:

@@ -20,9 +20,8 @@ sensitivity per entry of B serves both B_re and B_im. The step's injections are
     ∂h/∂B[i, j] = γ_i x_j        ∂h/∂ν_log = −exp(ν_log) λ h_{t-1}        ∂h/∂θ_log = i·exp(θ_log) λ h_{t-1}
     ∂h/∂γ_log = γ ⊙ (B x_t)
 
-(γ, not γ_log, multiplies the B sensitivity; the θ_log derivative carries the factor exp(θ_log):
-both are known slips in public code that the BPTT gradient test catches). Sensitivities take
-2·N·D + 6·N reals per env. C, D and the activation learn by ordinary backprop.
+(γ, not γ_log, multiplies the B sensitivity; the θ_log derivative carries the factor exp(θ_log)).
+Sensitivities take 2·N·D + 6·N reals per env. C, D and the activation learn by ordinary backprop.
 
 State: ``{"hidden": [B, N, 2]}`` (real and imaginary parts of h), plus ``sensitivity_<group>`` for the
 groups ``input`` ([B, N, D, 2]), ``nu_log``, ``theta_log``, ``gamma_log`` ([B, N, 2]) in ``rtrl`` mode.
