@@ -5,7 +5,9 @@ engine's own arguments (a cell description, coefficients in the engine's interna
 sensitivities in the state representation) and returns what the engine's reference returns, or None
 for a case the kernels do not cover (a dtype other than float32 / complex64, blocks larger than
 4 × 4, a complex v), in which case the engine runs its reference. The engine's objects are used by
-their attributes only, so this package does not import ``rlmem``.
+their attributes and methods only (a group's ``parameter_gradients`` turns its per-unit gradient
+into the parameters' gradients, as in the reference), so this package, which sits below the engine,
+does not import ``rlmem``.
 """
 
 from __future__ import annotations
