@@ -225,12 +225,10 @@ class CCNCore(EngineCore):
     state_key = "hc"
 
     def __init__(self, options: CCNOptions, input_size: int) -> None:
-        super().__init__(options, input_size)
+        super().__init__(options, input_size, ColumnCell())
         self.columns_per_stage = options.columns_per_stage
         self.steps_per_stage = options.steps_per_stage
         self.num_stages = math.ceil(options.hidden_size / options.columns_per_stage)
-        self.cell = ColumnCell()
-        self.cell.check()
         bounds = [min(s * options.columns_per_stage, options.hidden_size) for s in range(self.num_stages + 1)]
         self.stage_columns = [slice(bounds[s], bounds[s + 1]) for s in range(self.num_stages)]
         self.stages = nn.ModuleList(

@@ -124,14 +124,15 @@ class CfCCore(EngineCore):
     state_key = "h"
 
     def __init__(self, options: CfCOptions, input_size: int) -> None:
-        super().__init__(options, input_size)
-        n, D, L = self.hidden_size, input_size, options.backbone_layers
-        self.cfc_cell = CfCCell(options.mode, n, L, options.backbone_activation)
+        n, D, L = options.hidden_size, input_size, options.backbone_layers
+        cfc_cell = CfCCell(options.mode, n, L, options.backbone_activation)
+        m = (options.backbone_units or n) if L > 0 else cfc_cell.num_heads * n
+        super().__init__(options, input_size, SnapCell(cfc_cell, input_size, m) if options.grad == "snap1" else None)
+        self.cfc_cell = cfc_cell
         self.mode = options.mode
-        self.num_heads = self.cfc_cell.num_heads
+        self.num_heads = cfc_cell.num_heads
         self.backbone_layers = L
-        self.units = (options.backbone_units or n) if L > 0 else self.num_heads * n
-        m = self.units
+        self.units = m
         max_rank = min(m, n)
         self.rank = options.rank if options.rank is not None else max_rank
         if self.rank > max_rank:
@@ -154,7 +155,6 @@ class CfCCore(EngineCore):
         mask = (torch.rand(m, n, generator=mask_generator) >= self.sparsity).float()
         self.register_buffer("recurrent_mask", mask)
         self._initialise(options)
-        self.cell = SnapCell(self.cfc_cell, input_size, m) if self.grad == "snap1" else None
 
     # ----------------------------------------------------------------------------------------------
     # Initialisation

@@ -109,11 +109,9 @@ class ELSTMCore(EngineCore):
     """Element-wise LSTM with exact RTRL (Irie et al. 2024); output h = o ⊙ c."""
 
     state_key = "cell"
-    cell = ELSTMCell()
 
     def __init__(self, options: ELSTMOptions, input_size: int) -> None:
-        super().__init__(options, input_size)
-        self.cell.check()
+        super().__init__(options, input_size, ELSTMCell())
         N, D = self.hidden_size, input_size
         shapes = {
             "forget_input": (N, D),

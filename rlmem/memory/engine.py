@@ -16,8 +16,8 @@ after the recurrence. :class:`EngineCore` holds the rest:
   mask m_t inside the window);
 * the carried state leaves a window detached.
 
-Hooks a subclass provides: the class attributes ``state_key`` and ``engine_modes``, the attribute
-``cell`` (an ``RTRLCell``), :meth:`recurrent_params`, :meth:`state_shape` and
+Hooks a subclass provides: the class attributes ``state_key`` and ``engine_modes``, its
+``RTRLCell`` (passed to ``EngineCore.__init__``), :meth:`recurrent_params`, :meth:`state_shape` and
 :meth:`sensitivity_layout`; it writes ``forward`` from :meth:`run_recurrence` (or :meth:`run_cell`)
 and its own input and output layers.
 """
@@ -65,11 +65,15 @@ class EngineCore(MemoryCore):
     grad_modes: ClassVar[tuple[str, ...]] = ("bptt", "rtrl")
     engine_modes: ClassVar[tuple[str, ...]] = ("rtrl",)  # the modes whose sensitivities the engine carries
     state_key: ClassVar[str] = "h"  # the name of h in the state
-    cell: RTRLCell
 
-    def __init__(self, options: CoreOptions, input_size: int) -> None:
+    def __init__(self, options: CoreOptions, input_size: int, cell: RTRLCell | None) -> None:
+        """``cell``: the description the engine runs, validated here; None for a core whose engine
+        mode is not selected (it then never reaches the engine)."""
         super().__init__(options, input_size)
         self.encoder_grad = options.encoder_grad
+        if cell is not None:
+            cell.check()
+        self.cell = cell
 
     # ----------------------------------------------------------------------------------------------
     # Hooks

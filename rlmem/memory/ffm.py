@@ -187,7 +187,7 @@ class FFMCore(EngineCore):
     state_key = "aggregate"
 
     def __init__(self, options: FFMOptions, input_size: int) -> None:
-        super().__init__(options, input_size)
+        super().__init__(options, input_size, FFMCell(options.traces, options.context))
         self.traces = options.traces
         self.context = options.context
         m, c, H = self.traces, self.context, self.hidden_size
@@ -199,8 +199,6 @@ class FFMCore(EngineCore):
         self.log_decay_rate = nn.Parameter(torch.linspace(FASTEST_DECAY, SLOWEST_DECAY, m).neg().log())
         self.frequency = nn.Parameter(2 * math.pi / torch.linspace(1.0, LONGEST_PERIOD, c))
         self.mix = nn.Linear(2 * m * c, H)
-        self.cell = FFMCell(m, c)
-        self.cell.check()
 
     @property
     def aggregator_rows(self) -> int:

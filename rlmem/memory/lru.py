@@ -117,11 +117,9 @@ class LRUCore(EngineCore):
     """Linear recurrent unit (Orvieto et al. 2023): complex diagonal recurrence with exact RTRL."""
 
     state_key = "hidden"
-    cell = LRUCell()
 
     def __init__(self, options: LRUOptions, input_size: int) -> None:
-        super().__init__(options, input_size)
-        self.cell.check()
+        super().__init__(options, input_size, LRUCell())
         self.activation = options.activation
         N, D = self.hidden_size, input_size
         # |λ|² uniform on [r_min², r_max²], kept off 0 and 1 so that ν_log and γ_log stay finite.
