@@ -19,7 +19,9 @@ after the recurrence. :class:`EngineCore` holds the rest:
 Hooks a subclass provides: the class attributes ``state_key`` and ``engine_modes``, its
 ``RTRLCell`` (passed to ``EngineCore.__init__``), :meth:`recurrent_params`, :meth:`state_shape` and
 :meth:`sensitivity_layout`; it writes ``forward`` from :meth:`run_recurrence` (or :meth:`run_cell`)
-and its own input and output layers.
+and its own input and output layers. A core may run its other modes its own way and keep the shared
+state layout: FFM's ``bptt`` runs an associative scan (``rlmem.scan``), CfC's exact ``rtrl`` has a
+dense Jacobian and carries one sensitivity per parameter (it overrides :meth:`zero_sensitivities`).
 """
 
 from __future__ import annotations
