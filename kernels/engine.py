@@ -5,7 +5,9 @@ engine's own arguments (a cell description, coefficients in the engine's interna
 sensitivities in the state representation) and returns what the engine's reference returns, or None
 for a case the kernels do not cover (a dtype other than float32 / complex64, blocks larger than
 4 × 4, a complex v), in which case the engine runs its reference. The engine's objects are used by
-their attributes only, so this package does not import ``rlmem``.
+their attributes and methods only (a group's ``parameter_gradients`` turns its per-unit gradient
+into the parameters' gradients, as in the reference), so this package, which sits below the engine,
+does not import ``rlmem``.
 """
 
 from __future__ import annotations
@@ -102,13 +104,7 @@ def gradients(
             grad = grad.view(units, rows, *grad.shape[1:]).sum(0)
         if form == "complex":
             grad = torch.view_as_complex(grad)
-        # From here on as in the reference: the group's reduction, then real / (real, −imaginary) parts.
-        if group.reduce is not None:
-            grad = group.reduce(grad)
-        if group.complex_param:
-            result[group.params[0]], result[group.params[1]] = grad.real, -grad.imag
-        else:
-            result[group.params[0]] = grad.real if grad.is_complex() else grad
+        result.update(group.parameter_gradients(grad))  # as in the reference from here on
     return result
 
 

@@ -53,7 +53,7 @@ def _missing_prerequisite(require_device: bool) -> str | None:
         return f"this PyTorch build has no CUDA support (torch {torch.__version__})"
     if require_device and not torch.cuda.is_available():
         return "no CUDA device is visible"
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # imported on use: it pulls in setuptools, needed only to build
 
     if cpp_extension.CUDA_HOME is None:
         return "the CUDA toolkit (nvcc) was not found; set CUDA_HOME"
@@ -63,7 +63,7 @@ def _missing_prerequisite(require_device: bool) -> str | None:
 
 
 def _build(verbose: bool) -> ModuleType:
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # imported on use, as above
 
     return cpp_extension.load(
         name=EXTENSION_NAME,

@@ -94,6 +94,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+import kernels
+
 UNIT_FORMS = ("real", "complex", "block")
 ENCODER_GRAD_MODES = ("window", "same_step")
 # The window Function handles this many steps at a time: per-step coefficients (and the backward's
@@ -143,6 +145,16 @@ class ParamGroup:
             raise ValueError(f"group {self.name!r}: a complex parameter names (real, imaginary) parameters")
         if self.matrix and self.v is None:
             raise ValueError(f"matrix group {self.name!r} needs a factor v")
+
+    def parameter_gradients(self, grad: Tensor) -> dict[str, Tensor]:
+        """The trained parameters' gradients from the group's per-unit gradient G^p ([N, D_p] or [N];
+        complex in the complex form): ``reduce`` applied, then the real part, or with
+        ``complex_param`` (Re G, −Im G) for (θ_re, θ_im)."""
+        if self.reduce is not None:
+            grad = self.reduce(grad)
+        if self.complex_param:
+            return {self.params[0]: grad.real, self.params[1]: -grad.imag}
+        return {self.params[0]: grad.real if grad.is_complex() else grad}
 
 
 class StepCoefficients(NamedTuple):
@@ -261,24 +273,17 @@ def _suffix_products(cell: RTRLCell, jacobians: Tensor) -> Tensor:
     return products
 
 
-def _fused(name: str, probe: Tensor, *args: object):
-    """The CUDA kernel ``kernels.<name>(*args)`` for CUDA tensors when the kernels can run (built, a
-    GPU, not turned off by RLMEM_KERNELS=0), else None: the reference below runs. Imported here, and
-    guarded, so that this module needs only torch; the kernels also return None for a case they do
-    not cover (e.g. float64), and under torch.func transforms (vmap, grad), whose wrapped tensors the
-    kernels cannot take."""
-    if not probe.is_cuda or torch._C._functorch.is_functorch_wrapped_tensor(probe):
-        return None
-    try:
-        import kernels
-    except ImportError:
-        return None
-    return getattr(kernels, name)(*args) if kernels.available() else None
+def _fused(probe: Tensor) -> bool:
+    """Whether the CUDA kernels of ``kernels`` run for ``probe``: a CUDA tensor, outside torch.func
+    transforms (vmap, grad; the kernels cannot take their wrapped tensors), and the kernels built, on
+    a GPU and not turned off by RLMEM_KERNELS=0. The kernels return None for a case they do not cover
+    (e.g. float64), and the reference below runs."""
+    return probe.is_cuda and not torch._C._functorch.is_functorch_wrapped_tensor(probe) and kernels.available()
 
 
 def _adjoint(cell: RTRLCell, jacobians: Tensor, errors: Tensor) -> Tensor:
     """δ_t = e_t + Ã_{t+1}ᵀ δ_{t+1} over the window, [T, B, N(, k)] (equation (4))."""
-    fused = _fused("adjoint", errors, cell, jacobians, errors)
+    fused = kernels.adjoint(cell, jacobians, errors) if _fused(errors) else None
     if fused is not None:
         return fused
     adjoint = errors.clone()
@@ -365,22 +370,17 @@ class WindowCoefficients:
         return self.factors[group.u], None if group.v is None else self.factors[group.v]
 
 
-def _step_rows(
-    cell: RTRLCell,
-    h0: Tensor,
-    h_seq: Tensor,
-    inputs: Mapping[str, Tensor],
-    params: Mapping[str, Tensor],
-    reset: Tensor,
-    coefficients: bool,
-) -> tuple[Tensor, StepCoefficients | None]:
-    """The step over all T·B rows of a window at once, from h_{t-1} = m_t ⊙ (h_0, h_1..h_{T-1})."""
+def _window_rows(
+    cell: RTRLCell, h0: Tensor, h_seq: Tensor, inputs: Mapping[str, Tensor], reset: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The arguments of the step over all T·B rows of a window at once: h_{t-1} = m_t ⊙ (h_0,
+    h_1..h_{T-1}) (internal representation) and the step inputs, each [T·B, ...]."""
     T, B = reset.shape
     h_seq = _internal(cell, h_seq)
     h_prev = torch.cat([_internal(cell, h0).unsqueeze(0), h_seq[:-1]], dim=0)
     h_prev = h_prev * _keep(reset, h_prev, h_prev.dim() - 2)
     rows = {name: value.reshape(T * B, *value.shape[2:]) for name, value in inputs.items()}
-    return cell.step(h_prev.reshape(T * B, *h_prev.shape[2:]), rows, params, coefficients)
+    return h_prev.reshape(T * B, *h_prev.shape[2:]), rows
 
 
 def window_coefficients(
@@ -396,7 +396,7 @@ def window_coefficients(
     Returns the recomputed h_1..h_T (internal representation, [T·B, ...], with autograd's graph if
     enabled) and the coefficients (detached)."""
     T, B = reset.shape
-    h, step = _step_rows(cell, h0, h_seq, inputs, params, reset, True)
+    h, step = cell.step(*_window_rows(cell, h0, h_seq, inputs, reset), params, True)
     assert step is not None
 
     def windowed(x: Tensor) -> Tensor:
@@ -415,7 +415,7 @@ def advance(cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: W
     """S_T from S_0 over the window (equation (3)); with T = 1, one step of recursion (1).
 
     ``sensitivities`` and the result are in the state representation, keyed by group name."""
-    fused = _fused("advance", coefficients.jacobians, cell, sensitivities, coefficients)
+    fused = kernels.advance(cell, sensitivities, coefficients) if _fused(coefficients.jacobians) else None
     if fused is not None:
         return fused
     products = _suffix_products(cell, coefficients.jacobians)  # P_t = Ã_T ··· Ã_t
@@ -478,7 +478,9 @@ def gradients(
     With T = 1, δ = e and this is ⟨e_1, S_1⟩, the per-step form (2). ``sensitivities=None`` leaves
     out the S_0 term (a later chunk of a window: its S_0 term belongs to the first chunk). Returns
     the gradient of each trained parameter, by parameter name, in the parameters' shape."""
-    fused = _fused("gradients", adjoint_errors, cell, sensitivities, coefficients, adjoint_errors, groups)
+    fused = (
+        kernels.gradients(cell, sensitivities, coefficients, adjoint_errors, groups) if _fused(adjoint_errors) else None
+    )
     if fused is not None:
         return fused
     T, B = adjoint_errors.shape[:2]
@@ -503,12 +505,7 @@ def gradients(
                 grad = grad + _act_on_sensitivity(cell, carried, S0, group).sum((0, 1))
             else:
                 grad = grad + _inner(cell, carried, S0, group.matrix).sum(0)
-        if group.reduce is not None:
-            grad = group.reduce(grad)
-        if group.complex_param:
-            result[group.params[0]], result[group.params[1]] = grad.real, -grad.imag
-        else:
-            result[group.params[0]] = grad.real if grad.is_complex() else grad
+        result.update(group.parameter_gradients(grad))
     return result
 
 
@@ -597,7 +594,7 @@ class _RTRLWindow(torch.autograd.Function):
                 with torch.enable_grad():
                     leaves = {name: x.detach().requires_grad_(input_needs[name]) for name, x in chunk_inputs.items()}
                     prepared = cell.prepare(leaves, fixed)
-                    h, _ = _step_rows(cell, h_start, h_seq[chunk], prepared, fixed, reset[chunk], False)
+                    h, _ = cell.step(*_window_rows(cell, h_start, h_seq[chunk], prepared, reset[chunk]), fixed, False)
                     h = _external(cell, h).reshape(h_seq[chunk].shape)
                 upstream = _external(cell, adjoint_errors) if ctx.encoder_grad == "window" else errors[chunk]
                 found = torch.autograd.grad(h, [leaves[name] for name in wanted], upstream, allow_unused=True)

@@ -99,7 +99,7 @@ def test_exact_rtrl_equals_full_sequence_bptt_for_every_parameter(mode, layers, 
     for (name, p_ref), (_, p) in zip(reference.named_parameters(), rtrl.named_parameters()):
         assert p_ref.grad is not None and p_ref.grad.abs().max() > 1e-6, f"{name} gets no gradient"
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=f"parameter {name}")
-    assert set(state) == {"h"} | {f"sensitivity.{name}" for name, _ in rtrl.named_parameters()}
+    assert set(state) == {"h"} | {f"sensitivity_{name}" for name, _ in rtrl.named_parameters()}
 
 
 def test_carried_sensitivities_are_the_jacobian_of_the_state():
@@ -122,7 +122,7 @@ def test_carried_sensitivities_are_the_jacobian_of_the_state():
     jacobians = torch.autograd.functional.jacobian(final_state, tuple(values), vectorize=True)
     for name, jacobian in zip(names, jacobians):
         # jacobian: [B, N, *shape]; the carried sensitivity has the same layout
-        torch.testing.assert_close(state[f"sensitivity.{name}"], jacobian, rtol=1e-9, atol=1e-11, msg=name)
+        torch.testing.assert_close(state[f"sensitivity_{name}"], jacobian, rtol=1e-9, atol=1e-11, msg=name)
 
 
 def _run_functional(core: CfCCore, overrides: dict, x, reset) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Memory cores behind one contract (see ``rlmem.memory.base``). Importing this package registers them."""
+"""Memory cores behind one contract (see ``rlmem.memory.base``). Importing this package registers them.
+
+The cores on the RTRL engine (elstm, lru, ffm, ccn, cfc) share ``rlmem.memory.engine.EngineCore``;
+gru, lstm and none (``rlmem.memory.rnn``) use the plain ``MemoryCore`` base.
+"""
 
 from rlmem.memory import (
     ccn,  # noqa: F401  (registers ccn)
@@ -22,10 +26,13 @@ from rlmem.memory.base import (
     reset_state,
     select_state,
 )
+from rlmem.memory.engine import SENSITIVITY, EngineCore
 
 __all__ = [
     "CORES",
+    "SENSITIVITY",
     "CoreOptions",
+    "EngineCore",
     "MemoryCore",
     "State",
     "cat_states",

@@ -71,11 +71,11 @@ import torch
 from torch import Tensor, nn
 
 from rlmem.errors import ConfigError
-from rlmem.memory.base import CoreOptions, MemoryCore, State, register_core
-from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients, rtrl_window, run_cell, zero_sensitivities
+from rlmem.memory.base import CoreOptions, State, register_core
+from rlmem.memory.engine import SENSITIVITY, EngineCore, SensitivityLayout, carried_sensitivities
+from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients
 
 GATES = ("i", "f", "g", "o")
-SENSITIVITY = "sensitivity_"
 
 
 @dataclass
@@ -86,8 +86,8 @@ class CCNOptions(CoreOptions):
     grad: str = "rtrl"
     columns_per_stage: int = 4  # S; = hidden_size: columnar, 1: constructive
     steps_per_stage: int = 1_000_000  # env steps each stage learns before the next one starts
-    # d of the running input and output statistics (1: never update). 0.99999 is the CCN code's setting
-    # for trace patterning; at 0.9999 the columns did not learn trace conditioning in 100k steps.
+    # d of the running input and output statistics (1: never update); the CCN code's setting for trace
+    # patterning (docs/cores.md)
     normalizer_decay: float = 0.99999
     variance_floor: float = 0.01  # lower bound of the running variances
     init_scale: float = 0.01  # column weights start at U(−init_scale, init_scale)
@@ -218,18 +218,17 @@ class _Stage(nn.Module):
 
 
 @register_core("ccn", CCNOptions)
-class CCNCore(MemoryCore):
+class CCNCore(EngineCore):
     """Columnar-constructive network: stages of one-unit LSTM columns, one stage learning at a time."""
 
     grad_modes = ("rtrl", "bptt")
+    state_key = "hc"
 
     def __init__(self, options: CCNOptions, input_size: int) -> None:
-        super().__init__(options, input_size)
+        super().__init__(options, input_size, ColumnCell())
         self.columns_per_stage = options.columns_per_stage
         self.steps_per_stage = options.steps_per_stage
         self.num_stages = math.ceil(options.hidden_size / options.columns_per_stage)
-        self.cell = ColumnCell()
-        self.cell.check()
         bounds = [min(s * options.columns_per_stage, options.hidden_size) for s in range(self.num_stages + 1)]
         self.stage_columns = [slice(bounds[s], bounds[s + 1]) for s in range(self.num_stages)]
         self.stages = nn.ModuleList(
@@ -259,27 +258,20 @@ class CCNCore(MemoryCore):
 
     # ----------------------------------------------------------------------------------------------
 
-    def _param_dtype(self) -> torch.dtype:
-        return self.stages[0].w_i.dtype
+    def state_shape(self) -> tuple[int, ...]:
+        return (self.hidden_size, 2)
 
-    def _stage_sensitivities(self, stage: int, batch: int, device: torch.device, dtype: torch.dtype) -> State:
-        columns = {f"w_{gate}": self.stages[stage].inputs for gate in GATES}
-        zeros = zero_sensitivities(self.cell, batch, self.stages[stage].columns, columns, device, dtype)
-        return {SENSITIVITY + name: value for name, value in zeros.items()}
-
-    def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> State:
-        dtype = dtype or self._param_dtype()
-        state = {"hc": torch.zeros(batch, self.hidden_size, 2, device=device, dtype=dtype)}
-        if self.grad == "rtrl":
-            state.update(self._stage_sensitivities(self.learning_stage, batch, torch.device(device), dtype))
-        return state
+    def sensitivity_layout(self) -> SensitivityLayout:
+        """The learning stage's: only its columns carry sensitivities."""
+        stage = self.stages[self.learning_stage]
+        return SensitivityLayout(stage.columns, {f"w_{gate}": stage.inputs for gate in GATES})
 
     def forward(self, x: Tensor, state: State, reset: Tensor) -> tuple[Tensor, State]:
         learning = torch.is_grad_enabled()
         stage_now = self.learning_stage
         hc = state["hc"]
         B = hc.shape[0]
-        carried = {k: v for k, v in state.items() if k.startswith(SENSITIVITY)}
+        carried = carried_sensitivities(state)
         outputs: list[Tensor] = []  # h of each started stage, [T, B, S_s]
         finals: list[Tensor] = []  # (h, c) after the window, [B, S_s, 2]
         for s in range(stage_now + 1):
@@ -292,14 +284,10 @@ class CCNCore(MemoryCore):
                 carried_w = carried.get(SENSITIVITY + "w_i")
                 if carried_w is None or carried_w.shape != (B, stage.columns, 2, stage.inputs):
                     # the stage just began: its columns start at h = c = 0, so their sensitivities are 0
-                    carried = self._stage_sensitivities(s, B, hc.device, hc.dtype)
-                sensitivities = {k[len(SENSITIVITY):]: v for k, v in carried.items()}
-                hc_seq, final = rtrl_window(self.cell, hc[:, columns], sensitivities, {"x": normalised}, params,
-                                            reset, self.options.encoder_grad)
-                carried = {SENSITIVITY + k: v for k, v in final.items()}
+                    carried = self.zero_sensitivities(B, hc.device, hc.dtype)  # stage s is the learning stage
+                hc_seq, carried = self.run_recurrence(hc[:, columns], {"x": normalised}, params, reset, carried)
             else:
-                prepared = self.cell.prepare({"x": normalised}, params)
-                hc_seq = run_cell(self.cell, hc[:, columns], prepared, params, reset)
+                hc_seq = self.run_cell(hc[:, columns], {"x": normalised}, params, reset)
             outputs.append(hc_seq[..., 0])
             finals.append(hc_seq[-1].detach())
 
@@ -310,7 +298,7 @@ class CCNCore(MemoryCore):
             finals.append(hc.new_zeros(B, self.hidden_size - hidden.shape[-1], 2))
         if learning:
             self.steps_seen += x.shape[0] * B
-        return y, {"hc": torch.cat(finals, dim=1), **carried}
+        return y, self.window_state(torch.cat(finals, dim=1), carried)
 
     def extra_repr(self) -> str:
         return (

@@ -12,8 +12,7 @@ The output gate reads c_t but does not feed back, so it learns by ordinary backp
     ẑ = (1 − f)(1 − z²)      f̂ = (c_{t-1} − z) f (1 − f)      a = ∂c_t/∂c_{t-1} = f + w_z ⊙ ẑ + w_f ⊙ f̂
 
 and the injections ẑ ⊗ x (Z), f̂ ⊗ x (F), ẑ ⊙ c_{t-1} (w_z), f̂ ⊙ c_{t-1} (w_f), ẑ (b_z), f̂ (b_f): the
-sensitivities take 2·N·D + 4·N reals per env. (The Jacobian includes the w_z ⊙ ẑ term; dropping it
-fails the gradient test against BPTT.) All weights start at N(0, 0.1²), as in the paper.
+sensitivities take 2·N·D + 4·N reals per env. All weights start at N(0, 0.1²), as in the paper.
 
 With small weights every forget gate starts near σ(0) = 0.5, so a cue fades as 0.5^L before learning
 has begun. ``chrono_horizon: T_max`` (Tallec and Ollivier, "Can recurrent neural networks warp
@@ -34,10 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from rlmem.errors import ConfigError
-from rlmem.memory.base import CoreOptions, MemoryCore, State, register_core
-from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients, rtrl_window, run_cell, zero_sensitivities
-
-SENSITIVITY = "sensitivity_"
+from rlmem.memory.base import CoreOptions, State, register_core
+from rlmem.memory.engine import EngineCore, SensitivityLayout
+from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients
 
 
 @dataclass
@@ -107,16 +105,13 @@ class ELSTMCell(RTRLCell):
 
 
 @register_core("elstm", ELSTMOptions)
-class ELSTMCore(MemoryCore):
+class ELSTMCore(EngineCore):
     """Element-wise LSTM with exact RTRL (Irie et al. 2024); output h = o ⊙ c."""
 
-    grad_modes = ("bptt", "rtrl")
-    cell = ELSTMCell()
+    state_key = "cell"
 
     def __init__(self, options: ELSTMOptions, input_size: int) -> None:
-        super().__init__(options, input_size)
-        self.cell.check()
-        self.encoder_grad = options.encoder_grad
+        super().__init__(options, input_size, ELSTMCell())
         N, D = self.hidden_size, input_size
         shapes = {
             "forget_input": (N, D),
@@ -136,31 +131,14 @@ class ELSTMCore(MemoryCore):
                 self.forget_bias.copy_(torch.log(torch.empty(N).uniform_(1.0, options.chrono_horizon - 1)))
                 self.cell_bias.zero_()
 
-    def recurrent_params(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in self.cell.param_names}
+    def state_shape(self) -> tuple[int, ...]:
+        return (self.hidden_size,)
 
-    def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> State:
-        dtype = dtype or self.forget_input.dtype
-        state = {"cell": torch.zeros(batch, self.hidden_size, device=device, dtype=dtype)}
-        if self.grad == "rtrl":
-            columns = {"forget_input": self.input_size, "cell_input": self.input_size}
-            sensitivities = zero_sensitivities(self.cell, batch, self.hidden_size, columns, device, dtype)
-            state.update({SENSITIVITY + name: s for name, s in sensitivities.items()})
-        return state
+    def sensitivity_layout(self) -> SensitivityLayout:
+        return SensitivityLayout(self.hidden_size, {"forget_input": self.input_size, "cell_input": self.input_size})
 
     def forward(self, x: Tensor, state: State, reset: Tensor) -> tuple[Tensor, State]:
         """Run a window. ``x``: [T, B, D]; ``reset``: [T, B] bool. Returns ``y`` [T, B, N] and the state."""
-        params = self.recurrent_params()
-        new_state = dict(state)
-        if self.grad == "rtrl" and torch.is_grad_enabled():
-            sensitivities = {name: state[SENSITIVITY + name] for name in self.cell.param_names}
-            cells, final = rtrl_window(
-                self.cell, state["cell"], sensitivities, {"x": x}, params, reset, self.encoder_grad
-            )
-            new_state.update({SENSITIVITY + name: s for name, s in final.items()})
-        else:
-            # bptt, or acting under no_grad (sensitivities pass through untouched).
-            cells = run_cell(self.cell, state["cell"], self.cell.prepare({"x": x}, params), params, reset)
-        new_state["cell"] = cells[-1].detach()
+        cells, sensitivities = self.run_recurrence(state["cell"], {"x": x}, self.recurrent_params(), reset, state)
         output_gate = torch.sigmoid(x @ self.output_input.t() + cells @ self.output_recurrent.t() + self.output_bias)
-        return output_gate * cells, new_state
+        return output_gate * cells, self.window_state(cells[-1], sensitivities)

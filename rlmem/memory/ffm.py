@@ -49,11 +49,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlmem.errors import ConfigError
-from rlmem.memory.base import CoreOptions, MemoryCore, State, register_core
-from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients, rtrl_window, zero_sensitivities
+from rlmem.memory.base import CoreOptions, State, register_core
+from rlmem.memory.engine import EngineCore, SensitivityLayout, carried_sensitivities
+from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients
 from rlmem.scan import scan_adjoint, scan_states
-
-SENSITIVITY = "sensitivity_"
 
 # The paper's initial decay rates: the fastest trace keeps 1% after ~7 steps, the slowest after 1024.
 FASTEST_DECAY = -0.6731
@@ -167,10 +166,8 @@ class FFMOptions(CoreOptions):
 
     traces: int = 32  # m: memory traces, each with its own decay rate
     context: int = 4  # c: context columns, each with its own rotation frequency
-    # Start the value bias at zero, so that a zero input writes nothing into the traces. With the
-    # default (random) bias every step writes the same constant, which piles up in the slow traces
-    # (up to 1 / (1 − |γ|) ≈ 220 times) and drowns a single earlier write: a supervised cue-recall
-    # check then fails at L = 32 and learns L = 128 in under 100 updates with the zero start.
+    # Start the value bias at zero, so that a zero input writes nothing into the traces (with a random
+    # bias every step writes the same constant, up to 1 / (1 − |γ|) times in a slow trace; docs/cores.md).
     zero_value_bias: bool = False
 
     def __post_init__(self) -> None:
@@ -184,13 +181,13 @@ class FFMOptions(CoreOptions):
 
 
 @register_core("ffm", FFMOptions)
-class FFMCore(MemoryCore):
+class FFMCore(EngineCore):
     """Fast and Forgetful Memory: complex diagonal aggregator with per-trace decay and per-column frequency."""
 
-    grad_modes = ("bptt", "rtrl")
+    state_key = "aggregate"
 
     def __init__(self, options: FFMOptions, input_size: int) -> None:
-        super().__init__(options, input_size)
+        super().__init__(options, input_size, FFMCell(options.traces, options.context))
         self.traces = options.traces
         self.context = options.context
         m, c, H = self.traces, self.context, self.hidden_size
@@ -202,8 +199,6 @@ class FFMCore(MemoryCore):
         self.log_decay_rate = nn.Parameter(torch.linspace(FASTEST_DECAY, SLOWEST_DECAY, m).neg().log())
         self.frequency = nn.Parameter(2 * math.pi / torch.linspace(1.0, LONGEST_PERIOD, c))
         self.mix = nn.Linear(2 * m * c, H)
-        self.cell = FFMCell(m, c)
-        self.cell.check()
 
     @property
     def aggregator_rows(self) -> int:
@@ -226,15 +221,12 @@ class FFMCore(MemoryCore):
             "frequency": self.frequency,
         }
 
-    def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> State:
-        dtype = dtype or self.mix.weight.dtype
-        state = {"aggregate": torch.zeros(batch, self.traces, self.context, 2, device=device, dtype=dtype)}
-        if self.grad == "rtrl":
-            units = self.traces * self.context
-            columns = {"value_weight": self.input_size, "gate_weight": self.input_size}
-            sensitivities = zero_sensitivities(self.cell, batch, units, columns, device, dtype)
-            state.update({SENSITIVITY + name: s for name, s in sensitivities.items()})
-        return state
+    def state_shape(self) -> tuple[int, ...]:
+        return (self.traces, self.context, 2)
+
+    def sensitivity_layout(self) -> SensitivityLayout:
+        columns = {"value_weight": self.input_size, "gate_weight": self.input_size}
+        return SensitivityLayout(self.traces * self.context, columns)
 
     # ----------------------------------------------------------------------------------------------
     # The pieces of one layer, shared by both modes.
@@ -260,7 +252,7 @@ class FFMCore(MemoryCore):
 
     def forward(self, x: Tensor, state: State, reset: Tensor) -> tuple[Tensor, State]:
         """Run a window. ``x``: [T, B, D]; ``reset``: [T, B] bool. Returns ``y`` [T, B, H] and the state."""
-        if self.grad == "rtrl" and torch.is_grad_enabled():
+        if self.learns_online():
             return self._rtrl_forward(x, state, reset)
         # bptt, or acting under no_grad (sensitivities pass through untouched).
         pre = self.pre(x)
@@ -268,27 +260,19 @@ class FFMCore(MemoryCore):
         initial = torch.view_as_complex(state["aggregate"].contiguous())
         aggregate = self.aggregate(aggregator_pre, reset, initial)
         y = self.readout(aggregate, output_pre)
-        return y, {**state, "aggregate": torch.view_as_real(aggregate[-1]).detach().clone()}
+        # a copy, so that the carried state does not keep the window's aggregate alive
+        return y, self.window_state(torch.view_as_real(aggregate[-1]).detach().clone(), carried_sensitivities(state))
 
     def _rtrl_forward(self, x: Tensor, state: State, reset: Tensor) -> tuple[Tensor, State]:
         T, B, _ = x.shape
         m, c = self.traces, self.context
-        sensitivities = {g.name: state[SENSITIVITY + g.name] for g in self.cell.groups}
-        aggregate_pairs, final = rtrl_window(
-            self.cell,
-            state["aggregate"].reshape(B, m * c, 2),
-            sensitivities,
-            {"x": x},
-            self.recurrent_params(),
-            reset,
-            self.options.encoder_grad,
+        aggregate_pairs, sensitivities = self.run_recurrence(
+            state["aggregate"].reshape(B, m * c, 2), {"x": x}, self.recurrent_params(), reset, state
         )
         aggregate = torch.view_as_complex(aggregate_pairs.reshape(T, B, m, c, 2))
         output_pre = F.linear(x, self.pre.weight[2 * m :], self.pre.bias[2 * m :])
         y = self.readout(aggregate, output_pre)
-        new_state = {"aggregate": aggregate_pairs[-1].detach().reshape(B, m, c, 2)}
-        new_state.update({SENSITIVITY + name: s for name, s in final.items()})
-        return y, new_state
+        return y, self.window_state(aggregate_pairs[-1].reshape(B, m, c, 2), sensitivities)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, traces={self.traces}, context={self.context}"

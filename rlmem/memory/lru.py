@@ -20,9 +20,8 @@ sensitivity per entry of B serves both B_re and B_im. The step's injections are
     ∂h/∂B[i, j] = γ_i x_j        ∂h/∂ν_log = −exp(ν_log) λ h_{t-1}        ∂h/∂θ_log = i·exp(θ_log) λ h_{t-1}
     ∂h/∂γ_log = γ ⊙ (B x_t)
 
-(γ, not γ_log, multiplies the B sensitivity; the θ_log derivative carries the factor exp(θ_log):
-both are known slips in public code that the BPTT gradient test catches). Sensitivities take
-2·N·D + 6·N reals per env. C, D and the activation learn by ordinary backprop.
+(γ, not γ_log, multiplies the B sensitivity; the θ_log derivative carries the factor exp(θ_log)).
+Sensitivities take 2·N·D + 6·N reals per env. C, D and the activation learn by ordinary backprop.
 
 State: ``{"hidden": [B, N, 2]}`` (real and imaginary parts of h), plus ``sensitivity_<group>`` for the
 groups ``input`` ([B, N, D, 2]), ``nu_log``, ``theta_log``, ``gamma_log`` ([B, N, 2]) in ``rtrl`` mode.
@@ -39,10 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlmem.errors import ConfigError
-from rlmem.memory.base import CoreOptions, MemoryCore, State, register_core
-from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients, rtrl_window, run_cell, zero_sensitivities
+from rlmem.memory.base import CoreOptions, State, register_core
+from rlmem.memory.engine import EngineCore, SensitivityLayout
+from rlmem.rtrl import ParamGroup, RTRLCell, StepCoefficients
 
-SENSITIVITY = "sensitivity_"
 ACTIVATIONS = ("none", "gelu", "glu")
 
 
@@ -114,16 +113,13 @@ class LRUCell(RTRLCell):
 
 
 @register_core("lru", LRUOptions)
-class LRUCore(MemoryCore):
+class LRUCore(EngineCore):
     """Linear recurrent unit (Orvieto et al. 2023): complex diagonal recurrence with exact RTRL."""
 
-    grad_modes = ("bptt", "rtrl")
-    cell = LRUCell()
+    state_key = "hidden"
 
     def __init__(self, options: LRUOptions, input_size: int) -> None:
-        super().__init__(options, input_size)
-        self.cell.check()
-        self.encoder_grad = options.encoder_grad
+        super().__init__(options, input_size, LRUCell())
         self.activation = options.activation
         N, D = self.hidden_size, input_size
         # |λ|² uniform on [r_min², r_max²], kept off 0 and 1 so that ν_log and γ_log stay finite.
@@ -144,33 +140,16 @@ class LRUCore(MemoryCore):
             self.glu_value = nn.Linear(N, N)
             self.glu_gate = nn.Linear(N, N)
 
-    def recurrent_params(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in self.cell.param_names}
+    def state_shape(self) -> tuple[int, ...]:
+        return (self.hidden_size, 2)
 
-    def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> State:
-        dtype = dtype or self.input_re.dtype
-        state = {"hidden": torch.zeros(batch, self.hidden_size, 2, device=device, dtype=dtype)}
-        if self.grad == "rtrl":
-            sensitivities = zero_sensitivities(
-                self.cell, batch, self.hidden_size, {"input": self.input_size}, device, dtype
-            )
-            state.update({SENSITIVITY + name: s for name, s in sensitivities.items()})
-        return state
+    def sensitivity_layout(self) -> SensitivityLayout:
+        return SensitivityLayout(self.hidden_size, {"input": self.input_size})
 
     def forward(self, x: Tensor, state: State, reset: Tensor) -> tuple[Tensor, State]:
         """Run a window. ``x``: [T, B, D]; ``reset``: [T, B] bool. Returns ``y`` [T, B, N] and the state."""
-        params = self.recurrent_params()
-        new_state = dict(state)
-        if self.grad == "rtrl" and torch.is_grad_enabled():
-            sensitivities = {g.name: state[SENSITIVITY + g.name] for g in self.cell.groups}
-            hidden, final = rtrl_window(
-                self.cell, state["hidden"], sensitivities, {"x": x}, params, reset, self.encoder_grad
-            )
-            new_state.update({SENSITIVITY + name: s for name, s in final.items()})
-        else:
-            # bptt, or acting under no_grad (sensitivities pass through untouched).
-            hidden = run_cell(self.cell, state["hidden"], self.cell.prepare({"x": x}, params), params, reset)
-        new_state["hidden"] = hidden[-1].detach()
+        hidden, sensitivities = self.run_recurrence(state["hidden"], {"x": x}, self.recurrent_params(), reset, state)
+        new_state = self.window_state(hidden[-1], sensitivities)
         real, imag = hidden.unbind(-1)
         skip = x * self.skip if self.skip.dim() == 1 else x @ self.skip.t()
         y = real @ self.output_re.t() - imag @ self.output_im.t() + skip
