@@ -115,7 +115,7 @@ def _registries() -> dict[str, tuple[Any, Any]]:
 
     return {
         "memory": (lambda n: rlmem.memory.CORES.get(n).options, rlmem.memory.CORES.names()),
-        "env": (lambda n: envs.registry.env_entry(n).options, sorted(envs.ENVS)),
+        "env": (lambda n: envs.registry.env_entry(n).options, envs.ENVS.names()),
         "agent": (lambda n: LEARNERS.get(n).options, LEARNERS.names()),
     }
 
