@@ -85,10 +85,10 @@ def _raw_atari(num_envs: int, steps: int) -> Contender:
 def _raw_procgen(num_envs: int, steps: int) -> Contender:
     import numpy as np
 
-    from envs.procgen_env import ProcgenOptions, _procgen
+    from envs.procgen_env import ProcgenOptions, procgen_module
 
     options = ProcgenOptions(game="maze", num_envs=num_envs)  # rlmem's defaults, the raw side set alike
-    env = _procgen().ProcgenGym3Env(
+    env = procgen_module().ProcgenGym3Env(
         num=num_envs, env_name=options.game, distribution_mode=options.distribution_mode,
         num_levels=options.num_levels, start_level=options.start_level, num_threads=options.num_threads, rand_seed=0,
     )
