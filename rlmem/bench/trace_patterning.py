@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlmem.bench.measure import Column, Table, write_json
 from rlmem.errors import ConfigError
 
 GAMMA = 0.9
@@ -254,11 +255,7 @@ def run_name(name: str, method: Method, seed: int, protocol: Protocol) -> str:
 def save_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol, result: dict[str, Any]) -> None:
     """Write one finished run (written whole, then renamed, so an interrupted write leaves nothing)."""
     settings = _run_settings(method, protocol)
-    path = saved / f"{run_name(name, method, seed, protocol)}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"settings": settings, "run": result}))
-    partial.replace(path)
+    write_json(saved / f"{run_name(name, method, seed, protocol)}.json", {"settings": settings, "run": result})
 
 
 def load_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol) -> dict[str, Any] | None:
@@ -471,16 +468,18 @@ def run(argv: list[str]) -> None:
     settings = {**dataclasses.asdict(protocol), "seeds": args.seeds, "window": args.window,
                 "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}
     table, figure = output_files(out, args.task, methods, chosen)
-    table.write_text(json.dumps({"settings": settings, "summary": rows, "runs": results}, indent=1))
+    write_json(table, {"settings": settings, "summary": rows, "runs": results}, indent=1)
     title = f"{args.task}, {args.steps:,} steps ({args.num_envs} stream(s) per run), {args.seeds} seeds"
     plot(results, rows, args.log_every, figure, title)
 
     seeds = sorted({len(row["per_seed"]) for row in rows})
     print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps "
           f"({'/'.join(map(str, seeds))} seeds per method):")
-    print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'median':>9s} {'MACs/step':>10s} {'ms/update':>9s}  lr")
+    summary = Table(Column("method", 26, "<"), Column("error", 10), Column("± s.e.", 9), Column("median", 9),
+                    Column("MACs/step", 10), Column("ms/update", 9), Column("lr", 7))
+    summary.header()
     for row in sorted(rows, key=lambda r: r["final_error"]):
-        print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['median_error']:9.5f} "
-              f"{row['macs_per_step']:10,d} {row['ms_per_step']:9.2f}  "
-              f"{chosen[row['method']].lr if row['method'] != 'zero' else '-'}")
+        summary.row(row["label"], f"{row['final_error']:.5f}", f"{row['stderr']:.5f}", f"{row['median_error']:.5f}",
+                    f"{row['macs_per_step']:,d}", f"{row['ms_per_step']:.2f}",
+                    chosen[row["method"]].lr if row["method"] != "zero" else "-")
     print(f"\nwrote {table} and {figure}")
