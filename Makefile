@@ -10,16 +10,20 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.rlmem-installed
 ARGS ?=
-# Extras installed into the venv: the test suite exercises the Atari and POPGym adapters for real.
-# (ProcGen's wheel pins numpy < 2, so it is left to `pip install -e .[procgen]`; its tests skip without it.)
-EXTRAS ?= dev,atari,popgym
+# Extras installed into the venv: the test suite exercises the Atari, POPGym and ProcGen adapters for real.
+EXTRAS ?= dev,atari,popgym,procgen
+# ProcGen and gym3 declare numpy < 2 in their metadata, which their compiled code does not need (it runs
+# with numpy 2), so they are installed without resolving it, after the `procgen` extra has installed
+# their actual runtime dependencies (gym, cffi, imageio).
+PROCGEN_NO_DEPS ?= gym3==0.3.3 "procgen==0.10.7; python_version < '3.11'" "procgen-mirror==0.10.7; python_version >= '3.11'"
 PYTEST_ARGS ?=
+comma := ,
 
 .PHONY: install train test lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
 	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -30,6 +34,9 @@ $(STAMP): pyproject.toml
 	  fi; \
 	fi
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
+ifneq ($(filter procgen,$(subst $(comma), ,$(EXTRAS))),)
+	$(PY) -m pip install --no-deps $(PROCGEN_NO_DEPS)
+endif
 	@touch $(STAMP)
 
 train: $(STAMP)

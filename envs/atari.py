@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, StepResult, VecEnv, threads_per_group
-from envs.common import EpisodeTracker, check_actions, to_numpy_actions, to_tensor
+from envs.base import EnvError, StepResult, threads_per_group
+from envs.common import EpisodeTracker, LibraryVecEnv, to_numpy_actions, to_tensor
 from envs.registry import EnvOptions, register_env
 
 # Random and human reference scores: game -> (random, human).
@@ -109,20 +108,15 @@ class AtariOptions(EnvOptions):
 
 
 @register_env("atari", AtariOptions)
-class AtariVecEnv(VecEnv):
+class AtariVecEnv(LibraryVecEnv):
     """Atari 2600 games (ale-py AtariVectorEnv, ALE v5 protocol), uint8 frames [B, stack, 84, 84]."""
 
     steps_in_background = True  # send/recv
-    steps_on_host = True
 
     def __init__(self, options: AtariOptions, device: torch.device, seed: int = 0) -> None:
         from ale_py.vector_env import AtariVectorEnv
 
-        self.options = options
-        self.num_envs = options.num_envs
-        self.device = torch.device(device)
-        self._seed = seed
-        self._seeded = False
+        super().__init__(options, device, seed)
         self.env = AtariVectorEnv(
             options.game,
             options.num_envs,
@@ -152,44 +146,20 @@ class AtariVecEnv(VecEnv):
         reference = HUMAN_RANDOM.get(options.game)
         self._hns_scale = None if reference is None else (reference[0], reference[1] - reference[0])
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EnvError(f"the atari env ({self.options.game}) is closed")
+    def describe(self) -> str:
+        return f"atari env ({self.options.game})"
 
-    def reset(self, seed: int | None = None) -> Tensor:
-        self._check_open()
-        self._check_idle()
-        if self._group is not None:
-            return self._group.reset(seed)
-        if seed is None and not self._seeded:
-            seed = self._seed
-        if seed is not None:
-            self._seeded = True
-        obs, info = self.env.reset(seed=seed)
+    def _reset_library(self, seed: int | None) -> Tensor:
+        obs, info = self.env.reset(seed=self._reset_seed(seed))
         self._lives = np.asarray(info["lives"], dtype=np.int64).copy()
         self.episodes.reset()
         return to_tensor(obs, self.device)
 
-    def step(self, actions: Tensor | None) -> StepResult:
-        self._check_open()
-        self._check_idle()
-        self.step_async(actions)
-        return self.step_wait()
-
-    def step_async(self, actions: Tensor | None) -> None:
+    def _send(self, actions: Tensor) -> None:
         """Send the actions; the emulators step in ale-py's threads until ``step_wait``."""
-        self._check_open()
-        if self._group is not None:
-            return self._group.step_async(actions)
-        actions = check_actions(actions, self.single_action_space, self.num_envs)
-        self._start_async()
         self.env.send(to_numpy_actions(actions, self.single_action_space))
 
-    def step_wait(self) -> StepResult:
-        self._check_open()
-        if self._group is not None:
-            return self._group.step_wait()
-        self._finish_async()
+    def _receive(self) -> StepResult:
         obs, raw_reward, game_over, truncated, info = self.env.recv()
         game_done = game_over | truncated
         lives = np.asarray(info["lives"], dtype=np.int64)
@@ -219,21 +189,8 @@ class AtariVecEnv(VecEnv):
             info_out,
         )
 
-    def split(self, parts: int) -> Sequence[VecEnv]:
-        threads = threads_per_group(self.options.num_threads, parts)
+    def _group_options(self, parts: int) -> AtariOptions:
+        return dataclasses.replace(self.options, num_threads=threads_per_group(self.options.num_threads, parts))
 
-        def make(num_envs: int, start: int) -> VecEnv:
-            options = dataclasses.replace(self.options, num_envs=num_envs, num_threads=threads)
-            return AtariVecEnv(options, self.device, self._seed + start)
-
-        self._check_open()
-        return self._split_with(parts, make, self.env.close)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._step_in_flight = False
-            if self._group is not None:
-                self._group.close()
-            else:
-                self.env.close()
+    def _release(self) -> None:
+        self.env.close()

@@ -37,8 +37,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rlmem.errors import ConfigError
 
-class EnvError(ValueError):
+
+class EnvError(ConfigError):
     """An environment error a user can cause (unknown id, bad action, closed env...)."""
 
 

@@ -24,10 +24,8 @@ Ids with a namespace provided by an optional package are imported on demand: ``p
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, StepResult, VecEnv
-from envs.common import EpisodeTracker, check_actions, copy_tensor, to_numpy_actions, to_tensor
+from envs.base import EnvError, StepResult
+from envs.common import EpisodeTracker, LibraryVecEnv, copy_tensor, to_numpy_actions, to_tensor
 from envs.registry import EnvOptions, register_env
 
 VECTORIZATION_MODES = ("sync", "async")
@@ -166,18 +164,13 @@ def _flat_bounds(space: gym.Space) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register_env("gym", GymOptions)
-class GymVecEnv(VecEnv):
+class GymVecEnv(LibraryVecEnv):
     """Any registered gymnasium id, vectorized by gymnasium (sync or async) with same-step autoreset."""
 
-    steps_on_host = True
+    _stepped: StepResult | None = None  # sync vectorization: the step taken by _send, until _receive
 
     def __init__(self, options: GymOptions, device: torch.device, seed: int = 0) -> None:
-        self.options = options
-        self.num_envs = options.num_envs
-        self.device = torch.device(device)
-        self._seed = seed
-        self._seeded = False
-        self._closed = True  # until the vector env exists, so a failed constructor leaves nothing to close
+        super().__init__(options, device, seed)
         self.steps_in_background = options.vectorization == "async"  # subprocesses step between the calls
 
         make_kwargs = dict(options.env_kwargs)
@@ -262,51 +255,29 @@ class GymVecEnv(VecEnv):
         index = actions.detach().cpu().numpy()
         return (np.stack(np.unravel_index(index, tuple(space.nvec)), axis=1) + space.start).astype(space.dtype)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EnvError(f"the gym env {self.options.id!r} is closed")
+    def describe(self) -> str:
+        return f"gym env {self.options.id!r}"
 
-    def reset(self, seed: int | None = None) -> Tensor:
-        self._check_open()
-        self._check_idle()
-        if self._group is not None:
-            return self._group.reset(seed)
-        if seed is None and not self._seeded:
-            seed = self._seed
+    def _reset_library(self, seed: int | None) -> Tensor:
+        seed = self._reset_seed(seed)
         if seed is not None:
             self.single_action_space.seed(seed)
-            self._seeded = True
         obs, _ = self.env.reset(seed=seed)
         self.episodes.reset()
         return self._observation(obs)
 
-    def step(self, actions: Tensor | None) -> StepResult:
-        self._check_open()
-        self._check_idle()
-        if self._group is not None:
-            return self._group.step(actions)
-        actions = check_actions(actions, self.single_action_space, self.num_envs)
-        return self._result(*self.env.step(self._library_actions(actions)))
+    def _send(self, actions: Tensor) -> None:
+        """Async vectorization: send the actions to the subprocesses; sync: step at once."""
+        if self.steps_in_background:
+            self.env.step_async(self._library_actions(actions))
+        else:
+            self._stepped = self._result(*self.env.step(self._library_actions(actions)))
 
-    def step_async(self, actions: Tensor | None) -> None:
-        """Async vectorization: send the actions to the subprocesses (otherwise: step at once)."""
-        self._check_open()
-        if self._group is not None:
-            return self._group.step_async(actions)
-        if not self.steps_in_background:
-            return super().step_async(actions)
-        actions = check_actions(actions, self.single_action_space, self.num_envs)
-        self._start_async()
-        self.env.step_async(self._library_actions(actions))
-
-    def step_wait(self) -> StepResult:
-        self._check_open()
-        if self._group is not None:
-            return self._group.step_wait()
-        if not self.steps_in_background:
-            return super().step_wait()
-        self._finish_async()
-        return self._result(*self.env.step_wait())
+    def _receive(self) -> StepResult:
+        if self.steps_in_background:
+            return self._result(*self.env.step_wait())
+        result, self._stepped = self._stepped, None
+        return result
 
     def _result(self, obs: Any, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
                 info: dict[str, Any]) -> StepResult:
@@ -330,18 +301,5 @@ class GymVecEnv(VecEnv):
         episode = self.episodes.update(reward, done)
         return next_obs, reward, terminated, truncated, {"final_obs": final_obs, "episode": episode}
 
-    def split(self, parts: int) -> Sequence[VecEnv]:
-        def make(num_envs: int, start: int) -> VecEnv:
-            return GymVecEnv(dataclasses.replace(self.options, num_envs=num_envs), self.device, self._seed + start)
-
-        self._check_open()
-        return self._split_with(parts, make, self.env.close)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._step_in_flight = False
-            if self._group is not None:
-                self._group.close()
-            else:
-                self.env.close()
+    def _release(self) -> None:
+        self.env.close()

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import difflib
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,32 +35,33 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, StepResult, VecEnv, threads_per_group
-from envs.common import EpisodeTracker, check_actions, to_tensor
+from envs.base import EnvError, StepResult, threads_per_group
+from envs.common import EpisodeTracker, LibraryVecEnv, to_tensor
 from envs.registry import EnvOptions, register_env
 
 DISTRIBUTION_MODES = ("easy", "hard", "memory")
 MEMORY_MODE_GAMES = ("caveflyer", "dodgeball", "heist", "jumper", "maze", "miner")
 
 
-def _procgen() -> Any:
+INSTALL_HINT = (
+    "install it with `make install`, or by hand: `pip install rlmem[procgen]`, then "
+    "`pip install --no-deps gym3==0.3.3 procgen-mirror==0.10.7` (procgen==0.10.7 before Python 3.11)"
+)
+
+
+def procgen_module() -> Any:
     """Import ``procgen`` (it imports the legacy ``gym``, whose import prints a notice; keep it quiet)."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             import procgen
-    except ImportError:
-        raise EnvError(
-            "the procgen env needs the procgen module; install it with `pip install rlmem[procgen]`"
-        ) from None
+    except ImportError as err:
+        raise EnvError(f"the procgen env needs the procgen module ({err}); {INSTALL_HINT}") from None
     return procgen
 
 
 def game_names() -> list[str]:
     """The ProcGen games of the installed module."""
-    _procgen()
-    from procgen.env import ENV_NAMES
-
-    return sorted(ENV_NAMES)
+    return sorted(procgen_module().env.ENV_NAMES)
 
 
 @dataclass
@@ -95,28 +95,26 @@ class ProcgenOptions(EnvOptions):
 
 
 @register_env("procgen", ProcgenOptions)
-class ProcgenVecEnv(VecEnv):
+class ProcgenVecEnv(LibraryVecEnv):
     """ProcGen games (gym3 vector env; easy mode, 200 levels by default), uint8 frames [B, 3, 64, 64]."""
 
     steps_in_background = True  # act/observe
-    steps_on_host = True
 
     def __init__(self, options: ProcgenOptions, device: torch.device, seed: int = 0) -> None:
-        _procgen()
-        self.options = options
-        self.num_envs = options.num_envs
-        self.device = torch.device(device)
+        procgen_module()
+        super().__init__(options, device, seed)
         self.single_observation_space = gym.spaces.Box(0, 255, (3, 64, 64), dtype=np.uint8)
         self.single_action_space = gym.spaces.Discrete(15)
         self.episodes = EpisodeTracker(self.num_envs, self.device)
         self._seeds = np.random.default_rng(seed)  # seeds of the fresh envs that later resets build
+        self.env, self._stepped = self._make(seed), False
         self._closed = False
-        self.env, self._env_seed, self._stepped = self._make(seed), seed, False
+
+    def describe(self) -> str:
+        return f"procgen env ({self.options.game})"
 
     def _make(self, seed: int) -> Any:
-        from procgen import ProcgenGym3Env
-
-        env = ProcgenGym3Env(
+        env = procgen_module().ProcgenGym3Env(
             num=self.num_envs,
             env_name=self.options.game,
             distribution_mode=self.options.distribution_mode,
@@ -133,52 +131,28 @@ class ProcgenVecEnv(VecEnv):
         """gym3's ``{"rgb": [B, 64, 64, 3]}`` -> uint8 ``[B, 3, 64, 64]`` on ``device``, in channels-last
         memory layout (a permuted view of a plain copy of the frames).
 
-        A copy that also moves the channels costs about 8× a plain one on the host (0.4 against 0.05 ms
-        at 64 envs, a third of a raw vector step), so it is left to where it is cheap: the GPU, after
-        the runner's pinned upload keeps the layout, or the rollout's store of the frame on a CPU
-        (whose convolutions take either layout).
+        A copy that also moves the channels costs several times a plain one on the host, so it is left
+        to where it is cheap: the GPU, after the runner's pinned upload keeps the layout, or the
+        rollout's store of the frame on a CPU (whose convolutions take either layout).
         """
         return to_tensor(observation["rgb"], self.device).permute(0, 3, 1, 2)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EnvError(f"the procgen env ({self.options.game}) is closed")
-
-    def reset(self, seed: int | None = None) -> Tensor:
-        self._check_open()
-        self._check_idle()
-        if self._group is not None:
-            return self._group.reset(seed)
+    def _reset_library(self, seed: int | None) -> Tensor:
         # An env that has not been stepped yet, with the requested seed, is already freshly reset.
-        if self._stepped or (seed is not None and seed != self._env_seed):
+        if self._stepped or (seed is not None and seed != self._seed):
             seed = int(self._seeds.integers(2**31 - 1)) if seed is None else seed
-            self.env, self._env_seed = self._make(seed), seed
+            self.env, self._seed = self._make(seed), seed
         self._stepped = False
         self.episodes.reset()
         _, observation, _ = self.env.observe()
         return self._frames(observation)
 
-    def step(self, actions: Tensor | None) -> StepResult:
-        self._check_open()
-        self._check_idle()
-        self.step_async(actions)
-        return self.step_wait()
-
-    def step_async(self, actions: Tensor | None) -> None:
+    def _send(self, actions: Tensor) -> None:
         """Hand the actions to gym3; ProcGen's threads step until ``step_wait``."""
-        self._check_open()
-        if self._group is not None:
-            return self._group.step_async(actions)
-        actions = check_actions(actions, self.single_action_space, self.num_envs)
-        self._start_async()
         self.env.act(actions.detach().cpu().numpy().astype(np.int32))
         self._stepped = True
 
-    def step_wait(self) -> StepResult:
-        self._check_open()
-        if self._group is not None:
-            return self._group.step_wait()
-        self._finish_async()
+    def _receive(self) -> StepResult:
         reward, observation, first = self.env.observe()
         obs = self._frames(observation)
         reward = to_tensor(reward, self.device, np.float32)
@@ -188,24 +162,10 @@ class ProcgenVecEnv(VecEnv):
         # No terminal frame to report: final_obs is the returned frame itself (see the module docstring).
         return obs, reward, terminated, truncated, {"final_obs": obs, "episode": episode}
 
-    def split(self, parts: int) -> Sequence[VecEnv]:
+    def _group_options(self, parts: int) -> ProcgenOptions:
         # 0 threads (stepping in the caller's thread) stays 0; otherwise capped at each group's share of the cores.
         threads = self.options.num_threads and threads_per_group(self.options.num_threads, parts)
+        return dataclasses.replace(self.options, num_threads=threads)
 
-        def make(num_envs: int, start: int) -> VecEnv:
-            options = dataclasses.replace(self.options, num_envs=num_envs, num_threads=threads)
-            return ProcgenVecEnv(options, self.device, self._env_seed + start)
-
-        def release() -> None:
-            self.env = None  # gym3 envs free their native resources when collected
-
-        self._check_open()
-        return self._split_with(parts, make, release)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._step_in_flight = False
-            if self._group is not None:
-                self._group.close()
-            self.env = None  # gym3 envs free their native resources when collected
+    def _release(self) -> None:
+        self.env = None  # gym3 envs free their native resources when collected

@@ -1,19 +1,21 @@
 """Environment registry: name -> (VecEnv class, typed options dataclass).
 
-``envs`` depends on nothing in ``rlmem`` or ``agents``, so it keeps its own small registry; the CLI
-reads it the same way as the core and learner registries.
+``ENVS`` is a ``rlmem.registry.Registry`` like the core and learner registries (a shared foundation,
+not the composition root), so the CLI and the config read all three alike. ``make_env`` builds an env
+from a plain spec ``{"name": ..., <options>}``; every user error is an ``EnvError``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from envs.base import EnvError, VecEnv
+from rlmem.registry import Entry, Registry
 
 
 @dataclass
@@ -32,40 +34,25 @@ class EnvOptions:
             raise EnvError(f"env.overlap must be true, false or auto, got {self.overlap!r}")
 
 
-@dataclass(frozen=True)
-class EnvEntry:
-    name: str
-    cls: type[VecEnv]
-    options: type
-    summary: str
+ENVS: Registry[VecEnv] = Registry("environment")
 
 
-ENVS: dict[str, EnvEntry] = {}
-
-
-def register_env(name: str, options: type = EnvOptions):
+def register_env(name: str, options: type = EnvOptions) -> Callable[[type[VecEnv]], type[VecEnv]]:
     """Class decorator: ``@register_env("cue_recall", CueRecallOptions)``."""
-
-    def decorate(cls: type[VecEnv]) -> type[VecEnv]:
-        if name in ENVS:
-            raise ValueError(f"environment {name!r} is registered twice")
-        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        ENVS[name] = EnvEntry(name, cls, options, summary)
-        return cls
-
-    return decorate
+    return ENVS.register(name, options)
 
 
-def env_entry(name: str) -> EnvEntry:
+def env_entry(name: str) -> Entry[VecEnv]:
+    """The registered entry of env ``name``; an unknown name -> EnvError listing the valid ones."""
     if name not in ENVS:
-        raise EnvError(f"unknown environment {name!r}; valid choices: {', '.join(sorted(ENVS))}")
-    return ENVS[name]
+        raise EnvError(f"unknown environment {name!r}; valid choices: {', '.join(ENVS.names())}")
+    return ENVS.get(name)
 
 
 def env_options(spec: Mapping[str, Any]) -> Any:
     values = {k: (list(v) if type(v).__name__ == "ListConfig" else v) for k, v in dict(spec).items()}
     if "name" not in values:
-        raise EnvError(f"env.name is missing; valid choices: {', '.join(sorted(ENVS))}")
+        raise EnvError(f"env.name is missing; valid choices: {', '.join(ENVS.names())}")
     entry = env_entry(values.pop("name"))
     fields = {f.name for f in dataclasses.fields(entry.options)}
     unknown = sorted(set(values) - fields)

@@ -175,9 +175,8 @@ def _cmd_list(ns: argparse.Namespace) -> int:
         print(f"  {entry.name:10s} {entry.summary}\n             grad: {modes}\n             options: "
               f"{_describe_options(entry.options)}")
     print("\nenvironments (env=<name>):")
-    for name in sorted(envs.ENVS):
-        entry = envs.ENVS[name]
-        print(f"  {name:16s} {entry.summary}\n                   options: {_describe_options(entry.options)}")
+    for entry in envs.ENVS:
+        print(f"  {entry.name:16s} {entry.summary}\n                   options: {_describe_options(entry.options)}")
     print("\nlearners (agent=<name>):")
     for entry in LEARNERS:
         print(f"  {entry.name:14s} {entry.summary}\n                 options: {_describe_options(entry.options)}")

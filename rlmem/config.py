@@ -108,7 +108,7 @@ def _registries() -> dict[str, tuple[Any, Any]]:
     """group -> (lookup(name) -> options class, list of valid names)."""
     return {
         "memory": (lambda n: CORES.get(n).options, CORES.names()),
-        "env": (lambda n: envs.registry.env_entry(n).options, sorted(envs.ENVS)),
+        "env": (lambda n: envs.registry.env_entry(n).options, envs.ENVS.names()),
         "agent": (lambda n: LEARNERS.get(n).options, LEARNERS.names()),
     }
 

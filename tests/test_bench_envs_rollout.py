@@ -12,8 +12,8 @@ from rlmem.bench import envs as bench
 
 def rows(text: str) -> dict[str, list[str]]:
     lines = text.splitlines()
-    assert lines[1].split() == ["source", "envs", "raw", "vecenv", "policy", "rollout", "overlap", "roll/raw",
-                                "ovl/raw", "seq/raw"]
+    assert lines[1].split() == ["source", "envs", "raw", "vecenv", "policy", "rollout", "overlap", "vec/raw",
+                                "roll/raw", "ovl/raw", "seq/raw"]
     return {line.split()[0]: line.split() for line in lines[3:] if not line.startswith("*")}
 
 
@@ -26,14 +26,15 @@ def test_rows_for_sources_with_and_without_raw_library_and_overlap(capsys):
                "--sources", "cartpole,cue_recall"])
     table = rows(capsys.readouterr().out)
     assert set(table) == {"cartpole", "cue_recall"}
-    _, envs, raw, vecenv, policy, rollout, overlap, ratio, overlap_ratio, sequential = table["cartpole"]
+    _, envs, raw, vecenv, policy, rollout, overlap, _, ratio, overlap_ratio, sequential = table["cartpole"]
     assert envs == "2" and all(number(x) > 0 for x in (raw, vecenv, policy, rollout))
     assert number(ratio) == pytest.approx(number(rollout) / number(raw), abs=0.01)
     # stepping then acting with no overhead: 1 / (1/raw + 1/policy), over raw
     assert number(sequential) == pytest.approx(number(policy) / (number(raw) + number(policy)), abs=0.01)
     assert overlap == overlap_ratio == "-"  # a sync gymnasium env does not step in the background
-    _, _, raw, vecenv, policy, rollout, overlap, ratio, _, sequential = table["cue_recall"]
-    assert raw == "-" and overlap == "-" and ratio.endswith("*") and sequential.endswith("*")  # relative to the VecEnv
+    _, _, raw, vecenv, policy, rollout, overlap, adapter_share, ratio, _, sequential = table["cue_recall"]
+    assert raw == "-" and overlap == "-" and adapter_share == "-"
+    assert ratio.endswith("*") and sequential.endswith("*")  # relative to the VecEnv
     assert number(ratio) == pytest.approx(number(rollout) / number(vecenv), abs=0.01)
     assert number(sequential) == pytest.approx(number(policy) / (number(vecenv) + number(policy)), abs=0.01)
 
@@ -43,7 +44,7 @@ def test_atari_row_measures_the_overlap_through_the_cli(capsys):
     assert cli.BENCHES["envs"][0] == "rlmem.bench.envs"
     assert cli.main(["bench", "envs", "--steps", "2", "--unroll", "2", "--repeats", "1", "--num-envs", "2",
                      "--hidden", "8", "--sources", "atari"]) == 0
-    _, _, raw, vecenv, policy, rollout, overlap, ratio, overlap_ratio, _ = rows(capsys.readouterr().out)["atari"]
+    _, _, raw, vecenv, policy, rollout, overlap, _, ratio, overlap_ratio, _ = rows(capsys.readouterr().out)["atari"]
     assert all(number(x) > 0 for x in (raw, vecenv, policy, rollout, overlap, ratio, overlap_ratio))
     assert number(overlap_ratio) == pytest.approx(number(overlap) / number(raw), abs=0.01)
 
@@ -54,6 +55,8 @@ def test_atari_row_measures_the_overlap_through_the_cli(capsys):
         (["--sources", "pong"], "unknown source 'pong'; valid choices: cartpole"),
         (["--steps", "0"], "--steps must be positive"),
         (["--unroll", "0"], "--unroll must be positive"),
+        (["--num-envs", "-1"], "--num-envs must be positive"),
+        (["--repeats", "0"], "--repeats must be positive"),
         (["--hidden", "-1"], "--hidden must be positive"),
         (["--torch-threads", "-1"], "--torch-threads must be >= 0"),
         (["--encoder", "resnet"], "invalid choice: 'resnet'"),

@@ -24,6 +24,18 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     assert sorted(p.name.rsplit("-", 1)[0] for p in (out / "runs").iterdir()) == [
         "columnar-seed0", "columnar-seed1", "lstm_tbptt15-seed0", "lstm_tbptt15-seed1", "zero-seed0", "zero-seed1"]
     assert (out / "trace_patterning-columnar+lstm_tbptt15.png").stat().st_size > 1000
+    # Each learner's run is an ordinary training run dir, whose logged curve is the saved one.
+    train_dirs = sorted((out / "train").iterdir())
+    assert [p.name.rsplit("-", 1)[0] for p in train_dirs] == [
+        "columnar-seed0", "columnar-seed1", "lstm_tbptt15-seed0", "lstm_tbptt15-seed1"]
+    assert all((p / "config.yaml").is_file() and (p / "checkpoint.pt").is_file() for p in train_dirs)
+    from rlmem.config import load_saved
+    from rlmem.plot import read_scalars
+
+    config = load_saved(train_dirs[0])
+    assert (config.agent["name"], config.memory["name"], config.env["name"]) == ("td", "ccn", "trace_patterning")
+    logged = read_scalars(train_dirs[0], "charts/prediction_error")[1].tolist()
+    assert logged == next(r["curve"] for r in first["runs"] if (r["method"], r["seed"]) == ("columnar", 0))
     assert first["settings"]["task"] == "trace_patterning" and not (out / "results.json").exists()
     capsys.readouterr()
 

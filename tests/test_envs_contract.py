@@ -6,6 +6,8 @@ Each source runs under random actions while the test keeps its own episode bookk
 
 from __future__ import annotations
 
+import sys
+
 import gymnasium as gym
 import pytest
 import torch
@@ -162,3 +164,14 @@ def test_gym_env_cannot_snapshot():
         assert env.state_dict() is None
         with pytest.raises(EnvError, match="cannot restore"):
             env.load_state_dict({})
+
+
+def test_a_missing_optional_library_is_one_config_error(monkeypatch):
+    # Without procgen (an import that fails), env=procgen ends in one EnvError, which the CLI prints
+    # as one line with exit status 2 (a ConfigError), telling how to install it.
+    from rlmem.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "procgen", None)  # `import procgen` now raises ImportError
+    with pytest.raises(EnvError, match=r"needs the procgen module .*make install.*--no-deps") as error:
+        make_env({"name": "procgen", "num_envs": 2})
+    assert isinstance(error.value, ConfigError)

@@ -4,8 +4,11 @@
 [--hidden H] [--encoder E] [--torch-threads K]`` prints, per source, env steps per second (all envs
 together) of
 
-* ``raw``: the library's own vector env under random actions (``envs.bench``'s measurement);
-* ``vecenv``: rlmem's VecEnv on the same id and env count, random actions (``envs.bench`` likewise);
+* ``raw``: the library's own vector env under uniformly random actions (drawn before timing),
+  configured as the VecEnv configures it (same game, env count, frame processing and same-step
+  autoreset); the built-in tasks have none;
+* ``vecenv``: rlmem's VecEnv on the same id and env count, random actions likewise (``vecenv / raw``
+  is the adapter's share: its overhead is 1 − that ratio);
 * ``policy``: the acting network alone (below) on the env's first observations, with no env step:
   what inference can deliver on this machine, whatever the env;
 * ``rollout``: ``RolloutCollector.collect(T)`` with policy inference and no learning: encoder E
@@ -14,13 +17,14 @@ together) of
   (``agents.runner``; "-" where the env cannot overlap: it cannot be split or does not step in the
   background);
 
-and the ratios rollout / raw (for sources without a raw library, rollout / vecenv, marked ``*``), with
-``seq/raw``: the ratio that stepping and then acting would reach with no overhead at all,
+and the ratios vecenv / raw and rollout / raw (for sources without a raw library, rollout / vecenv,
+marked ``*``), with ``seq/raw``: the ratio that stepping and then acting would reach with no overhead at all,
 1 / (1/raw + 1/policy), over raw. A rollout that does not overlap cannot pass it; one that overlaps
 can only where the cores are not all busy already (the env's threads and inference share them). All
 contenders of a source are built once and timed in alternating rounds of N vector steps (rollouts:
 N / T windows of T steps); each figure is the best of R rounds, so that load from other processes
-skews them alike. Acting uses K intra-op threads, the training default (``train.torch_threads``).
+skews them alike (``rlmem.bench.measure.best_rates``). Acting uses K intra-op threads, the training
+default (``train.torch_threads``). Sources whose package is missing are skipped.
 """
 
 from __future__ import annotations
@@ -28,11 +32,116 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from envs.bench import SOURCES, Contender, _rlmem, measure
+from rlmem.bench.measure import Column, Table, best_rates, ratio
 
+
+@dataclass
+class Contender:
+    """One side of a comparison: ``step(i)`` takes the i-th (precomputed) vector step."""
+
+    step: Callable[[int], Any]
+    close: Callable[[], None]
+
+
+def random_indices(high: int, steps: int, num_envs: int) -> Any:
+    """Uniformly random discrete actions ``[steps, num_envs]`` in ``[0, high)``, seeded alike for every side."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, high, size=(steps, num_envs))
+
+
+def vecenv_contender(spec: dict[str, Any], steps: int) -> Contender:
+    """rlmem's VecEnv for ``spec`` under uniformly random actions (drawn before timing)."""
+    import gymnasium as gym
+    import torch
+
+    from envs import make_env
+
+    env = make_env(spec, seed=0)
+    env.reset(seed=0)
+    space, B = env.single_action_space, env.num_envs
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(space, gym.spaces.Discrete):
+        actions = int(space.start) + torch.randint(int(space.n), (steps, B), generator=generator)
+    else:
+        low, high = torch.as_tensor(space.low), torch.as_tensor(space.high)
+        actions = low + (high - low) * torch.rand(steps, B, *space.shape, generator=generator)
+    actions = actions.to(env.device)
+    return Contender(lambda i: env.step(actions[i]), env.close)
+
+
+def raw_cartpole(num_envs: int, steps: int) -> Contender:
+    """gymnasium's SyncVectorEnv of CartPole-v1, same-step autoreset."""
+    import gymnasium as gym
+
+    env = gym.vector.SyncVectorEnv(
+        [lambda: gym.make("CartPole-v1") for _ in range(num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    env.reset(seed=0)
+    actions = random_indices(2, steps, num_envs)
+    return Contender(lambda i: env.step(actions[i]), env.close)
+
+
+def raw_atari(num_envs: int, steps: int) -> Contender:
+    """ale-py's AtariVectorEnv on Pong, set as rlmem's defaults set it."""
+    import gymnasium as gym
+    from ale_py.vector_env import AtariVectorEnv
+
+    from envs.atari import AtariOptions
+
+    options = AtariOptions(game="pong", num_envs=num_envs)
+    env = AtariVectorEnv(
+        options.game, num_envs, max_num_frames_per_episode=options.max_episode_frames,
+        repeat_action_probability=options.sticky_actions, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        stack_num=options.frame_stack, frameskip=options.frameskip, noop_max=options.noop_max,
+        use_fire_reset=options.fire_reset, reward_clipping=False,
+    )
+    env.reset(seed=0)
+    actions = random_indices(int(env.single_action_space.n), steps, num_envs)
+    return Contender(lambda i: env.step(actions[i]), env.close)
+
+
+def raw_procgen(num_envs: int, steps: int) -> Contender:
+    """ProcGen's gym3 env on maze, set as rlmem's defaults set it (act, then observe)."""
+    import numpy as np
+
+    from envs.procgen_env import ProcgenOptions, procgen_module
+
+    options = ProcgenOptions(game="maze", num_envs=num_envs)
+    env = procgen_module().ProcgenGym3Env(
+        num=num_envs, env_name=options.game, distribution_mode=options.distribution_mode,
+        num_levels=options.num_levels, start_level=options.start_level, num_threads=options.num_threads, rand_seed=0,
+    )
+    actions = random_indices(15, steps, num_envs).astype(np.int32)
+
+    def step(i: int) -> Any:
+        env.act(actions[i])
+        return env.observe()
+
+    return Contender(step, lambda: None)
+
+
+@dataclass(frozen=True)
+class Source:
+    num_envs: int  # default env count
+    package: str | None  # the optional package it needs
+    spec: dict[str, Any]  # rlmem env spec, without num_envs
+    raw: Callable[[int, int], Contender] | None  # the raw library's vector env, if any
+
+
+SOURCES: dict[str, Source] = {
+    "cartpole": Source(64, None, {"name": "gym", "id": "CartPole-v1"}, raw_cartpole),
+    "cue_recall": Source(64, None, {"name": "cue_recall"}, None),
+    "repeat_previous": Source(64, None, {"name": "repeat_previous"}, None),
+    "count_recall": Source(64, None, {"name": "count_recall"}, None),
+    "atari": Source(16, "ale_py", {"name": "atari", "game": "pong"}, raw_atari),
+    "procgen": Source(64, "procgen", {"name": "procgen", "game": "maze"}, raw_procgen),
+}
 DEFAULT_SOURCES = ("atari", "procgen", "cartpole", "cue_recall")
 
 
@@ -135,12 +244,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rate(value: float | None, width: int) -> str:
-    return f"{value:>{width},.0f}" if value is not None else f"{'-':>{width}}"
+def _rate(value: float | None) -> str:
+    return f"{value:,.0f}" if value is not None else "-"
 
 
-def _ratio(value: float | None, base: float | None, mark: str) -> str:
-    return f"{value / base:>5.2f}{mark}" if value is not None and base else f"{'-':>6}"
+def _ratio(value: float | None, base: float | None, mark: str = " ") -> str:
+    quotient = ratio(value, base)
+    return f"{quotient:.2f}{mark}" if quotient is not None else "- "
 
 
 def run(argv: list[str]) -> None:
@@ -165,12 +275,12 @@ def run(argv: list[str]) -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    header = (f"{'source':<12} {'envs':>4} {'raw':>9} {'vecenv':>9} {'policy':>9} {'rollout':>9} {'overlap':>9} "
-              f"{'roll/raw':>8} {'ovl/raw':>8} {'seq/raw':>8}")
+    table = Table(Column("source", 12, "<"), Column("envs", 4), *(Column(c, 9) for c in (
+        "raw", "vecenv", "policy", "rollout", "overlap")), *(Column(c, 8) for c in (
+        "vec/raw", "roll/raw", "ovl/raw", "seq/raw")))
     print(f"env steps/s; rollout: GRU {args.hidden}, {args.encoder} encoder, T = {args.unroll}, "
           f"{torch.get_num_threads()} torch thread(s); best of {args.repeats} rounds of {steps} steps")
-    print(header)
-    print("-" * len(header))
+    table.header()
     try:
         for name in sources:
             source = SOURCES[name]
@@ -182,13 +292,13 @@ def run(argv: list[str]) -> None:
             built: dict[str, Contender | None] = {}
             try:
                 built["raw"] = source.raw(num_envs, steps) if source.raw is not None else None
-                built["vecenv"] = _rlmem(spec, steps)
+                built["vecenv"] = vecenv_contender(spec, steps)
                 built["policy"] = _policy(spec, policy)
                 built["rollout"] = _rollout(spec, args.unroll, policy, overlap=False)
                 built["overlap"] = _rollout(spec, args.unroll, policy, overlap=True)
                 present = {k: c for k, c in built.items() if c is not None}
-                rates = dict(zip(present, measure(list(present.values()), steps, args.repeats, num_envs),
-                                 strict=True))
+                rates = dict(zip(present, best_rates([c.step for c in present.values()], steps, args.repeats,
+                                                     num_envs), strict=True))
             finally:
                 for contender in built.values():
                     if contender is not None:
@@ -197,10 +307,9 @@ def run(argv: list[str]) -> None:
             base, mark = (raw, " ") if raw is not None else (vecenv, "*")
             inference = rates["policy"]
             sequential = 1.0 / (1.0 / base + 1.0 / inference)  # stepping, then acting, with no overhead
-            print(f"{name:<12} {num_envs:>4} {_rate(raw, 9)} {_rate(vecenv, 9)} {_rate(inference, 9)} "
-                  f"{_rate(rates['rollout'], 9)} {_rate(rates.get('overlap'), 9)} "
-                  f"{_ratio(rates['rollout'], base, mark):>8} {_ratio(rates.get('overlap'), base, mark):>8} "
-                  f"{_ratio(sequential, base, mark):>8}", flush=True)
+            table.row(name, num_envs, _rate(raw), _rate(vecenv), _rate(inference), _rate(rates["rollout"]),
+                      _rate(rates.get("overlap")), _ratio(vecenv, raw), _ratio(rates["rollout"], base, mark),
+                      _ratio(rates.get("overlap"), base, mark), _ratio(sequential, base, mark))
     finally:
         torch.set_num_threads(threads)
     print("* relative to the rlmem VecEnv (the source has no raw library)")

@@ -11,12 +11,11 @@ quote; absolute times depend on the machine. Example::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from rlmem.bench.measure import Column, Table, forward_backward, median_seconds
 from rlmem.errors import ConfigError
 from rlmem.memory import MemoryCore, make_core
 
@@ -50,32 +49,14 @@ def _devices(spec: str) -> list[torch.device]:
     return devices
 
 
-def _median_seconds(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _window_step(core: MemoryCore, x: torch.Tensor, reset: torch.Tensor) -> Callable[[], None]:
     state = core.initial_state(x.shape[1], device=x.device)
 
-    def forward_backward() -> None:
+    def window() -> None:
         core.zero_grad(set_to_none=True)
-        y, _ = core(x, state, reset)
-        y.square().mean().backward()
+        forward_backward(core, x, state, reset)
 
-    return forward_backward
+    return window
 
 
 def run(argv: list[str]) -> None:
@@ -102,7 +83,9 @@ def run(argv: list[str]) -> None:
         f"state={args.state} reals (ffm: m={args.traces}, c={context}), reset prob {args.reset_prob}, "
         f"float32, median of {args.repeats}, {torch.get_num_threads()} CPU threads"
     )
-    print(f"{'device':8s} {'core':8s} {'ms/window':>10s} {'steps/s':>12s} {'gru/core':>8s}")
+    table = Table(Column("device", 8, "<"), Column("core", 8, "<"), Column("ms/window", 10), Column("steps/s", 12),
+                  Column("gru/core", 8))
+    table.header(rule=False)
     for device in _devices(args.devices):
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(args.window, args.batch, args.input, generator=generator).to(device)
@@ -111,7 +94,7 @@ def run(argv: list[str]) -> None:
         for name, spec in specs.items():
             torch.manual_seed(0)
             core = make_core(spec, input_size=args.input).to(device)
-            seconds[name] = _median_seconds(_window_step(core, x, reset), device, args.repeats, args.warmup)
+            seconds[name] = median_seconds(_window_step(core, x, reset), device, args.repeats, args.warmup)
         for name, sec in seconds.items():
             steps = args.window * args.batch / sec
-            print(f"{device.type:8s} {name:8s} {sec * 1e3:10.1f} {steps:12.0f} {seconds['gru'] / sec:8.2f}")
+            table.row(device.type, name, f"{sec * 1e3:.1f}", f"{steps:.0f}", f"{seconds['gru'] / sec:.2f}")

@@ -5,7 +5,7 @@ side by side in one run:
 
 * window forward S_0 → S_T (equation (3)): the kernel; the engine's reference ``rtrl.advance``
   (batched products, kernels off); and recursion (1) stepped eagerly, T passes over S;
-* window backward (equation (4)): the kernel adjoint + gradient; the engine's reference ``_adjoint``
+* window backward (equation (4)): the kernel adjoint + gradient; the engine's reference ``adjoint``
   + ``gradients``;
 * the per-step form (T = 1) with gradient, S ← Ã S + u ⊗ v and G += Σ_b ⟨e, S⟩: the kernel, and
   the engine's reference ``advance`` + ``gradients``.
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from rlmem import rtrl
+from rlmem.bench.measure import forward_backward
 from rlmem.errors import ConfigError
 from rlmem.rtrl import ParamGroup, RTRLCell, WindowCoefficients
 
@@ -182,8 +183,7 @@ def _core_window(grad: str, x: Tensor, reset: Tensor, hidden: int) -> Callable[[
 
     def window() -> None:
         core.zero_grad(set_to_none=True)
-        y, _ = core(x, state, reset)
-        y.square().mean().backward()
+        forward_backward(core, x, state, reset)
 
     return window
 
@@ -218,7 +218,7 @@ def _rows(form_name: str, T: int, B: int, N: int, D: int, device: torch.device) 
         return rtrl.advance(cell, S, coefficients)
 
     def reference_backward() -> object:
-        return rtrl.gradients(cell, S, coefficients, rtrl._adjoint(cell, coefficients.jacobians, errors))
+        return rtrl.gradients(cell, S, coefficients, rtrl.adjoint(cell, coefficients, e))
 
     def kernel_forward() -> object:
         return ops.window_forward(form, A, S0, u, v, matrix=True)

@@ -24,31 +24,31 @@ Example::
 from __future__ import annotations
 
 import argparse
-import time
-import weakref
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
 
+from rlmem.bench.measure import (
+    Column,
+    Table,
+    bench_device,
+    device_label,
+    fastest_seconds,
+    format_bytes,
+    forward_backward,
+    positive_ints,
+    state_bytes,
+    window_bytes,
+    window_inputs,
+)
 from rlmem.errors import ConfigError
-from rlmem.memory import CORES, MemoryCore, make_core
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+from rlmem.memory import CORES, make_core
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlmem bench memory", description=__doc__.splitlines()[0])
     parser.add_argument("--cores", default="elstm,lru,gru", help="comma-separated core names")
-    parser.add_argument("--windows", type=_int_list, default=[1, 4, 16, 64, 256, 1024], help="window lengths T")
+    parser.add_argument("--windows", type=positive_ints, default=[1, 4, 16, 64, 256, 1024], help="window lengths T")
     parser.add_argument("--batch", type=int, default=8, help="envs B")
     parser.add_argument("--hidden", type=int, default=64, help="hidden_size N")
     parser.add_argument("--input", type=int, default=64, help="core input size D")
@@ -57,75 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
-
-
-def _state_bytes(state: dict[str, Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values())
-
-
-def _window_inputs(core: MemoryCore, T: int, batch: int, device: torch.device, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(T, batch, core.input_size, generator=g).to(device).requires_grad_()
-    reset = (torch.rand(T, batch, generator=g) < 0.01).to(device)
-    return x, reset
-
-
-def _forward_backward(core: MemoryCore, x: Tensor, state: dict[str, Tensor], reset: Tensor) -> None:
-    y, _ = core(x, state, reset)
-    y.square().mean().backward()
-
-
-def _cpu_bytes(core: MemoryCore, x: Tensor, state: dict[str, Tensor], reset: Tensor) -> int:
-    """Bytes autograd keeps: what the forward saves for backward (each storage once; parameters and
-    the carried state, counted apart, excluded) plus the peak of what the backward itself saves while
-    it runs (a recomputation)."""
-    skip = {t.untyped_storage().data_ptr() for t in [*core.parameters(), *state.values()]}
-    storages: dict[int, int] = {}
-
-    def pack_forward(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    live, peak = [0], [0]
-
-    def pack_backward(t: Tensor) -> Tensor:
-        if t.untyped_storage().data_ptr() in skip:
-            return t
-        size = t.numel() * t.element_size()
-        live[0] += size
-        peak[0] = max(peak[0], live[0])
-        weakref.finalize(t, lambda: live.__setitem__(0, live[0] - size))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack_forward, lambda t: t):
-        y, _ = core(x, state, reset)
-        loss = y.square().mean()
-    with torch.autograd.graph.saved_tensors_hooks(pack_backward, lambda t: t):
-        loss.backward()
-    return sum(storages.values()) + peak[0]
-
-
-def _cuda_bytes(core: MemoryCore, x: Tensor, state: dict[str, Tensor], reset: Tensor) -> int:
-    """Peak allocation of forward + backward above the allocation before it, less parameter grads."""
-    torch.cuda.synchronize(x.device)
-    torch.cuda.reset_peak_memory_stats(x.device)
-    before = torch.cuda.memory_allocated(x.device)
-    _forward_backward(core, x, state, reset)
-    torch.cuda.synchronize(x.device)
-    param_grads = sum(p.numel() * p.element_size() for p in core.parameters())
-    return max(torch.cuda.max_memory_allocated(x.device) - before - param_grads, 0)
-
-
-def _timed(run: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def measure(
@@ -140,34 +71,17 @@ def measure(
         torch.manual_seed(args.seed)
         core = make_core({"name": name, "hidden_size": args.hidden, "grad": grad}, input_size=args.input).to(device)
         state = core.initial_state(args.batch, device=device)
-        x, reset = _window_inputs(core, T, args.batch, device, args.seed)
-        counter = _cuda_bytes if device.type == "cuda" else _cpu_bytes
-        memory[grad] = (counter(core, x, state, reset) + _state_bytes(state)) / args.batch
+        x, reset = window_inputs(core, T, args.batch, device, args.seed)
+        memory[grad] = (window_bytes(core, x, state, reset) + state_bytes(state)) / args.batch
 
         def run(core=core, x=x, state=state, reset=reset) -> None:
             core.zero_grad(set_to_none=True)
             x.grad = None
-            _forward_backward(core, x, state, reset)
+            forward_backward(core, x, state, reset)
 
         runs[grad] = run
-    for run in runs.values():
-        run()  # warm-up
-    best = {grad: float("inf") for grad in runs}
-    spent, repeats = 0.0, 0
-    while repeats < 2 or (spent < args.min_time and repeats < 50):
-        for grad, run in runs.items():
-            seconds = _timed(run, device)
-            best[grad] = min(best[grad], seconds)
-            spent += seconds
-        repeats += 1
+    best = fastest_seconds(runs, device, args.min_time, min_rounds=2, max_rounds=50)
     return {grad: (memory[grad], best[grad] / T * 1e6) for grad in modes}
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("MB", 1 << 20), ("KB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 def run(argv: list[str]) -> None:
@@ -181,20 +95,16 @@ def run(argv: list[str]) -> None:
             raise ConfigError(f"--{key} must be a positive integer, got {getattr(args, key)}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available; valid choices here: cpu")
+    device = bench_device(args.device)
     windows = sorted(set(args.windows))
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(
         f"memory per env and time per step, forward + backward of one window "
-        f"(B={args.batch}, N={args.hidden}, D={args.input}, float32, {where})"
+        f"(B={args.batch}, N={args.hidden}, D={args.input}, float32, {device_label(device)})"
     )
-    header = f"{'core':6s} {'T':>5s} | {'rtrl mem/env':>12s} {'bptt mem/env':>12s} | "
-    header += f"{'rtrl us/step':>12s} {'bptt us/step':>12s} {'time rtrl/bptt':>14s}"
-    print(header)
-    print("-" * len(header))
+    table = Table(Column("core", 6, "<"), Column("T", 5), Column("rtrl mem/env", 12), Column("bptt mem/env", 12),
+                  Column("rtrl us/step", 12), Column("bptt us/step", 12), Column("time rtrl/bptt", 14))
+    table.header()
     for name in names:
         modes = [g for g in ("rtrl", "bptt") if g in CORES.get(name).cls.grad_modes]
         rows: dict[str, list[tuple[float, float]]] = {g: [] for g in modes}
@@ -202,15 +112,12 @@ def run(argv: list[str]) -> None:
             cells = measure(name, modes, T, args, device)
             for g in modes:
                 rows[g].append(cells[g])
-            mem = {g: _fmt_bytes(cells[g][0]) if g in cells else "-" for g in ("rtrl", "bptt")}
+            mem = {g: format_bytes(cells[g][0]) if g in cells else "-" for g in ("rtrl", "bptt")}
             us = {g: f"{cells[g][1]:.1f}" if g in cells else "-" for g in ("rtrl", "bptt")}
             ratio = f"{cells['rtrl'][1] / cells['bptt'][1]:.2f}" if len(cells) == 2 else "-"
-            print(
-                f"{name:6s} {T:5d} | {mem['rtrl']:>12s} {mem['bptt']:>12s} | "
-                f"{us['rtrl']:>12s} {us['bptt']:>12s} {ratio:>14s}"
-            )
+            table.row(name, T, mem["rtrl"], mem["bptt"], us["rtrl"], us["bptt"], ratio)
         if len(windows) >= 2:
             span = windows[-1] - windows[-2]
-            growth = ", ".join(f"{g} {_fmt_bytes((rows[g][-1][0] - rows[g][-2][0]) / span)}/step" for g in modes)
-            carried = ", ".join(f"{g} {_fmt_bytes(rows[g][0][0])} at T={windows[0]}" for g in modes)
+            growth = ", ".join(f"{g} {format_bytes((rows[g][-1][0] - rows[g][-2][0]) / span)}/step" for g in modes)
+            carried = ", ".join(f"{g} {format_bytes(rows[g][0][0])} at T={windows[0]}" for g in modes)
             print(f"{'':6s} per env: {carried}; growth per step {growth}")

@@ -15,12 +15,12 @@ same noise stream and the same starting states::
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from rlmem.bench.measure import markdown_table, write_json
 from rlmem.errors import ConfigError
 from rlmem.evaluation import EVAL_SEED
 
@@ -78,19 +78,16 @@ def write_report(results: dict[str, dict[str, list]], out: Path, title: str = ""
 
     from rlmem.plot import draw_mean_band
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results, indent=1)
     sigmas = next(iter(results.values()))["sigma"]
-    lines = ["| group | seeds | " + " | ".join(f"σ = {s:g}" for s in sigmas) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in sigmas) + " |"]
+    rows = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, r in results.items():
         values = np.array(r["returns"]).T  # [seed, σ]
         mean, std = values.mean(axis=0), values.std(axis=0)
-        lines.append(f"| {label} | {len(values)} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(mean, std))
-                     + " |")
+        rows.append([label, len(values), *(f"{m:.1f} ± {s:.1f}" for m, s in zip(mean, std))])
         draw_mean_band(ax, np.array(r["sigma"]), values, label, marker="o")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.md").write_text(markdown_table(["group", "seeds", *(f"σ = {s:g}" for s in sigmas)], rows))
     ax.set_xlabel("observation noise σ")
     ax.set_ylabel("mean episodic return")
     if title:

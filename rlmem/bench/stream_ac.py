@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 
 from agents.base import ModelOptions
 from agents.stream_ac import StreamACLearner, StreamACOptions
 from envs import make_env
-from rlmem.bench.memory import _int_list
+from rlmem.bench.measure import Column, Table, alternating_seconds, positive_ints
 from rlmem.errors import ConfigError
 
 STRATEGIES = ("vmap", "batched")
@@ -35,7 +34,7 @@ STRATEGIES = ("vmap", "batched")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlmem bench stream_ac", description=__doc__.splitlines()[0])
-    parser.add_argument("--envs", type=_int_list, default=[1, 4, 16, 64], help="numbers of envs B")
+    parser.add_argument("--envs", type=positive_ints, default=[1, 4, 16, 64], help="numbers of envs B")
     parser.add_argument("--memory", default="elstm", help="core name (grad: rtrl)")
     parser.add_argument("--hidden", type=int, default=128, help="hidden_size N")
     parser.add_argument("--delay", type=int, default=32, help="cue_recall delay L")
@@ -76,7 +75,9 @@ def run(argv: list[str]) -> None:
         torch.set_num_threads(args.threads)
     print(f"stream_ac on cue_recall (L = {args.delay}), {args.memory} rtrl N = {args.hidden}, "
           f"{args.steps} steps per repeat, median of {args.repeats}, {torch.get_num_threads()} CPU threads")
-    print(f"{'envs':>5s} {'vmap steps/s':>13s} {'batched steps/s':>16s} {'vmap/batched':>13s} {'max |diff|':>11s}")
+    table = Table(Column("envs", 5), Column("vmap steps/s", 13), Column("batched steps/s", 16),
+                  Column("vmap/batched", 13), Column("max |diff|", 11))
+    table.header(rule=False)
     for num_envs in args.envs:
         base = _learner(args, num_envs)
         base.step()  # carry non-zero sensitivities and traces
@@ -85,13 +86,10 @@ def run(argv: list[str]) -> None:
         difference = _gradient_difference(copy.deepcopy(base))
         learners = {name: copy.deepcopy(base) for name in STRATEGIES}
         learners["batched"].vmap_gradients = False
-        times: dict[str, list[float]] = {name: [] for name in STRATEGIES}
-        for _ in range(args.repeats):
-            for name, learner in learners.items():  # interleaved: both see the same machine load
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    learner.step()
-                times[name].append(time.perf_counter() - start)
+        # Interleaved repeats: both see the same machine load (the step above warmed them up).
+        times = alternating_seconds({name: lambda learner=learner: [learner.step() for _ in range(args.steps)]
+                                     for name, learner in learners.items()}, torch.device("cpu"), args.repeats,
+                                    warmup=0)
         rate = {name: args.steps * num_envs / statistics.median(seconds) for name, seconds in times.items()}
-        print(f"{num_envs:5d} {rate['vmap']:13.0f} {rate['batched']:16.0f} {rate['vmap'] / rate['batched']:13.2f} "
-              f"{difference:11.1e}")
+        table.row(num_envs, f"{rate['vmap']:.0f}", f"{rate['batched']:.0f}", f"{rate['vmap'] / rate['batched']:.2f}",
+                  f"{difference:.1e}")

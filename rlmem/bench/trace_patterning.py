@@ -35,6 +35,12 @@ trace), which puts more data through per unit of compute but is not the single-s
 followed by the US): a check that a method can learn the timing at all before it must also read the
 pattern.
 
+Every learner's run is an ordinary training run (``rlmem.train.train`` on a config resolved by
+``rlmem.config``: the method's core, the ``td`` learner with its group file's λ and optimiser, the
+method's step size and BPTT window), written as a run dir under ``OUT/train/`` (config, TensorBoard
+events, final checkpoint; ``rlmem plot`` reads them); its learning curve is the loop's logged
+``charts/prediction_error``, one point per iteration of ``--log-every`` env steps.
+
 The full comparison takes CPU-hours, so every finished run is saved at once under ``OUT/runs/`` and a
 later call with the same settings (steps, streams, curve spacing, step size) reuses it instead of
 running it again: an interrupted benchmark resumes where it stopped, and more seeds or methods can be
@@ -55,14 +61,15 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import statistics
-import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlmem.bench.measure import Column, Table, write_json
 from rlmem.errors import ConfigError
 
 GAMMA = 0.9
@@ -146,34 +153,60 @@ class Protocol:
         return self.log_every // self.num_envs
 
 
-def run_one(name: str, method: Method, seed: int, protocol: Protocol) -> dict[str, Any]:
-    """One online TD(λ) run; returns its learning curve (mean squared return error per
-    ``protocol.log_every`` env steps, all streams together)."""
-    import torch
+def run_config(method: Method, seed: int, protocol: Protocol, run_dir: Path) -> Any:
+    """The resolved ``rlmem train`` config of one run (``rlmem.config.RunConfig``): the method's core
+    and step size on the protocol's task, one curve point per training iteration, a checkpoint only at
+    the end. The memory and env sections are complete (every option stated), so no group file can
+    change them; the learner's λ, optimiser and its constants are the ``td`` group file's (the paper's)."""
+    import envs
+    from rlmem.config import resolve
+    from rlmem.memory import core_options
 
-    import agents  # noqa: F401  (registers the learners)
-    from agents.base import ModelOptions
-    from agents.td import TDLearner, TDOptions
+    spec = memory_spec(method, protocol.steps)
+    memory = {"name": spec["name"], **dataclasses.asdict(core_options(spec))}
+    env = dataclasses.asdict(envs.env_options({"name": protocol.task, "num_envs": protocol.num_envs, "gamma": GAMMA}))
+    steps = protocol.points * protocol.log_every  # whole curve points
+    return resolve({
+        "defaults": {"memory": spec["name"], "env": protocol.task, "agent": "td"},
+        "memory": memory,
+        "env": {"name": protocol.task, **env},
+        "agent": {"lr": method.lr, "unroll_length": method.unroll_length,
+                  "steps_per_iteration": protocol.updates_per_point},
+        "model": {"encoder": "identity"},
+        "train": {"total_steps": steps, "seed": seed, "run_dir": str(run_dir), "device": "cpu",
+                  "checkpoint_every": steps, "progress": False, "torch_threads": 1},
+    })
 
-    torch.set_num_threads(1)
-    env = protocol.make_env(seed)
-    options = TDOptions(lr=method.lr, lam=LAM, unroll_length=method.unroll_length,
-                        steps_per_iteration=protocol.updates_per_point)
-    learner = TDLearner(options, env, memory_spec(method, protocol.steps), ModelOptions(encoder="identity"),
-                        torch.device("cpu"), seed, total_steps=protocol.steps)
-    curve = []
-    started = time.perf_counter()
-    for _ in range(protocol.points):
-        curve.append(learner.iteration().metrics["charts/prediction_error"])
-    seconds = time.perf_counter() - started
-    core = learner.network.core
+
+def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: Path) -> dict[str, Any]:
+    """One online TD(λ) run through the ordinary training loop (``rlmem.train.train``) into ``run_dir``;
+    returns its learning curve (mean squared return error per ``protocol.log_every`` env steps, all
+    streams together) as the loop logged it (``charts/prediction_error``), its speed (the loop's final
+    ``charts/SPS``) and, from the final checkpoint, the ``MACs/step`` estimate."""
+    from rlmem.checkpoint import load_checkpoint
+    from rlmem.plot import read_scalars
+    from rlmem.train import build, train
+
+    config = run_config(method, seed, protocol, run_dir)
+    if run_dir.exists():  # an interrupted or replaced run of the bench: its own directory, started afresh
+        shutil.rmtree(run_dir)
+    train(config, log=lambda message: None)
+    _, curve = read_scalars(run_dir, "charts/prediction_error")
+    _, env_steps_per_second = read_scalars(run_dir, "charts/SPS")
+    env, learner, _ = build(config)
+    try:
+        learner.load_state_dict(load_checkpoint(run_dir)["learner"])  # the core as it is at the end
+        macs = multiply_adds(learner.network.core, learner.state_after, method.unroll_length)
+        params = sum(p.numel() for p in learner.network.parameters())
+    finally:
+        env.close()
     return {
         "method": name,
         "seed": seed,
-        "curve": curve,
-        "ms_per_step": 1e3 * seconds / (protocol.points * protocol.updates_per_point),  # per update
-        "macs_per_step": multiply_adds(core, learner.state_after, method.unroll_length),
-        "params": sum(p.numel() for p in learner.network.parameters()),
+        "curve": curve.tolist(),
+        "ms_per_step": 1e3 * protocol.num_envs / float(env_steps_per_second[-1]),  # per update
+        "macs_per_step": macs,
+        "params": params,
     }
 
 
@@ -192,12 +225,13 @@ def zero_prediction_curve(seed: int, protocol: Protocol) -> list[float]:
     return curve
 
 
-def run_job(name: str, method: Method, seed: int, protocol: Protocol) -> dict[str, Any]:
-    """One run of the comparison: a learner, or (``name == "zero"``) the V = 0 reference on the same stream."""
+def run_job(name: str, method: Method, seed: int, protocol: Protocol, run_dir: Path) -> dict[str, Any]:
+    """One run of the comparison: a learner trained into ``run_dir``, or (``name == "zero"``) the V = 0
+    reference on the same stream (nothing to train: it only steps the env)."""
     if name == "zero":
         return {"method": "zero", "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
                 "curve": zero_prediction_curve(seed, protocol)}
-    return run_one(name, method, seed, protocol)
+    return run_one(name, method, seed, protocol, run_dir)
 
 
 def _run_settings(method: Method, protocol: Protocol) -> dict[str, Any]:
@@ -212,26 +246,23 @@ def _digest(value: Any, length: int) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
 
 
-def _run_file(saved: Path, name: str, seed: int, settings: dict[str, Any]) -> Path:
-    """``<method>-seed<seed>-<digest of the settings>.json``: runs of other settings live side by side."""
-    return saved / f"{name}-seed{seed}-{_digest(settings, 12)}.json"
+def run_name(name: str, method: Method, seed: int, protocol: Protocol) -> str:
+    """``<method>-seed<seed>-<digest of the settings>``: runs of other settings live side by side. It
+    names the saved run (``OUT/runs/<run name>.json``) and its training run dir (``OUT/train/<run name>``)."""
+    return f"{name}-seed{seed}-{_digest(_run_settings(method, protocol), 12)}"
 
 
 def save_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol, result: dict[str, Any]) -> None:
     """Write one finished run (written whole, then renamed, so an interrupted write leaves nothing)."""
     settings = _run_settings(method, protocol)
-    path = _run_file(saved, name, seed, settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"settings": settings, "run": result}))
-    partial.replace(path)
+    write_json(saved / f"{run_name(name, method, seed, protocol)}.json", {"settings": settings, "run": result})
 
 
 def load_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol) -> dict[str, Any] | None:
     """A run saved earlier with the same settings, or None. Files of the first format, named by method
     and seed only (one setting per directory), are read too."""
     settings = _run_settings(method, protocol)
-    for path in (_run_file(saved, name, seed, settings), saved / f"{name}-seed{seed}.json"):
+    for path in (saved / f"{run_name(name, method, seed, protocol)}.json", saved / f"{name}-seed{seed}.json"):
         try:
             earlier = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -417,12 +448,15 @@ def run(argv: list[str]) -> None:
         results.append(result)
         print(f"  done {job[0]} seed {job[2]} ({len(results)}/{len(jobs)})", flush=True)
 
+    def run_dir(job: tuple) -> Path:
+        return out / "train" / run_name(*job)
+
     if args.workers == 1:
         for job in pending:
-            finished(job, run_job(*job))
+            finished(job, run_job(*job, run_dir(job)))
     else:
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            futures = {pool.submit(run_job, *job): job for job in pending}
+            futures = {pool.submit(run_job, *job, run_dir(job)): job for job in pending}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
     order = {(name, seed): i for i, (name, _, seed, _) in enumerate(jobs)}
@@ -434,16 +468,18 @@ def run(argv: list[str]) -> None:
     settings = {**dataclasses.asdict(protocol), "seeds": args.seeds, "window": args.window,
                 "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}
     table, figure = output_files(out, args.task, methods, chosen)
-    table.write_text(json.dumps({"settings": settings, "summary": rows, "runs": results}, indent=1))
+    write_json(table, {"settings": settings, "summary": rows, "runs": results}, indent=1)
     title = f"{args.task}, {args.steps:,} steps ({args.num_envs} stream(s) per run), {args.seeds} seeds"
     plot(results, rows, args.log_every, figure, title)
 
     seeds = sorted({len(row["per_seed"]) for row in rows})
     print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps "
           f"({'/'.join(map(str, seeds))} seeds per method):")
-    print(f"{'method':26s} {'error':>10s} {'± s.e.':>9s} {'median':>9s} {'MACs/step':>10s} {'ms/update':>9s}  lr")
+    summary = Table(Column("method", 26, "<"), Column("error", 10), Column("± s.e.", 9), Column("median", 9),
+                    Column("MACs/step", 10), Column("ms/update", 9), Column("lr", 7))
+    summary.header()
     for row in sorted(rows, key=lambda r: r["final_error"]):
-        print(f"{row['label']:26s} {row['final_error']:10.5f} {row['stderr']:9.5f} {row['median_error']:9.5f} "
-              f"{row['macs_per_step']:10,d} {row['ms_per_step']:9.2f}  "
-              f"{chosen[row['method']].lr if row['method'] != 'zero' else '-'}")
+        summary.row(row["label"], f"{row['final_error']:.5f}", f"{row['stderr']:.5f}", f"{row['median_error']:.5f}",
+                    f"{row['macs_per_step']:,d}", f"{row['ms_per_step']:.2f}",
+                    chosen[row["method"]].lr if row["method"] != "zero" else "-")
     print(f"\nwrote {table} and {figure}")
