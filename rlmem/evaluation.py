@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from agents.evaluate import evaluate, evaluate_prediction
+from agents.networks import ActorCritic
+from agents.td import PredictionNetwork
+from envs.wrappers import ObservationNoise
+from rlmem import config as cfg
+from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from rlmem.errors import ConfigError
+from rlmem.train import build
 
 EVAL_SEED = 12345  # differs from the training seeds, so evaluation sees fresh episodes
 DEFAULT_EPISODES = 20  # of a policy
@@ -76,11 +85,6 @@ def evaluate_at_noise_levels(
 ) -> list[tuple[list[float], list[int]]]:
     """:func:`evaluate_run` at each noise std of ``sigmas``, loading the run once: one (returns, lengths)
     pair per σ. Every evaluation resets the env with ``seed``, so all σ start from the same states."""
-    import torch
-
-    from agents.evaluate import evaluate
-    from agents.networks import ActorCritic
-
     _check_counts("--episodes", episodes)
     _check_sigmas(sigmas)
     with _saved_run(run_dir, seed, num_envs, device, overrides) as (env, network, run_device, _config):
@@ -109,10 +113,6 @@ def evaluate_saved(
     (default ``DEFAULT_EPISODES``) or ``steps`` per stream of a prediction (``DEFAULT_PREDICTION_STEPS``).
     Asking for what the network cannot do (``steps`` or ``greedy`` of a prediction, ``steps`` of a policy)
     raises ``ConfigError``."""
-    from agents.evaluate import evaluate, evaluate_prediction
-    from agents.networks import ActorCritic
-    from agents.td import PredictionNetwork
-
     for name, count in (("--episodes", episodes), ("--steps", steps)):
         if count is not None:
             _check_counts(name, count)
@@ -147,10 +147,6 @@ def _saved_run(
 ) -> Iterator[tuple[Any, Any, Any, Any]]:
     """(env, network with the checkpoint's weights, device, config) of the run in ``run_dir``; the env closes
     after."""
-    from rlmem import config as cfg
-    from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
-    from rlmem.train import build
-
     if not run_dir.is_dir():
         raise ConfigError(f"run dir not found: {run_dir}")
     if any(not a.startswith("env.") for a in overrides):
@@ -176,8 +172,6 @@ def _saved_run(
 
 
 def _noisy(env: Any, sigma: float, seed: int) -> Any:
-    from envs.wrappers import ObservationNoise
-
     # Only σ > 0 wraps: the wrapper needs a Box observation space.
     return ObservationNoise(env, sigma=sigma, seed=seed) if sigma > 0 else env
 

@@ -35,6 +35,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from agents.base import LEARNERS
+from agents.rollout import set_acting_threads
+from envs import env_device, make_env
 from envs.base import EnvError
 from rlmem import config as cfg
 from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -69,12 +72,6 @@ def run_dir_of(config: RunConfig) -> Path:
 
 def build(config: RunConfig, env_overrides: dict[str, Any] | None = None, seed: int | None = None):
     """Create the environment and the learner that a config describes. Returns (env, learner, device)."""
-    import agents.actor_critic  # noqa: F401  (registers learners)
-    import rlmem.memory  # noqa: F401  (registers cores)
-    from agents.base import LEARNERS
-    from agents.rollout import set_acting_threads
-    from envs import env_device, make_env
-
     device = resolve_device(config.train.device)
     seed = config.train.seed if seed is None else seed
     if config.train.torch_threads:
