@@ -245,6 +245,10 @@ class Categorical:
     def mode(self) -> Tensor:
         return self.logits.argmax(dim=-1)
 
+    def parameters(self) -> list[Tensor]:
+        """The tensors the distribution is computed from."""
+        return [self.logits]
+
     def log_prob(self, actions: Tensor) -> Tensor:
         return self.logits.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
@@ -265,6 +269,10 @@ class DiagGaussian:
 
     def mode(self) -> Tensor:
         return self.mean
+
+    def parameters(self) -> list[Tensor]:
+        """The tensors the distribution is computed from."""
+        return [self.mean, self.log_std]
 
     def log_prob(self, actions: Tensor) -> Tensor:
         z = (actions - self.mean) * torch.exp(-self.log_std)
