@@ -118,6 +118,8 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     all of them is NaN or inf exactly when one element is (it cannot overflow)."""
     if not tensors:
         return True
+    if len(tensors) <= 4:  # a few losses and a norm: without the grouping of get_total_norm
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
     return bool(torch.isfinite(nn.utils.get_total_norm(tensors, float("inf"))))
 
 
@@ -193,6 +195,9 @@ class Learner:
     network: nn.Module
     optimizer: torch.optim.Optimizer | None = None
     checkpointed: tuple[str, ...] = ()
+    # A learner that steps every env step adds a direction already checked finite to finite parameters;
+    # it checks them once per iteration (``check_parameters``), which costs a pass over every tensor.
+    parameters_checked_per_step = True
 
     def __init__(self, options: Any, env: VecEnv, device: torch.device | str, seed: int) -> None:
         self.options = options
@@ -220,22 +225,26 @@ class Learner:
         return self.apply_gradients(gradients, {"loss": loss, **losses}, self.optimizer.step)
 
     def apply_gradients(self, gradients: Sequence[tuple[str, Tensor]], losses: Mapping[str, Tensor],
-                        step: Callable[[], Any]) -> Tensor:
+                        step: Callable[[], Any], *, flat: Tensor | None = None) -> Tensor:
         """The one place an update is applied: ``gradient_hooks`` on the named update directions
         ``gradients`` (in place), the check that ``losses`` and the directions are finite, clipping of
         their global L2 norm to ``max_grad_norm``, ``step()`` (which reads the directions), and the
-        check that the parameters stayed finite. Returns the norm before clipping."""
+        check that the parameters stayed finite (every step, or once per iteration where
+        ``parameters_checked_per_step`` is False). ``flat``: the directions as one tensor [P] when
+        ``gradients`` are views of it, so that the check reads one tensor instead of one per
+        parameter. Returns the norm before clipping."""
         for hook in self.gradient_hooks:
             hook(gradients)
         tensors = [g for _, g in gradients]
-        norm = nn.utils.get_total_norm(tensors)
+        norm = nn.utils.get_total_norm(tensors) if flat is None else torch.linalg.vector_norm(flat)
         if not all_finite([*(t.detach() for t in losses.values()), norm]):
             raise TrainingDiverged(self.diagnose(gradients, losses))
         if self.max_grad_norm != math.inf:
             # As torch.nn.utils.clip_grad_norm_ scales: by min(1, max_norm / (‖g‖ + 1e-6)).
             torch._foreach_mul_(tensors, torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
         step()
-        self.check_parameters()
+        if self.parameters_checked_per_step:
+            self.check_parameters()
         return norm
 
     @staticmethod

@@ -190,6 +190,7 @@ def batched_per_env_gradients(objectives: Tensor, params: Sequence[Tensor]) -> T
 class StreamACLearner(Learner):
     """Streaming actor-critic with eligibility traces and ObGD; the core learns by per-step RTRL."""
 
+    parameters_checked_per_step = False  # see Learner
     checkpointed = ("network", "traces", "reward_stats", "discounted_return", "memory_state", "generator", "steps")
 
     def __init__(self, options: StreamACOptions, env: VecEnv, memory: Mapping[str, Any], model: ModelOptions,
@@ -275,7 +276,7 @@ class StreamACLearner(Learner):
                                         opt.env_update)
         changes = [change.view_as(param) for param, change in zip(self.params, update.split(self.param_sizes))]
         self.apply_gradients(list(zip(self.param_names, changes)), {"losses/td_error": delta},
-                             functools.partial(self._add, changes))
+                             functools.partial(self._add, changes), flat=update)
         with torch.no_grad():
             # An ended episode's traces must not meet the next episode's TD errors.
             self.traces.mul_((~done).to(self.traces.dtype).view(1, -1, 1))
@@ -343,6 +344,7 @@ class StreamACLearner(Learner):
         """``steps_per_iteration`` steps on every env, each one an update; metrics over them."""
         steps = [self.step() for _ in range(self.options.steps_per_iteration)]
         check_memory_state(self.memory_state)
+        self.check_parameters()
         stacked = {key: torch.stack([s[key] for s in steps]) for key in steps[0]}  # [S, B]
         delta = stacked["delta"]
         metrics = {
