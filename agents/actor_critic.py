@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from agents.base import check_choice, check_flags, check_number, register_learner
-from agents.on_policy import WindowLearner
+from agents.base import register_learner
+from agents.on_policy import WindowLearner, loss_terms
+from agents.options import check_choice, check_number, check_options
 from agents.returns import bootstrap_truncation, explained_variance, gae, vtrace
 from agents.rollout import Rollout
 from rlmem.memory import State
@@ -56,22 +57,13 @@ class ActorCriticOptions:
     anneal_lr: bool = True  # linearly to 0 over train.total_steps
 
     def __post_init__(self) -> None:
-        check_number("unroll_length", self.unroll_length, 0, low_open=True, integer=True)
-        check_number("gamma", self.gamma, 0.0, 1.0)
-        check_number("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        check_options(self, counts=["unroll_length"], unit_interval=["gamma", "gae_lambda"],
+                      positive=["vtrace_rho_clip", "vtrace_c_clip", "lr", "adam_eps", "rmsprop_eps"],
+                      non_negative=["max_grad_norm", "entropy_coef", "value_coef", "reward_clip"],
+                      flags=["normalize_advantages", "anneal_lr"])
         check_choice("target", self.target, TARGETS)
-        check_number("vtrace_rho_clip", self.vtrace_rho_clip, 0.0, low_open=True)
-        check_number("vtrace_c_clip", self.vtrace_c_clip, 0.0, low_open=True)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_number("lr", self.lr, 0.0, low_open=True)
-        check_number("adam_eps", self.adam_eps, 0.0, low_open=True)
-        check_number("rmsprop_eps", self.rmsprop_eps, 0.0, low_open=True)
         check_number("rmsprop_alpha", self.rmsprop_alpha, 0.0, 1.0, low_open=True)
-        check_number("max_grad_norm", self.max_grad_norm, 0.0)
-        check_number("entropy_coef", self.entropy_coef, 0.0)
-        check_number("value_coef", self.value_coef, 0.0)
-        check_number("reward_clip", self.reward_clip, 0.0)
-        check_flags(self, "normalize_advantages", "anneal_lr")
 
 
 class ActorCriticLoss(NamedTuple):
@@ -82,11 +74,6 @@ class ActorCriticLoss(NamedTuple):
     values: Tensor  # [T, B] the replay's values (detached)
     targets: Tensor  # [T, B] the value targets
     state: State  # the state the replay carried out of the window
-
-    def named(self) -> dict[str, Tensor]:
-        """The loss terms by their metric names."""
-        return {"losses/policy_loss": self.policy_loss, "losses/value_loss": self.value_loss,
-                "losses/entropy": self.entropy}
 
 
 @register_learner("actor_critic", ActorCriticOptions)
@@ -135,7 +122,7 @@ class ActorCriticLearner(WindowLearner):
         of the window (what the next window starts from)."""
         lr = self.optimizer.param_groups[0]["lr"]
         terms = self.loss(rollout)
-        grad_norm = self.optimizer_step(terms.total, terms.named())
+        grad_norm = self.optimizer_step(terms.total, loss_terms(terms))
 
         # How far the update moved the policy on this window (CleanRL's estimator of KL(old || new)).
         # It costs one forward pass without gradients.

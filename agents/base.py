@@ -85,34 +85,6 @@ class IterationResult:
     episode_successes: list[float] = field(default_factory=list)
 
 
-def check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
-                 high_open: bool = False, integer: bool = False) -> None:
-    """Validate the learner option ``agent.<name>`` lies in [low, high] (either end open on request);
-    ConfigError if not."""
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}"
-        if high != math.inf:
-            bound += f" and {'<' if high_open else '<='} {high}"
-        raise ConfigError(f"agent.{name} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    """Validate the learner option ``agent.<name>`` is one of ``choices``; ConfigError if not."""
-    if value not in choices:
-        raise ConfigError(f"agent.{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def check_flags(options: Any, *names: str) -> None:
-    """Validate the learner options ``agent.<name>`` are booleans; ConfigError naming the first that is not."""
-    for name in names:
-        if not isinstance(getattr(options, name), bool):
-            raise ConfigError(f"agent.{name} must be true or false, got {getattr(options, name)!r}")
-
-
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every element of ``tensors`` is finite, with one host synchronisation: the max-norm of
     all of them is NaN or inf exactly when one element is (it cannot overflow)."""

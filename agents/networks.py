@@ -409,14 +409,8 @@ class ActorCritic(nn.Module):
             parts.append(reward.unsqueeze(-1) * keep)
         return torch.cat(parts, dim=-1)
 
-    def forward(
-        self,
-        obs: Tensor,
-        state: State,
-        reset: Tensor,
-        prev_action: Tensor | None = None,
-        prev_reward: Tensor | None = None,
-    ) -> ActorCriticOutput:
+    def forward(self, obs: Tensor, state: State, reset: Tensor, prev_action: Tensor | None = None,
+                prev_reward: Tensor | None = None) -> ActorCriticOutput:
         """Run a window. ``obs`` [T, B, *obs_shape], ``reset`` [T, B] bool (zero the state before step t),
         ``prev_action`` [T, B, *act_shape] (indices when discrete; a Box action is clipped to its bounds),
         ``prev_reward`` [T, B] (raw; clipped here when ``reward_clip`` > 0)."""
@@ -424,15 +418,10 @@ class ActorCritic(nn.Module):
         y, state = self.core(x, state, reset)
         return ActorCriticOutput(self.policy(y), self.value(y).squeeze(-1), state)
 
-    def step(
-        self,
-        obs: Tensor,
-        state: State,
-        reset: Tensor,
-        prev_action: Tensor | None = None,
-        prev_reward: Tensor | None = None,
-    ) -> ActorCriticOutput:
-        """One step for all envs: ``obs`` [B, *obs_shape], ``reset`` [B]; outputs keep a leading T = 1."""
+    def step(self, obs: Tensor, state: State, reset: Tensor, prev_action: Tensor | None = None,
+             prev_reward: Tensor | None = None) -> ActorCriticOutput:
+        """``forward`` for one step of all envs: ``obs`` [B, *obs_shape], ``reset`` [B], ``prev_action``
+        [B, *act_shape], ``prev_reward`` [B]; the outputs keep a leading T = 1."""
         return self(obs.unsqueeze(0), state, reset.unsqueeze(0), _time_axis(prev_action), _time_axis(prev_reward))
 
     def env_action(self, action: Tensor) -> Tensor:

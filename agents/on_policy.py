@@ -18,12 +18,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from agents.base import IterationResult, Learner, ModelOptions, check_memory_state, seeded
 from agents.networks import ActorCritic, check_action_space
 from agents.rollout import Rollout, RolloutCollector
 from envs.base import VecEnv
 from rlmem.memory import State
+
+
+def loss_terms(terms: Any) -> dict[str, Tensor]:
+    """The policy loss, value loss and entropy of a learner's loss tuple, by their metric names (the
+    terms ``Learner.optimizer_step`` names when the total is not finite)."""
+    return {f"losses/{name}": getattr(terms, name) for name in ("policy_loss", "value_loss", "entropy")}
 
 
 class WindowLearner(Learner):

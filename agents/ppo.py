@@ -32,8 +32,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from agents.base import ModelOptions, check_flags, check_number, register_learner
-from agents.on_policy import WindowLearner
+from agents.base import ModelOptions, register_learner
+from agents.on_policy import WindowLearner, loss_terms
+from agents.options import check_options
 from agents.returns import bootstrap_truncation, explained_variance, gae
 from agents.rollout import Rollout
 from envs.base import VecEnv
@@ -63,20 +64,10 @@ class PPOOptions:
     reward_clip: float = 0.0  # clip rewards to [-c, c] for learning and the core's input; 0 = off
 
     def __post_init__(self) -> None:
-        check_number("unroll_length", self.unroll_length, 0, low_open=True, integer=True)
-        check_number("num_minibatches", self.num_minibatches, 0, low_open=True, integer=True)
-        check_number("update_epochs", self.update_epochs, 0, low_open=True, integer=True)
-        check_number("gamma", self.gamma, 0.0, 1.0)
-        check_number("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        check_number("lr", self.lr, 0.0, low_open=True)
-        check_number("adam_eps", self.adam_eps, 0.0, low_open=True)
-        check_number("clip_coef", self.clip_coef, 0.0, low_open=True)
-        check_number("entropy_coef", self.entropy_coef, 0.0)
-        check_number("value_coef", self.value_coef, 0.0)
-        check_number("max_grad_norm", self.max_grad_norm, 0.0)
-        check_number("target_kl", self.target_kl, 0.0)
-        check_number("reward_clip", self.reward_clip, 0.0)
-        check_flags(self, "anneal_lr", "clip_value_loss", "normalize_advantages")
+        check_options(self, counts=["unroll_length", "num_minibatches", "update_epochs"],
+                      unit_interval=["gamma", "gae_lambda"], positive=["lr", "adam_eps", "clip_coef"],
+                      non_negative=["entropy_coef", "value_coef", "max_grad_norm", "target_kl", "reward_clip"],
+                      flags=["anneal_lr", "clip_value_loss", "normalize_advantages"])
 
 
 def env_minibatches(num_envs: int, num_minibatches: int, generator: torch.Generator) -> list[Tensor]:
@@ -93,11 +84,6 @@ class PPOLoss(NamedTuple):
     old_approx_kl: Tensor  # mean(−log r), detached
     approx_kl: Tensor  # mean((r − 1) − log r), detached (CleanRL's lower-variance estimator)
     clipfrac: Tensor  # fraction of steps whose ratio r is outside [1 − ε, 1 + ε], detached
-
-    def named(self) -> dict[str, Tensor]:
-        """The loss terms by their metric names."""
-        return {"losses/policy_loss": self.policy_loss, "losses/value_loss": self.value_loss,
-                "losses/entropy": self.entropy}
 
 
 @register_learner("ppo", PPOOptions)
@@ -182,7 +168,7 @@ class PPOLearner(WindowLearner):
         for _ in range(opt.update_epochs):
             for envs in env_minibatches(self.num_envs, opt.num_minibatches, self.generator):
                 terms = self.loss(rollout.select_envs(envs), advantages[:, envs], returns[:, envs])
-                grad_norm = self.optimizer_step(terms.total, terms.named())
+                grad_norm = self.optimizer_step(terms.total, loss_terms(terms))
                 clipfracs.append(terms.clipfrac)
             epochs += 1
             if opt.target_kl > 0 and float(terms.approx_kl) > opt.target_kl:

@@ -55,20 +55,11 @@ import torch
 from torch import Tensor
 
 from agents.acting import ActingInputs, sample_action
-from agents.base import (
-    IterationResult,
-    Learner,
-    ModelOptions,
-    check_choice,
-    check_flags,
-    check_memory_state,
-    check_number,
-    register_learner,
-    seeded,
-)
+from agents.base import IterationResult, Learner, ModelOptions, check_memory_state, register_learner, seeded
 from agents.networks import ActorCriticOutput, check_action_space
 from agents.normalization import NormalizedObservation, RunningMeanStd
 from agents.obgd import obgd_update
+from agents.options import check_choice, check_number, check_options
 from agents.stream_network import StreamingActorCritic
 from envs.base import VecEnv
 from rlmem.errors import ConfigError
@@ -105,21 +96,15 @@ class StreamACOptions:
     per_env_gradients: str = "auto"
 
     def __post_init__(self) -> None:
-        check_number("steps_per_iteration", self.steps_per_iteration, 0, low_open=True, integer=True)
-        check_number("gamma", self.gamma, 0.0, 1.0)
-        check_number("trace_lambda", self.trace_lambda, 0.0, 1.0)
-        check_number("lr", self.lr, 0.0, low_open=True)
-        check_number("critic_kappa", self.critic_kappa, 0.0, low_open=True)
-        check_number("actor_kappa", self.actor_kappa, 0.0, low_open=True)
-        check_number("entropy_coef", self.entropy_coef, 0.0)
+        check_options(self, counts=["steps_per_iteration", "torso_size"], unit_interval=["gamma", "trace_lambda"],
+                      positive=["lr", "critic_kappa", "actor_kappa"], non_negative=["entropy_coef"],
+                      flags=["normalize_observations", "scale_rewards"])
         check_number("sparsity", self.sparsity, 0.0, 1.0)
         if self.sparsity == 1.0:
             raise ConfigError("agent.sparsity must be < 1 (a layer with every input zeroed cannot learn), got 1.0")
-        check_number("torso_size", self.torso_size, 0, low_open=True, integer=True)
         check_number("torso_layers", self.torso_layers, 0, integer=True)
         check_choice("env_update", self.env_update, ENV_UPDATES)
         check_choice("per_env_gradients", self.per_env_gradients, PER_ENV_GRADIENTS)
-        check_flags(self, "normalize_observations", "scale_rewards")
 
 
 def check_online_core(memory: Mapping[str, Any]) -> None:

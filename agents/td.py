@@ -52,18 +52,9 @@ import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
-from agents.base import (
-    IterationResult,
-    Learner,
-    ModelOptions,
-    check_choice,
-    check_flags,
-    check_memory_state,
-    check_number,
-    register_learner,
-    seeded,
-)
+from agents.base import IterationResult, Learner, ModelOptions, check_memory_state, register_learner, seeded
 from agents.networks import make_encoder
+from agents.options import check_choice, check_number, check_options
 from envs.base import VecEnv
 from rlmem.errors import ConfigError
 from rlmem.memory import MemoryCore, State, clone_state, make_core
@@ -87,16 +78,12 @@ class TDOptions:
     readout_step_per_feature: bool = True  # divide the readout's step by the number of live features
 
     def __post_init__(self) -> None:
-        check_number("lr", self.lr, 0.0, low_open=True)
-        check_number("trace_lambda", self.trace_lambda, 0.0, 1.0)
+        check_options(self, counts=["unroll_length", "steps_per_iteration"], positive=["lr", "eps"],
+                      unit_interval=["trace_lambda"], flags=["bias_correction", "readout_step_per_feature"])
         if self.gamma is not None:
             check_number("gamma", self.gamma, 0.0, 1.0, high_open=True)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_number("beta2", self.beta2, 0.0, 1.0, high_open=True)
-        check_number("eps", self.eps, 0.0, low_open=True)
-        check_number("unroll_length", self.unroll_length, 1, integer=True)
-        check_number("steps_per_iteration", self.steps_per_iteration, 1, integer=True)
-        check_flags(self, "bias_correction", "readout_step_per_feature")
 
 
 class PredictionNetwork(nn.Module):
