@@ -5,6 +5,7 @@ acting inputs helper."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_a_non_finite_gradient_stops_the_run_naming_the_parameter_before_it_move
 
         learner.gradient_hooks.append(poison)
         before = params_of(learner)
-        with pytest.raises(TrainingDiverged, match=f"non-finite gradient of {target[0] if target else ''}") as err:
+        with pytest.raises(TrainingDiverged, match="non-finite gradient of ") as err:
             learner.iteration()
         assert err.value.quantity == f"gradient of {target[0]}"
         assert all(torch.equal(v, params_of(learner)[k]) for k, v in before.items())
@@ -134,7 +135,7 @@ def test_a_parameter_a_step_makes_non_finite_is_named():
                 learner.network.value.bias.fill_(math.inf)
 
         learner.optimizer.step = bad_step
-        with pytest.raises(TrainingDiverged, match="non-finite parameter value.bias"):
+        with pytest.raises(TrainingDiverged, match=re.escape("non-finite parameter value.bias")):
             learner.iteration()
     finally:
         env.close()
@@ -186,15 +187,16 @@ def test_acting_inputs_start_advance_split_and_rejoin():
     for key, value in nxt.state_dict().items():
         assert torch.equal(value, rejoined.state_dict()[key]), key
     obs, state, reset, prev_action, prev_reward = nxt.before({"h": torch.zeros(3)})
-    assert obs is nxt.obs and reset is nxt.reset and "h" in state
+    assert obs is nxt.obs and reset is nxt.reset and prev_action is nxt.prev_action
+    assert prev_reward is nxt.prev_reward and "h" in state
 
 
 def test_check_options_names_the_option():
     class Options:
         lr, gamma, steps, flag = 0.0, 0.5, 2, True
 
-    with pytest.raises(ConfigError, match="agent.lr must be a number > 0.0"):
+    with pytest.raises(ConfigError, match=re.escape("agent.lr must be a number > 0.0")):
         check_options(Options(), positive=["lr"])
-    with pytest.raises(ConfigError, match="agent.flag must be true or false"):
+    with pytest.raises(ConfigError, match=re.escape("agent.flag must be true or false")):
         Options.flag = 1
         check_options(Options(), flags=["flag"], counts=["steps"], unit_interval=["gamma"])
