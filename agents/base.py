@@ -171,12 +171,11 @@ class Learner:
     # it checks them once per iteration (``check_parameters``), which costs a pass over every tensor.
     parameters_checked_per_step = True
 
-    def __init__(self, options: Any, env: VecEnv, device: torch.device | str, seed: int) -> None:
+    def __init__(self, options: Any, env: VecEnv, device: torch.device | str) -> None:
         self.options = options
         self.env = env
         self.device = torch.device(device)
         self.num_envs = env.num_envs
-        self.seed = seed
         self.gradient_hooks: list[GradientHook] = []
         self.max_grad_norm = math.inf  # clip the update direction's global L2 norm to this
 

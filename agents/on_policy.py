@@ -47,7 +47,7 @@ class WindowLearner(Learner):
     def __init__(self, options: Any, env: VecEnv, memory: Mapping[str, Any], model: ModelOptions,
                  device: torch.device | str, seed: int, total_steps: int) -> None:
         check_action_space(env.single_action_space, self.name)
-        super().__init__(options, env, device, seed)
+        super().__init__(options, env, device)
         self.steps_per_iteration = options.unroll_length * env.num_envs
         self.num_iterations = max(1, int(total_steps) // self.steps_per_iteration)
         if options.max_grad_norm > 0:

@@ -182,7 +182,7 @@ class StreamACLearner(Learner):
                  device: torch.device | str, seed: int, total_steps: int) -> None:
         check_action_space(env.single_action_space, "stream_ac")
         check_online_core(memory)
-        super().__init__(options, env, device, seed)
+        super().__init__(options, env, device)
         B = self.num_envs
         self.total_steps = int(total_steps)
 

@@ -135,7 +135,7 @@ class TDLearner(Learner):
         env_gamma = getattr(env, "gamma", None)
         if options.gamma is None and env_gamma is None:
             raise ConfigError("agent.gamma is not set and this env defines no discount; set agent.gamma=<0..1>")
-        super().__init__(options, env, device, seed)
+        super().__init__(options, env, device)
         self.gamma = float(options.gamma if options.gamma is not None else env_gamma)
         self.reports_prediction_error = env_gamma is not None and math.isclose(self.gamma, float(env_gamma))
 
