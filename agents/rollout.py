@@ -1,8 +1,8 @@
-"""Synchronous rollout collection shared by the on-policy learners (actor-critic, PPO, streaming).
+"""Synchronous rollout collection shared by the window learners (actor_critic, ppo).
 
-``RolloutCollector`` owns everything that crosses windows on the acting side: the env's current
-observation, the carried memory state, the per-env ``reset`` flags of the next step, the previous
-action and reward, and the running episode statistics. ``collect(T)`` acts for T steps on all envs,
+``RolloutCollector`` owns everything that crosses windows on the acting side: the acting inputs of
+the next step (``agents.acting.ActingInputs``: the env's current observation, the per-env ``reset``
+flags, the previous action and reward), the carried memory state, and the running episode statistics. ``collect(T)`` acts for T steps on all envs,
 one step at a time under ``torch.no_grad()`` (a core in rtrl mode then runs its cell only and passes
 its sensitivities through untouched), and returns a ``Rollout`` holding what an update needs to replay
 the window from its start state.
