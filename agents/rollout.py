@@ -2,10 +2,10 @@
 
 ``RolloutCollector`` owns everything that crosses windows on the acting side: the acting inputs of
 the next step (``agents.acting.ActingInputs``: the env's current observation, the per-env ``reset``
-flags, the previous action and reward), the carried memory state, and the running episode statistics. ``collect(T)`` acts for T steps on all envs,
-one step at a time under ``torch.no_grad()`` (a core in rtrl mode then runs its cell only and passes
-its sensitivities through untouched), and returns a ``Rollout`` holding what an update needs to replay
-the window from its start state.
+flags, the previous action and reward), the carried memory state, and the running episode statistics.
+``collect(T)`` acts for T steps on all envs, one step at a time under ``torch.no_grad()`` (a core in
+rtrl mode then runs its cell only and passes its sensitivities through untouched), and returns a
+``Rollout`` holding what an update needs to replay the window from its start state.
 
 Timing convention (same-step autoreset): ``reset[t]`` is set where ``obs[t]`` is the first observation
 of an episode, i.e. the env ended at step t − 1 (and at the very first step of a run). The core zeroes
