@@ -6,6 +6,6 @@ from agents import (
     ppo,  # noqa: F401  (registers ppo)
     stream_ac,  # noqa: F401  (registers stream_ac)
 )
-from agents.base import LEARNERS, IterationResult, ModelOptions, register_learner
+from agents.base import LEARNERS, IterationResult, Learner, ModelOptions, register_learner
 
-__all__ = ["LEARNERS", "IterationResult", "ModelOptions", "register_learner"]
+__all__ = ["LEARNERS", "IterationResult", "Learner", "ModelOptions", "register_learner"]

@@ -15,20 +15,18 @@ One iteration:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from agents.base import IterationResult, ModelOptions, check_number, register_learner
-from agents.networks import ActorCritic, check_action_space
+from agents.base import register_learner
+from agents.on_policy import WindowLearner, loss_terms
+from agents.options import check_choice, check_number, check_options
 from agents.returns import bootstrap_truncation, explained_variance, gae, vtrace
-from agents.rollout import Rollout, RolloutCollector
-from envs.base import VecEnv
-from rlmem.errors import ConfigError
+from agents.rollout import Rollout
 from rlmem.memory import State
 
 TARGETS = ("gae", "vtrace")
@@ -40,7 +38,7 @@ OPTIMIZERS = ("adam", "rmsprop")
 class ActorCriticOptions:
     """Options of the ``actor_critic`` learner (defaults solve the built-in cue-recall task with a GRU)."""
 
-    unroll_length: int = 32  # T: steps per env per update (the window the core replays)
+    unroll_length: int = 32  # T: env steps per env per iteration (the window the core replays)
     gamma: float = 0.99
     gae_lambda: float = 0.9
     target: str = "gae"  # gae | vtrace
@@ -59,26 +57,13 @@ class ActorCriticOptions:
     anneal_lr: bool = True  # linearly to 0 over train.total_steps
 
     def __post_init__(self) -> None:
-        check_number("unroll_length", self.unroll_length, 0, low_open=True, integer=True)
-        check_number("gamma", self.gamma, 0.0, 1.0)
-        check_number("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        if self.target not in TARGETS:
-            raise ConfigError(f"agent.target must be one of {', '.join(TARGETS)}; got {self.target!r}")
-        check_number("vtrace_rho_clip", self.vtrace_rho_clip, 0.0, low_open=True)
-        check_number("vtrace_c_clip", self.vtrace_c_clip, 0.0, low_open=True)
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"agent.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
-        check_number("lr", self.lr, 0.0, low_open=True)
-        check_number("adam_eps", self.adam_eps, 0.0, low_open=True)
-        check_number("rmsprop_eps", self.rmsprop_eps, 0.0, low_open=True)
+        check_options(self, counts=["unroll_length"], unit_interval=["gamma", "gae_lambda"],
+                      positive=["vtrace_rho_clip", "vtrace_c_clip", "lr", "adam_eps", "rmsprop_eps"],
+                      non_negative=["max_grad_norm", "entropy_coef", "value_coef", "reward_clip"],
+                      flags=["normalize_advantages", "anneal_lr"])
+        check_choice("target", self.target, TARGETS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_number("rmsprop_alpha", self.rmsprop_alpha, 0.0, 1.0, low_open=True)
-        check_number("max_grad_norm", self.max_grad_norm, 0.0)
-        check_number("entropy_coef", self.entropy_coef, 0.0)
-        check_number("value_coef", self.value_coef, 0.0)
-        check_number("reward_clip", self.reward_clip, 0.0)
-        for name in ("normalize_advantages", "anneal_lr"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"agent.{name} must be true or false, got {getattr(self, name)!r}")
 
 
 class ActorCriticLoss(NamedTuple):
@@ -92,49 +77,17 @@ class ActorCriticLoss(NamedTuple):
 
 
 @register_learner("actor_critic", ActorCriticOptions)
-class ActorCriticLearner:
+class ActorCriticLearner(WindowLearner):
     """Synchronous actor-critic (A2C/IMPALA family) with GAE(λ) or V-trace targets, for any memory core."""
 
-    def __init__(self, options: ActorCriticOptions, env: VecEnv, memory: Mapping[str, Any], model: ModelOptions,
-                 device: torch.device | str, seed: int, total_steps: int) -> None:
-        check_action_space(env.single_action_space, "actor_critic")
-        self.options = options
-        self.env = env
-        self.device = torch.device(device)
-        self.num_envs = env.num_envs
-        self.steps_per_iteration = options.unroll_length * env.num_envs
-        self.num_updates = max(1, int(total_steps) // self.steps_per_iteration)
+    name = "actor_critic"
 
-        # Seed the initial weights without touching the caller's global RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.network = ActorCritic(env.single_observation_space, env.single_action_space, memory, model,
-                                       reward_clip=options.reward_clip).to(self.device)
-        if options.optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
-                self.network.parameters(), lr=options.lr, eps=options.adam_eps)
-        else:
-            self.optimizer = torch.optim.RMSprop(
-                self.network.parameters(), lr=options.lr, eps=options.rmsprop_eps, alpha=options.rmsprop_alpha)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
-        self.collector = RolloutCollector(self.network, env, self.device, self.generator, seed)
-        self.updates = 0
-
-    # ----------------------------------------------------------------------------------------------
-
-    def iteration(self) -> IterationResult:
-        """Collect ``unroll_length`` steps on every env, then one update on that window."""
+    def make_optimizer(self) -> torch.optim.Optimizer:
         opt = self.options
-        if opt.anneal_lr:
-            for group in self.optimizer.param_groups:
-                group["lr"] = opt.lr * max(0.0, 1.0 - self.updates / self.num_updates)
-        rollout, episodes = self.collector.collect(opt.unroll_length)
-        metrics, carried_state = self.update(rollout)
-        self.collector.memory_state = carried_state
-        metrics.update({f"memory/{k}": v for k, v in self.network.core.state_metrics(carried_state).items()})
-        return IterationResult(self.steps_per_iteration, metrics, episodes.returns, episodes.lengths,
-                               episodes.successes)
+        if opt.optimizer == "rmsprop":
+            return torch.optim.RMSprop(self.network.parameters(), lr=opt.lr, eps=opt.rmsprop_eps,
+                                       alpha=opt.rmsprop_alpha)
+        return super().make_optimizer()
 
     def loss(self, rollout: Rollout) -> ActorCriticLoss:
         """Replay ``rollout`` with gradients from its start state; targets and the actor-critic loss."""
@@ -169,12 +122,7 @@ class ActorCriticLearner:
         of the window (what the next window starts from)."""
         lr = self.optimizer.param_groups[0]["lr"]
         terms = self.loss(rollout)
-        self.optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
-        max_norm = self.options.max_grad_norm if self.options.max_grad_norm > 0 else math.inf
-        grad_norm = nn.utils.clip_grad_norm_(self.network.parameters(), max_norm)
-        self.optimizer.step()
-        self.updates += 1
+        grad_norm = self.optimizer_step(terms.total, loss_terms(terms))
 
         # How far the update moved the policy on this window (CleanRL's estimator of KL(old || new)).
         # It costs one forward pass without gradients.
@@ -195,20 +143,7 @@ class ActorCriticLearner:
         }
         return metrics, terms.state
 
-    # ----------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "collector": self.collector.state_dict(),
-            "generator": self.generator.get_state(),
-            "updates": self.updates,
-        }
-
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.collector.load_state_dict(state["collector"])
-        self.generator.set_state(state["generator"].cpu())
-        self.updates = int(state["updates"])
+        if "updates" in state:  # a checkpoint from before the counter was called iterations
+            state = {**state, "iterations": state["updates"]}
+        super().load_state_dict(state)

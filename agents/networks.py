@@ -245,6 +245,10 @@ class Categorical:
     def mode(self) -> Tensor:
         return self.logits.argmax(dim=-1)
 
+    def parameters(self) -> list[Tensor]:
+        """The tensors the distribution is computed from."""
+        return [self.logits]
+
     def log_prob(self, actions: Tensor) -> Tensor:
         return self.logits.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
@@ -265,6 +269,10 @@ class DiagGaussian:
 
     def mode(self) -> Tensor:
         return self.mean
+
+    def parameters(self) -> list[Tensor]:
+        """The tensors the distribution is computed from."""
+        return [self.mean, self.log_std]
 
     def log_prob(self, actions: Tensor) -> Tensor:
         z = (actions - self.mean) * torch.exp(-self.log_std)
@@ -401,14 +409,8 @@ class ActorCritic(nn.Module):
             parts.append(reward.unsqueeze(-1) * keep)
         return torch.cat(parts, dim=-1)
 
-    def forward(
-        self,
-        obs: Tensor,
-        state: State,
-        reset: Tensor,
-        prev_action: Tensor | None = None,
-        prev_reward: Tensor | None = None,
-    ) -> ActorCriticOutput:
+    def forward(self, obs: Tensor, state: State, reset: Tensor, prev_action: Tensor | None = None,
+                prev_reward: Tensor | None = None) -> ActorCriticOutput:
         """Run a window. ``obs`` [T, B, *obs_shape], ``reset`` [T, B] bool (zero the state before step t),
         ``prev_action`` [T, B, *act_shape] (indices when discrete; a Box action is clipped to its bounds),
         ``prev_reward`` [T, B] (raw; clipped here when ``reward_clip`` > 0)."""
@@ -416,15 +418,10 @@ class ActorCritic(nn.Module):
         y, state = self.core(x, state, reset)
         return ActorCriticOutput(self.policy(y), self.value(y).squeeze(-1), state)
 
-    def step(
-        self,
-        obs: Tensor,
-        state: State,
-        reset: Tensor,
-        prev_action: Tensor | None = None,
-        prev_reward: Tensor | None = None,
-    ) -> ActorCriticOutput:
-        """One step for all envs: ``obs`` [B, *obs_shape], ``reset`` [B]; outputs keep a leading T = 1."""
+    def step(self, obs: Tensor, state: State, reset: Tensor, prev_action: Tensor | None = None,
+             prev_reward: Tensor | None = None) -> ActorCriticOutput:
+        """``forward`` for one step of all envs: ``obs`` [B, *obs_shape], ``reset`` [B], ``prev_action``
+        [B, *act_shape], ``prev_reward`` [B]; the outputs keep a leading T = 1."""
         return self(obs.unsqueeze(0), state, reset.unsqueeze(0), _time_axis(prev_action), _time_axis(prev_reward))
 
     def env_action(self, action: Tensor) -> Tensor:

@@ -25,18 +25,18 @@ One iteration:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from agents.base import IterationResult, ModelOptions, check_number, register_learner
-from agents.networks import ActorCritic, check_action_space
+from agents.base import ModelOptions, register_learner
+from agents.on_policy import WindowLearner, loss_terms
+from agents.options import check_options
 from agents.returns import bootstrap_truncation, explained_variance, gae
-from agents.rollout import Rollout, RolloutCollector
+from agents.rollout import Rollout
 from envs.base import VecEnv
 from rlmem.errors import ConfigError
 from rlmem.memory import State
@@ -64,22 +64,10 @@ class PPOOptions:
     reward_clip: float = 0.0  # clip rewards to [-c, c] for learning and the core's input; 0 = off
 
     def __post_init__(self) -> None:
-        check_number("unroll_length", self.unroll_length, 0, low_open=True, integer=True)
-        check_number("num_minibatches", self.num_minibatches, 0, low_open=True, integer=True)
-        check_number("update_epochs", self.update_epochs, 0, low_open=True, integer=True)
-        check_number("gamma", self.gamma, 0.0, 1.0)
-        check_number("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        check_number("lr", self.lr, 0.0, low_open=True)
-        check_number("adam_eps", self.adam_eps, 0.0, low_open=True)
-        check_number("clip_coef", self.clip_coef, 0.0, low_open=True)
-        check_number("entropy_coef", self.entropy_coef, 0.0)
-        check_number("value_coef", self.value_coef, 0.0)
-        check_number("max_grad_norm", self.max_grad_norm, 0.0)
-        check_number("target_kl", self.target_kl, 0.0)
-        check_number("reward_clip", self.reward_clip, 0.0)
-        for name in ("anneal_lr", "clip_value_loss", "normalize_advantages"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"agent.{name} must be true or false, got {getattr(self, name)!r}")
+        check_options(self, counts=["unroll_length", "num_minibatches", "update_epochs"],
+                      unit_interval=["gamma", "gae_lambda"], positive=["lr", "adam_eps", "clip_coef"],
+                      non_negative=["entropy_coef", "value_coef", "max_grad_norm", "target_kl", "reward_clip"],
+                      flags=["anneal_lr", "clip_value_loss", "normalize_advantages"])
 
 
 def env_minibatches(num_envs: int, num_minibatches: int, generator: torch.Generator) -> list[Tensor]:
@@ -99,52 +87,21 @@ class PPOLoss(NamedTuple):
 
 
 @register_learner("ppo", PPOOptions)
-class PPOLearner:
+class PPOLearner(WindowLearner):
     """Recurrent PPO with whole-sequence minibatches, for any memory core in bptt or rtrl mode."""
+
+    name = "ppo"
 
     def __init__(self, options: PPOOptions, env: VecEnv, memory: Mapping[str, Any], model: ModelOptions,
                  device: torch.device | str, seed: int, total_steps: int) -> None:
-        check_action_space(env.single_action_space, "ppo")
         B, M = env.num_envs, options.num_minibatches
-        if B % M != 0:
+        if env.single_action_space is not None and B % M != 0:
             divisors = [str(d) for d in range(1, B + 1) if B % d == 0]
             raise ConfigError(
                 f"agent.num_minibatches={M} must divide env.num_envs={B} (a minibatch is whole sequences of "
                 f"B / M envs); valid choices: {', '.join(divisors)}"
             )
-        self.options = options
-        self.env = env
-        self.device = torch.device(device)
-        self.num_envs = B
-        self.steps_per_iteration = options.unroll_length * B
-        self.num_iterations = max(1, int(total_steps) // self.steps_per_iteration)
-
-        # Seed the initial weights without touching the caller's global RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.network = ActorCritic(env.single_observation_space, env.single_action_space, memory, model,
-                                       reward_clip=options.reward_clip).to(self.device)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=options.lr, eps=options.adam_eps)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
-        self.collector = RolloutCollector(self.network, env, self.device, self.generator, seed)
-        self.iterations = 0
-
-    # ----------------------------------------------------------------------------------------------
-
-    def iteration(self) -> IterationResult:
-        """Collect ``unroll_length`` steps on every env, then the PPO epochs on that window."""
-        opt = self.options
-        if opt.anneal_lr:
-            for group in self.optimizer.param_groups:
-                group["lr"] = opt.lr * max(0.0, 1.0 - self.iterations / self.num_iterations)
-        rollout, episodes = self.collector.collect(opt.unroll_length)
-        metrics, carried_state = self.update(rollout)
-        self.collector.memory_state = carried_state
-        self.iterations += 1
-        metrics.update({f"memory/{k}": v for k, v in self.network.core.state_metrics(carried_state).items()})
-        return IterationResult(self.steps_per_iteration, metrics, episodes.returns, episodes.lengths,
-                               episodes.successes)
+        super().__init__(options, env, memory, model, device, seed, total_steps)
 
     def targets(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """GAE(λ) advantages and λ-returns [T, B] from the acting values."""
@@ -206,16 +163,12 @@ class PPOLearner:
         with torch.no_grad():
             advantages, returns = self.targets(rollout)
         carried = self.carried_state(rollout)
-        max_norm = opt.max_grad_norm if opt.max_grad_norm > 0 else math.inf
 
         epochs, clipfracs = 0, []
         for _ in range(opt.update_epochs):
             for envs in env_minibatches(self.num_envs, opt.num_minibatches, self.generator):
                 terms = self.loss(rollout.select_envs(envs), advantages[:, envs], returns[:, envs])
-                self.optimizer.zero_grad(set_to_none=True)
-                terms.total.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.network.parameters(), max_norm)
-                self.optimizer.step()
+                grad_norm = self.optimizer_step(terms.total, loss_terms(terms))
                 clipfracs.append(terms.clipfrac)
             epochs += 1
             if opt.target_kl > 0 and float(terms.approx_kl) > opt.target_kl:
@@ -234,21 +187,3 @@ class PPOLearner:
             "charts/learning_rate": float(lr),
         }
         return metrics, carried
-
-    # ----------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "collector": self.collector.state_dict(),
-            "generator": self.generator.get_state(),
-            "iterations": self.iterations,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.collector.load_state_dict(state["collector"])
-        self.generator.set_state(state["generator"].cpu())
-        self.iterations = int(state["iterations"])

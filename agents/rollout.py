@@ -1,11 +1,11 @@
-"""Synchronous rollout collection shared by the on-policy learners (actor-critic, PPO, streaming).
+"""Synchronous rollout collection shared by the window learners (actor_critic, ppo).
 
-``RolloutCollector`` owns everything that crosses windows on the acting side: the env's current
-observation, the carried memory state, the per-env ``reset`` flags of the next step, the previous
-action and reward, and the running episode statistics. ``collect(T)`` acts for T steps on all envs,
-one step at a time under ``torch.no_grad()`` (a core in rtrl mode then runs its cell only and passes
-its sensitivities through untouched), and returns a ``Rollout`` holding what an update needs to replay
-the window from its start state.
+``RolloutCollector`` owns everything that crosses windows on the acting side: the acting inputs of
+the next step (``agents.acting.ActingInputs``: the env's current observation, the per-env ``reset``
+flags, the previous action and reward), the carried memory state, and the running episode statistics.
+``collect(T)`` acts for T steps on all envs, one step at a time under ``torch.no_grad()`` (a core in
+rtrl mode then runs its cell only and passes its sensitivities through untouched), and returns a
+``Rollout`` holding what an update needs to replay the window from its start state.
 
 Timing convention (same-step autoreset): ``reset[t]`` is set where ``obs[t]`` is the first observation
 of an episode, i.e. the env ended at step t − 1 (and at the very first step of a run). The core zeroes
@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agents.acting import ActingInputs, sample_action
+from agents.base import load_attributes, save_attributes
 from agents.networks import ActorCritic
 from agents.runner import EnvGroup, EnvRunner
 from envs.base import VecEnv
@@ -108,13 +110,10 @@ class _Window:
 
 @dataclass
 class _Cursor:
-    """What one group of envs acts on next: its rows of the collector's acting variables."""
+    """What one group of envs acts on next: its rows of the collector's acting inputs and memory state."""
 
-    obs: Tensor  # [Bg, *obs_shape]
+    inputs: ActingInputs  # [Bg, ...]
     state: State  # the group's memory state
-    reset: Tensor  # [Bg] bool
-    prev_action: Tensor  # [Bg, *act_shape]
-    prev_reward: Tensor  # [Bg]
     action: Tensor | None = None  # the action sent at the step in flight
 
 
@@ -137,13 +136,8 @@ class RolloutCollector:
         B = env.num_envs
         self.num_envs = B
         self.runner = EnvRunner(env, device, overlap)
-        self.obs = self.runner.reset(seed)
+        self.inputs = ActingInputs.first(self.runner.reset(seed), network)
         self.memory_state: State = network.initial_state(B, device)
-        # The first observation starts an episode; the state is zero already, the flag keeps the
-        # previous action/reward inputs zero and tells cores that reset sensitivities the same thing.
-        self.reset = torch.ones(B, dtype=torch.bool, device=device)
-        self.prev_action = torch.zeros(B, *network.action_shape, dtype=network.action_dtype(), device=device)
-        self.prev_reward = torch.zeros(B, device=device)
         # Fallback episode statistics (on the env's device) for envs that do not report ``info["episode"]``.
         self.episode_return = torch.zeros(B, dtype=torch.float64, device=env.device)
         self.episode_length = torch.zeros(B, dtype=torch.long, device=env.device)
@@ -171,10 +165,11 @@ class RolloutCollector:
     def _collect(self, unroll_length: int) -> tuple[Rollout, EpisodeStats]:
         T, B, device = unroll_length, self.num_envs, self.device
         env_device = self.env.device
+        obs, prev_action = self.inputs.obs, self.inputs.prev_action
         window = _Window(
-            obs=torch.empty(T, *self.obs.shape, dtype=self.obs.dtype, device=device),
-            actions=torch.empty(T, *self.prev_action.shape, dtype=self.prev_action.dtype, device=device),
-            prev_actions=torch.empty(T, *self.prev_action.shape, dtype=self.prev_action.dtype, device=device),
+            obs=torch.empty(T, *obs.shape, dtype=obs.dtype, device=device),
+            actions=torch.empty(T, *prev_action.shape, dtype=prev_action.dtype, device=device),
+            prev_actions=torch.empty(T, *prev_action.shape, dtype=prev_action.dtype, device=device),
             log_probs=torch.empty(T, B, device=device),
             values=torch.empty(T, B, device=device),
             rewards=torch.empty(T, B, device=device),
@@ -192,9 +187,8 @@ class RolloutCollector:
         groups = self.runner.groups
         whole = len(groups) == 1
         cursors = [
-            _Cursor(self.obs, self.memory_state, self.reset, self.prev_action, self.prev_reward) if whole else
-            _Cursor(self.obs[g.index], select_state(self.memory_state, g.index), self.reset[g.index],
-                    self.prev_action[g.index], self.prev_reward[g.index])
+            _Cursor(self.inputs, self.memory_state) if whole else
+            _Cursor(self.inputs.select(g.index), select_state(self.memory_state, g.index))
             for g in groups
         ]
         # Each group records its previous step and acts again; with two groups, one group's envs step
@@ -208,19 +202,14 @@ class RolloutCollector:
         for group, cursor in zip(groups, cursors, strict=True):
             self._record(T - 1, group, cursor, window)
             # V(obs[T]) for the bootstrap; the step's state is not kept (the next window recomputes it).
-            bootstrap[group.index] = self.network.step(cursor.obs, cursor.state, cursor.reset, cursor.prev_action,
-                                                       cursor.prev_reward).value[0]
+            bootstrap[group.index] = self.network.step(*cursor.inputs.before(cursor.state)).value[0]
 
         if whole:
             (last,) = cursors
-            self.obs, self.memory_state, self.reset = last.obs, last.state, last.reset
-            self.prev_action, self.prev_reward = last.prev_action, last.prev_reward
+            self.inputs, self.memory_state = last.inputs, last.state
         else:
-            self.obs = torch.cat([c.obs for c in cursors])
+            self.inputs = ActingInputs.cat([c.inputs for c in cursors])
             self.memory_state = cat_states([c.state for c in cursors])
-            self.reset = torch.cat([c.reset for c in cursors])
-            self.prev_action = torch.cat([c.prev_action for c in cursors])
-            self.prev_reward = torch.cat([c.prev_reward for c in cursors])
 
         rollout = Rollout(window.obs, window.actions, window.log_probs, window.values, window.rewards,
                           window.terminated, window.truncated, window.reset, window.prev_actions,
@@ -230,11 +219,11 @@ class RolloutCollector:
 
     def _act(self, t: int, group: EnvGroup, cursor: _Cursor, window: _Window) -> None:
         """Step t of ``group``: store its inputs, run the policy, send the sampled actions to its envs."""
-        net, rows = self.network, group.index
-        window.obs[t, rows], window.reset[t, rows] = cursor.obs, cursor.reset
-        window.prev_actions[t, rows], window.prev_rewards[t, rows] = cursor.prev_action, cursor.prev_reward
-        out = net.step(cursor.obs, cursor.state, cursor.reset, cursor.prev_action, cursor.prev_reward)
-        sample = out.dist.sample(self.generator)  # [1, Bg, *act_shape]
+        net, rows, inputs = self.network, group.index, cursor.inputs
+        window.obs[t, rows], window.reset[t, rows] = inputs.obs, inputs.reset
+        window.prev_actions[t, rows], window.prev_rewards[t, rows] = inputs.prev_action, inputs.prev_reward
+        out = net.step(*inputs.before(cursor.state))
+        sample = sample_action(out, self.generator)  # [1, Bg, *act_shape]
         action = sample[0]
         window.actions[t, rows], window.log_probs[t, rows] = action, out.dist.log_prob(sample)[0]
         window.values[t, rows] = out.value[0]
@@ -255,8 +244,7 @@ class RolloutCollector:
             final_obs = step.info["final_obs"].to(self.device)
             final = self.network.step(final_obs, cursor.state, torch.zeros_like(trunc), cursor.action, reward)
             window.final_values[t, rows] = torch.where(bootstrap_final, final.value[0], 0.0)
-        cursor.obs, cursor.reset = step.obs, term | trunc
-        cursor.prev_action, cursor.prev_reward = cursor.action, reward
+        cursor.inputs = cursor.inputs.after(step.obs, term | trunc, cursor.action, reward)
 
     def _record_episodes(self, t: int, rows: slice, reward: Tensor, done: Tensor, info: dict[str, Any],
                          window: _Window) -> None:
@@ -291,22 +279,12 @@ class RolloutCollector:
 
     # ----------------------------------------------------------------------------------------------
 
+    # Saved, besides the acting inputs (the same keys as ever: obs, reset, prev_action, prev_reward).
+    checkpointed = ("memory_state", "episode_return", "episode_length")
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "obs": self.obs.clone(),
-            "memory_state": clone_state(self.memory_state),
-            "reset": self.reset.clone(),
-            "prev_action": self.prev_action.clone(),
-            "prev_reward": self.prev_reward.clone(),
-            "episode_return": self.episode_return.clone(),
-            "episode_length": self.episode_length.clone(),
-        }
+        return {**self.inputs.state_dict(), **save_attributes(self, self.checkpointed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.obs = state["obs"].to(self.device)
-        self.memory_state = {k: v.to(self.device) for k, v in state["memory_state"].items()}
-        self.reset = state["reset"].to(self.device)
-        self.prev_action = state["prev_action"].to(self.device)
-        self.prev_reward = state["prev_reward"].to(self.device)
-        self.episode_return = state["episode_return"].to(self.env.device)
-        self.episode_length = state["episode_length"].to(self.env.device)
+        self.inputs.load_state_dict(state)
+        load_attributes(self, state, self.checkpointed, self.device)

@@ -32,13 +32,12 @@ backward passes plus torch.func's fixed cost per step; ``batched`` pushes 2B one
 through the batched graph, where every op sees all B envs, quadratic in B. ``auto`` takes vmap from
 ``VMAP_MIN_ENVS`` envs on. The traces, 2·B·|θ| numbers, are the memory cost of many envs.
 
-The network (``StreamingActorCritic``) follows the streaming-deep-RL recipe around the memory core:
-observations normalised online (running mean and variance, inside the network so that evaluation
-uses the same statistics), then the core, then separate actor and critic torsos of Linear → LayerNorm
-without affine → LeakyReLU layers and the heads, every linear layer sparsely initialised (90% of each
-unit's inputs zero). No trainable encoder sits in front of the core: all of the core's learning is
-RTRL through its own parameters, and the per-env backward pass above needs no gradient with respect
-to the core's inputs (the RTRL window's input-gradient path does not run under vmap).
+The pieces live by concern: the network (``agents.stream_network.StreamingActorCritic``: online
+observation normalisation from ``agents.normalization``, the core, separate actor and critic torsos,
+sparse initialisation; no trainable encoder before the core, so the per-env backward pass needs no
+gradient with respect to the core's inputs, whose RTRL input-gradient path does not run under vmap),
+the ObGD step (``agents.obgd``), and here the per-env gradients and the learner. The ObGD update is
+applied through ``Learner.apply_gradients`` (gradient hooks, finite checks) like every learner's.
 
 The core must learn online, so ``memory.grad`` must be ``rtrl`` or ``snap1``; cores that learn only
 by truncated BPTT (gru, lstm, none) are a config error.
@@ -46,30 +45,25 @@ by truncated BPTT (gru, lstm, none) are a config error.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import gymnasium as gym
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from agents.base import IterationResult, ModelOptions, check_number, register_learner
-from agents.networks import (
-    ActorCritic,
-    ActorCriticOutput,
-    CategoricalHead,
-    GaussianHead,
-    ObservationFloat,
-    check_action_space,
-)
+from agents.acting import ActingInputs, sample_action
+from agents.base import IterationResult, Learner, ModelOptions, check_memory_state, register_learner, seeded
+from agents.networks import ActorCriticOutput, check_action_space
+from agents.normalization import NormalizedObservation, RunningMeanStd
+from agents.obgd import obgd_update
+from agents.options import check_choice, check_number, check_options
+from agents.stream_network import StreamingActorCritic
 from envs.base import VecEnv
 from rlmem.errors import ConfigError
-from rlmem.memory import CORES, State, clone_state, core_options
+from rlmem.memory import CORES, State, core_options
 
 ONLINE_GRAD_MODES = ("rtrl", "snap1")
 ENV_UPDATES = ("mean", "sum")
@@ -102,26 +96,15 @@ class StreamACOptions:
     per_env_gradients: str = "auto"
 
     def __post_init__(self) -> None:
-        check_number("steps_per_iteration", self.steps_per_iteration, 0, low_open=True, integer=True)
-        check_number("gamma", self.gamma, 0.0, 1.0)
-        check_number("trace_lambda", self.trace_lambda, 0.0, 1.0)
-        check_number("lr", self.lr, 0.0, low_open=True)
-        check_number("critic_kappa", self.critic_kappa, 0.0, low_open=True)
-        check_number("actor_kappa", self.actor_kappa, 0.0, low_open=True)
-        check_number("entropy_coef", self.entropy_coef, 0.0)
+        check_options(self, counts=["steps_per_iteration", "torso_size"], unit_interval=["gamma", "trace_lambda"],
+                      positive=["lr", "critic_kappa", "actor_kappa"], non_negative=["entropy_coef"],
+                      flags=["normalize_observations", "scale_rewards"])
         check_number("sparsity", self.sparsity, 0.0, 1.0)
         if self.sparsity == 1.0:
             raise ConfigError("agent.sparsity must be < 1 (a layer with every input zeroed cannot learn), got 1.0")
-        check_number("torso_size", self.torso_size, 0, low_open=True, integer=True)
         check_number("torso_layers", self.torso_layers, 0, integer=True)
-        if self.env_update not in ENV_UPDATES:
-            raise ConfigError(f"agent.env_update must be one of {', '.join(ENV_UPDATES)}; got {self.env_update!r}")
-        if self.per_env_gradients not in PER_ENV_GRADIENTS:
-            raise ConfigError(f"agent.per_env_gradients must be one of {', '.join(PER_ENV_GRADIENTS)}; "
-                              f"got {self.per_env_gradients!r}")
-        for name in ("normalize_observations", "scale_rewards"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"agent.{name} must be true or false, got {getattr(self, name)!r}")
+        check_choice("env_update", self.env_update, ENV_UPDATES)
+        check_choice("per_env_gradients", self.per_env_gradients, PER_ENV_GRADIENTS)
 
 
 def check_online_core(memory: Mapping[str, Any]) -> None:
@@ -139,122 +122,6 @@ def check_online_core(memory: Mapping[str, Any]) -> None:
         f"{', '.join(ONLINE_GRAD_MODES)}; core {memory['name']!r} with grad={options.grad!r} cannot. "
         f"Valid choices: {', '.join(valid)}"
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# Online normalisation
-
-
-class RunningMeanStd(nn.Module):
-    """Running mean and variance of samples [n, *shape], merged batch by batch (Chan et al.'s update).
-
-    float64 buffers, so that long runs do not lose precision; the variance is 1 until two samples."""
-
-    def __init__(self, shape: tuple[int, ...] = ()) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
-        self.register_buffer("sum_squares", torch.zeros(shape, dtype=torch.float64))  # Σ (x − mean)²
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-
-    @torch.no_grad()
-    def update(self, samples: Tensor) -> None:
-        samples = samples.to(torch.float64)
-        n = samples.shape[0]
-        batch_mean = samples.mean(0)
-        total = self.count + n
-        delta = batch_mean - self.mean
-        self.sum_squares += (samples - batch_mean).pow(2).sum(0) + delta.pow(2) * self.count * n / total
-        self.mean += delta * n / total
-        self.count.copy_(total)
-
-    @property
-    def var(self) -> Tensor:
-        return torch.where(self.count < 2, 1.0, self.sum_squares / (self.count - 1).clamp(min=1.0))
-
-    def normalize(self, x: Tensor, eps: float = 1e-8) -> Tensor:
-        return ((x - self.mean) / (self.var + eps).sqrt()).to(x.dtype)
-
-
-class NormalizedObservation(nn.Module):
-    """Raw observations [N, *obs_shape] -> float [N, D], normalised by running statistics when enabled.
-
-    The learner updates the statistics (``stats.update``) as observations arrive; ``forward`` only reads
-    them, so acting, replaying and evaluating all see the same normalisation."""
-
-    def __init__(self, space: gym.Space, normalize: bool) -> None:
-        super().__init__()
-        self.to_float = ObservationFloat(space)
-        if self.to_float.kind == "image":
-            raise ConfigError(
-                f"learner 'stream_ac' needs vector observations, got the image space {space}; "
-                "valid choices for images: actor_critic, ppo"
-            )
-        self.output_size = self.to_float.shape[0]
-        self.normalize = normalize
-        self.stats = RunningMeanStd((self.output_size,))
-
-    def forward(self, obs: Tensor) -> Tensor:
-        x = self.to_float(obs)
-        return self.stats.normalize(x) if self.normalize else x
-
-
-# --------------------------------------------------------------------------------------------------
-# The network
-
-
-def sparse_init_(layer: nn.Linear, sparsity: float, generator: torch.Generator) -> nn.Linear:
-    """Weights U(±1/√fan_in) with ⌈sparsity·fan_in⌉ of each output unit's inputs zeroed (but never all
-    of them: every unit keeps at least one input); biases 0."""
-    fan_out, fan_in = layer.weight.shape
-    bound = 1.0 / math.sqrt(fan_in)
-    zeroed_per_unit = min(math.ceil(sparsity * fan_in), fan_in - 1)
-    with torch.no_grad():
-        weight = torch.rand(fan_out, fan_in, generator=generator) * (2 * bound) - bound
-        # A random subset of each row: the positions of its lowest scores in a row of random scores.
-        zeroed = torch.rand(fan_out, fan_in, generator=generator).argsort(dim=1)[:, :zeroed_per_unit]
-        weight.scatter_(1, zeroed, 0.0)
-        layer.weight.copy_(weight)
-        layer.bias.zero_()
-    return layer
-
-
-def torso(in_features: int, size: int, layers: int) -> nn.Sequential:
-    """``layers`` × (Linear -> LayerNorm without affine -> LeakyReLU); its ``output_size``."""
-    modules: list[nn.Module] = []
-    for _ in range(layers):
-        modules += [nn.Linear(in_features, size), nn.LayerNorm(size, elementwise_affine=False), nn.LeakyReLU()]
-        in_features = size
-    module = nn.Sequential(*modules)
-    module.output_size = in_features
-    return module
-
-
-class StreamingActorCritic(ActorCritic):
-    """``ActorCritic`` for streaming learning: normalised observation -> core -> separate actor and
-    critic torsos -> heads, sparse initialisation. Shapes as in ``ActorCritic``."""
-
-    def __init__(self, observation_space: gym.Space, action_space: gym.Space, memory: Mapping[str, Any],
-                 model: ModelOptions, options: StreamACOptions, generator: torch.Generator) -> None:
-        if model.encoder not in ("auto", "identity"):
-            raise ConfigError(
-                f"learner 'stream_ac' feeds the normalised observation straight to the core; "
-                f"model.encoder must be one of auto, identity, got {model.encoder!r}"
-            )
-        super().__init__(observation_space, action_space, memory, dataclasses.replace(model, encoder="identity"))
-        self.encoder = NormalizedObservation(observation_space, options.normalize_observations)
-        core_size = self.core.output_size
-        policy_torso = torso(core_size, options.torso_size, options.torso_layers)
-        value_torso = torso(core_size, options.torso_size, options.torso_layers)
-        if self.discrete:
-            head: nn.Module = CategoricalHead(policy_torso.output_size, action_space)
-        else:
-            head = GaussianHead(policy_torso.output_size, action_space)
-        self.policy = nn.Sequential(policy_torso, head)
-        self.value = nn.Sequential(value_torso, nn.Linear(value_torso.output_size, 1))
-        for module in (self.policy, self.value):
-            for layer in module.modules():
-                if isinstance(layer, nn.Linear):
-                    sparse_init_(layer, options.sparsity, generator)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,54 +167,40 @@ def batched_per_env_gradients(objectives: Tensor, params: Sequence[Tensor]) -> T
     return torch.func.vmap(backward)(basis).view(K, B, -1)
 
 
-@torch.no_grad()
-def obgd_update(traces: Tensor, grads: Tensor, delta: Tensor, decay: float, lr: float, kappa: Tensor,
-                env_update: str = "mean") -> tuple[Tensor, Tensor]:
-    """Per-env eligibility traces and ObGD steps, one per objective k; the mean step over envs.
-
-    ``traces`` (updated in place) and ``grads``: [K, B, P]; ``delta``: [B]; ``kappa``: [K]. With
-    z ← decay·z + ∇ and α_kb = lr / max(1, κ_k·max(|δ_b|, 1)·lr·‖z_kb‖₁), returns the parameter step
-    (1/B) Σ_k Σ_b α_kb δ_b z_kb [P] and the step sizes α [K, B]."""
-    traces.mul_(decay).add_(grads)
-    l1 = traces.abs().sum(-1)
-    step_size = lr / (kappa.unsqueeze(1) * delta.abs().clamp(min=1.0) * lr * l1).clamp(min=1.0)
-    weight = step_size * delta / (delta.shape[0] if env_update == "mean" else 1)
-    update = torch.einsum("kb,kbp->p", weight, traces)
-    return update, step_size
-
-
 # --------------------------------------------------------------------------------------------------
 # The learner
 
 
 @register_learner("stream_ac", StreamACOptions)
-class StreamACLearner:
+class StreamACLearner(Learner):
     """Streaming actor-critic with eligibility traces and ObGD; the core learns by per-step RTRL."""
+
+    parameters_checked_per_step = False  # see Learner
+    checkpointed = ("network", "traces", "reward_stats", "discounted_return", "memory_state", "generator", "steps")
 
     def __init__(self, options: StreamACOptions, env: VecEnv, memory: Mapping[str, Any], model: ModelOptions,
                  device: torch.device | str, seed: int, total_steps: int) -> None:
         check_action_space(env.single_action_space, "stream_ac")
         check_online_core(memory)
-        self.options = options
-        self.env = env
-        self.device = torch.device(device)
-        self.num_envs = B = env.num_envs
+        super().__init__(options, env, device)
+        B = self.num_envs
         self.total_steps = int(total_steps)
 
-        # Seed the initial weights without touching the caller's global RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             init_generator = torch.Generator().manual_seed(seed)
-            self.network = StreamingActorCritic(env.single_observation_space, env.single_action_space, memory,
-                                                model, options, init_generator).to(self.device)
+            self.network = StreamingActorCritic(
+                env.single_observation_space, env.single_action_space, memory, model, init_generator,
+                normalize_observations=options.normalize_observations, torso_size=options.torso_size,
+                torso_layers=options.torso_layers, sparsity=options.sparsity).to(self.device)
         named = [(name, p) for name, p in self.network.named_parameters() if p.requires_grad]
         self.param_names, self.params = [name for name, _ in named], [p for _, p in named]
+        self.param_sizes = [p.numel() for p in self.params]
         # False also once the core turns out not to run under torch.func transforms.
         self.vmap_gradients = options.per_env_gradients == "vmap" or (
             options.per_env_gradients == "auto" and B >= VMAP_MIN_ENVS)
         # Traces of the critic (k = 0: ∇V) and of the actor (k = 1: ∇ of its objective) per env, over
         # all parameters flattened; a parameter an objective does not reach keeps a zero trace.
-        num_params = sum(p.numel() for p in self.params)
+        num_params = sum(self.param_sizes)
         self.traces = torch.zeros(2, B, num_params, device=self.device)
         self.kappa = torch.tensor([options.critic_kappa, options.actor_kappa], device=self.device)
         self.reward_stats = RunningMeanStd().to(self.device)
@@ -355,13 +208,9 @@ class StreamACLearner:
 
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
-        self.obs = env.reset(seed=seed).to(self.device)
-        self._observe(self.obs)
+        self.inputs = ActingInputs.first(env.reset(seed=seed).to(self.device), self.network)
+        self._observe(self.inputs.obs)
         self.memory_state: State = self.network.initial_state(B, self.device)
-        self.reset = torch.ones(B, dtype=torch.bool, device=self.device)  # obs starts an episode
-        self.prev_action = torch.zeros(B, *self.network.action_shape, dtype=self.network.action_dtype(),
-                                       device=self.device)
-        self.prev_reward = torch.zeros(B, device=self.device)
         self.steps = 0
 
     # ----------------------------------------------------------------------------------------------
@@ -372,10 +221,10 @@ class StreamACLearner:
             encoder.stats.update(encoder.to_float(obs))
 
     def _scale(self, reward: Tensor) -> Tensor:
-        """r / σ of the discounted return, per env restarted where an episode starts (``self.reset``)."""
+        """r / σ of the discounted return, per env restarted where an episode starts (``inputs.reset``)."""
         if not self.options.scale_rewards:
             return reward
-        self.discounted_return = self.discounted_return * self.options.gamma * (~self.reset) + reward
+        self.discounted_return = self.discounted_return * self.options.gamma * (~self.inputs.reset) + reward
         self.reward_stats.update(self.discounted_return)
         return (reward / (self.reward_stats.var + 1e-8).sqrt()).to(reward.dtype)
 
@@ -385,8 +234,8 @@ class StreamACLearner:
         # The batched backward reuses this forward's graph; vmap runs the step again per env (the acting
         # forward then runs the cell only, and the vmapped one advances the sensitivities).
         with torch.set_grad_enabled(not self.vmap_gradients):
-            out = net.step(self.obs, self.memory_state, self.reset, self.prev_action, self.prev_reward)
-        action = out.dist.sample(self.generator)[0]  # [B, *act_shape]
+            out = net.step(*self.inputs.before(self.memory_state))
+        action = sample_action(out, self.generator)[0]  # [B, *act_shape]
         entropy, value = out.dist.entropy()[0].detach(), out.value[0].detach()
 
         next_obs, reward, terminated, truncated, info = self.env.step(net.env_action(action).to(self.env.device))
@@ -409,16 +258,16 @@ class StreamACLearner:
 
         grads, next_state = self.gradients(out, acting_stats, action, opt.entropy_coef * delta.sign())
         update, step_size = obgd_update(self.traces, grads, delta, opt.gamma * opt.trace_lambda, opt.lr, self.kappa,
-                                          opt.env_update)
+                                        opt.env_update)
+        changes = [change.view_as(param) for param, change in zip(self.params, update.split(self.param_sizes))]
+        self.apply_gradients(list(zip(self.param_names, changes)), {"losses/td_error": delta},
+                             functools.partial(self._add, changes), flat=update)
         with torch.no_grad():
-            for param, change in zip(self.params, update.split([p.numel() for p in self.params])):
-                param.add_(change.view_as(param))
             # An ended episode's traces must not meet the next episode's TD errors.
             self.traces.mul_((~done).to(self.traces.dtype).view(1, -1, 1))
 
         self.memory_state = next_state
-        self.obs, self.reset = next_obs, done
-        self.prev_action, self.prev_reward = action, reward
+        self.inputs = self.inputs.after(next_obs, done, action, reward)
         self.steps += 1
         episode = info["episode"]  # the VecEnv contract: raw returns of finished episodes, on the env's device
         success = info.get("success")  # only tasks that score their episodes report it
@@ -440,7 +289,7 @@ class StreamACLearner:
         step's forward with gradients on, which advances the core's sensitivities): ``out``'s graph in the
         batched path, or the step run again with the network's buffers ``stats`` in place of its
         current ones (the statistics acting used)."""
-        inputs = (self.obs, self.memory_state, self.reset, self.prev_action, self.prev_reward)
+        inputs = self.inputs.before(self.memory_state)
         if self.vmap_gradients:
             params = {name: p.detach() for name, p in zip(self.param_names, self.params)}
             try:
@@ -470,9 +319,17 @@ class StreamACLearner:
         return torch.func.functional_call(self.network, tensors, (
             obs[None], state, reset[None], prev_action[None], prev_reward[None]))
 
+    @torch.no_grad()
+    def _add(self, changes: list[Tensor]) -> None:
+        """θ ← θ + Δθ (the ObGD step, ascent on the objectives)."""
+        for param, change in zip(self.params, changes):
+            param.add_(change)
+
     def iteration(self) -> IterationResult:
         """``steps_per_iteration`` steps on every env, each one an update; metrics over them."""
         steps = [self.step() for _ in range(self.options.steps_per_iteration)]
+        check_memory_state(self.memory_state)
+        self.check_parameters()
         stacked = {key: torch.stack([s[key] for s in steps]) for key in steps[0]}  # [S, B]
         delta = stacked["delta"]
         metrics = {
@@ -498,29 +355,8 @@ class StreamACLearner:
     # ----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "network": self.network.state_dict(),
-            "traces": self.traces.clone(),
-            "reward_stats": self.reward_stats.state_dict(),
-            "discounted_return": self.discounted_return.clone(),
-            "obs": self.obs.clone(),
-            "memory_state": clone_state(self.memory_state),
-            "reset": self.reset.clone(),
-            "prev_action": self.prev_action.clone(),
-            "prev_reward": self.prev_reward.clone(),
-            "generator": self.generator.get_state(),
-            "steps": self.steps,
-        }
+        return {**super().state_dict(), **self.inputs.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.network.load_state_dict(state["network"])
-        self.traces.copy_(state["traces"])
-        self.reward_stats.load_state_dict(state["reward_stats"])
-        self.discounted_return = state["discounted_return"].to(self.device)
-        self.obs = state["obs"].to(self.device)
-        self.memory_state = {k: v.to(self.device) for k, v in state["memory_state"].items()}
-        self.reset = state["reset"].to(self.device)
-        self.prev_action = state["prev_action"].to(self.device)
-        self.prev_reward = state["prev_reward"].to(self.device)
-        self.generator.set_state(state["generator"].cpu())
-        self.steps = int(state["steps"])
+        super().load_state_dict(state)
+        self.inputs.load_state_dict(state)

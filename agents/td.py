@@ -40,6 +40,7 @@ target of V(obs_{t+1})) and the learner's γ is the env's, ``charts/value`` = V,
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import deque
@@ -51,8 +52,9 @@ import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
-from agents.base import IterationResult, ModelOptions, register_learner
+from agents.base import IterationResult, Learner, ModelOptions, check_memory_state, register_learner, seeded
 from agents.networks import make_encoder
+from agents.options import check_choice, check_number, check_options
 from envs.base import VecEnv
 from rlmem.errors import ConfigError
 from rlmem.memory import MemoryCore, State, clone_state, make_core
@@ -65,41 +67,23 @@ class TDOptions:
     """Options of the ``td`` learner (defaults: the CCN paper's TD(λ) on trace patterning)."""
 
     lr: float = 0.01  # α
-    lam: float = 0.99  # λ of the eligibility traces
+    trace_lambda: float = 0.99  # λ of the eligibility traces
     gamma: float | None = None  # None: the env's own discount (prediction tasks define one)
     optimizer: str = "normalized"  # normalized: RMSProp normalisation of δ·z (CCN) | sgd
     beta2: float = 0.9999  # β₂ of the normalised step
     eps: float = 1e-8  # ε of the normalised step
     bias_correction: bool = True  # n starts at 0 and is divided by 1 − β₂^k (Adam); false: n starts at 1
-    unroll_length: int = 1  # bptt cores: BPTT reaches back this many steps (rtrl cores use 1)
-    steps_per_iteration: int = 1000  # env steps per env in one iteration()
+    unroll_length: int = 10  # bptt cores: BPTT reaches back this many steps (rtrl cores use 1)
+    steps_per_iteration: int = 1000  # env steps per env between reports (every step is an update)
     readout_step_per_feature: bool = True  # divide the readout's step by the number of live features
 
     def __post_init__(self) -> None:
-        _check("lr", self.lr, 0.0, low_open=True)
-        _check("lam", self.lam, 0.0, 1.0)
+        check_options(self, counts=["unroll_length", "steps_per_iteration"], positive=["lr", "eps"],
+                      unit_interval=["trace_lambda"], flags=["bias_correction", "readout_step_per_feature"])
         if self.gamma is not None:
-            _check("gamma", self.gamma, 0.0, 1.0, high_open=True)
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"agent.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
-        _check("beta2", self.beta2, 0.0, 1.0, high_open=True)
-        _check("eps", self.eps, 0.0, low_open=True)
-        _check("unroll_length", self.unroll_length, 1, integer=True)
-        _check("steps_per_iteration", self.steps_per_iteration, 1, integer=True)
-        for name in ("bias_correction", "readout_step_per_feature"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"agent.{name} must be true or false, got {getattr(self, name)!r}")
-
-
-def _check(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
-           high_open: bool = False, integer: bool = False) -> None:
-    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        bounds = f"{'>' if low_open else '>='} {low}" + (f" and {'<' if high_open else '<='} {high}"
-                                                        if high != math.inf else "")
-        raise ConfigError(f"agent.{name} must be {'an integer' if integer else 'a number'} {bounds}, got {value!r}")
+            check_number("gamma", self.gamma, 0.0, 1.0, high_open=True)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_number("beta2", self.beta2, 0.0, 1.0, high_open=True)
 
 
 class PredictionNetwork(nn.Module):
@@ -134,8 +118,11 @@ class PredictionNetwork(nn.Module):
 
 
 @register_learner("td", TDOptions)
-class TDLearner:
+class TDLearner(Learner):
     """TD(λ) prediction with eligibility traces through any memory core (RTRL or truncated BPTT)."""
+
+    parameters_checked_per_step = False  # see Learner
+    checkpointed = ("network", "traces", "step_norms", "state_after", "value", "steps", "updates")
 
     def __init__(self, options: TDOptions, env: VecEnv, memory: Mapping[str, Any], model: ModelOptions,
                  device: torch.device | str, seed: int, total_steps: int) -> None:
@@ -148,21 +135,18 @@ class TDLearner:
         env_gamma = getattr(env, "gamma", None)
         if options.gamma is None and env_gamma is None:
             raise ConfigError("agent.gamma is not set and this env defines no discount; set agent.gamma=<0..1>")
-        self.options = options
-        self.env = env
-        self.device = torch.device(device)
-        self.num_envs = env.num_envs
+        super().__init__(options, env, device)
         self.gamma = float(options.gamma if options.gamma is not None else env_gamma)
         self.reports_prediction_error = env_gamma is not None and math.isclose(self.gamma, float(env_gamma))
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             self.network = PredictionNetwork(env.single_observation_space, memory, model).to(self.device)
         core = self.network.core
         self.unroll_length = options.unroll_length if core.grad == "bptt" else 1
         # Traces and step normalisers of all parameters live in flat buffers, so that an update costs the
         # same few operations whatever the number of parameter tensors.
-        self.params = list(self.network.parameters())
+        named = list(self.network.named_parameters())
+        self.param_names, self.params = [name for name, _ in named], [p for _, p in named]
         self.sizes = [p.numel() for p in self.params]
         readout = {id(p) for p in self.network.value.parameters()}
         self.readout_mask = torch.cat([torch.full((n,), id(p) in readout, dtype=torch.bool, device=self.device)
@@ -240,7 +224,7 @@ class TDLearner:
 
     def _advance(self, state: State, gradients: list[Tensor | None], done: Tensor, live: Tensor | None) -> None:
         """z ← γλ(1 − done) z + g, and the traces of parameters V no longer depends on emptied."""
-        decay = ((self.gamma * self.options.lam) * (~done).to(self.traces.dtype)).unsqueeze(1)
+        decay = ((self.gamma * self.options.trace_lambda) * (~done).to(self.traces.dtype)).unsqueeze(1)
         if live is not None:
             decay = decay * live
         flat = torch.cat([self._no_gradient[i] if g is None else g.reshape(self.num_envs, -1)
@@ -250,10 +234,17 @@ class TDLearner:
 
     @torch.no_grad()
     def _update(self, td_error: Tensor, live: Tensor | None) -> None:
-        """Equation (1) for the parameters V depends on now. The others (a ``ccn`` stage that just froze)
-        stay where they are: frozen means no update at all, as in the CCN paper."""
-        opt = self.options
+        """u_t = mean_b δ_b z_b, applied by ``_apply_update`` through ``apply_gradients``."""
         update = (td_error.to(self.traces.dtype) @ self.traces) / self.num_envs
+        directions = list(zip(self.param_names, update.split(self.sizes)))
+        apply = functools.partial(self._apply_update, update, live)
+        self.apply_gradients(directions, {"losses/td_error": td_error}, apply, flat=update)
+
+    @torch.no_grad()
+    def _apply_update(self, update: Tensor, live: Tensor | None) -> None:
+        """Equation (1) with u_t = ``update`` [P] for the parameters V depends on now. The others (a ``ccn``
+        stage that just froze) stay where they are: frozen means no update at all, as in the CCN paper."""
+        opt = self.options
         if opt.optimizer == "normalized":
             self.step_norms.mul_(opt.beta2).addcmul_(update, update, value=1 - opt.beta2)
             norms = self.step_norms / (1 - opt.beta2 ** (self.updates + 1)) if opt.bias_correction else self.step_norms
@@ -310,31 +301,19 @@ class TDLearner:
         self.steps += n
         metrics = {tag: float(total) / n for tag, total in sums.items()}
         metrics["charts/learning_rate"] = self.options.lr
+        check_memory_state(self.state_after)
+        self.check_parameters()
         metrics.update({f"memory/{k}": v for k, v in self.network.core.state_metrics(self.state_after).items()})
         return IterationResult(n * self.num_envs, metrics, episode_returns, episode_lengths)
 
     # ----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "network": self.network.state_dict(),
-            "traces": self.traces.clone(),
-            "step_norms": self.step_norms.clone(),
-            "window": [(clone_state(s), o.clone(), r.clone()) for s, o, r in self.window],
-            "state_after": clone_state(self.state_after),
-            "value": self.value.clone(),
-            "steps": self.steps,
-            "updates": self.updates,
-        }
+        window = [(clone_state(s), o.clone(), r.clone()) for s, o, r in self.window]
+        return {**super().state_dict(), "window": window}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.network.load_state_dict(state["network"])
-        self.traces.copy_(state["traces"])
-        self.step_norms.copy_(state["step_norms"])
+        super().load_state_dict(state)
         self.window.clear()
         for s, o, r in state["window"]:
             self.window.append(({k: v.to(self.device) for k, v in s.items()}, o.to(self.device), r.to(self.device)))
-        self.state_after = {k: v.to(self.device) for k, v in state["state_after"].items()}
-        self.value = state["value"].to(self.device)
-        self.steps = int(state["steps"])
-        self.updates = int(state["updates"])

@@ -468,7 +468,7 @@ def test_resume_from_state_dict_is_bit_identical(make_env):
     for ref, res in zip(reference, results, strict=True):
         assert_metrics_equal(ref.metrics, res.metrics)
         assert ref.episode_returns == res.episode_returns and ref.episode_lengths == res.episode_lengths
-    assert resumed.updates == uninterrupted.updates == 6
+    assert resumed.iterations == uninterrupted.iterations == 6
 
 
 # --------------------------------------------------------------------------------------------------

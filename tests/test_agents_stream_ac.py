@@ -11,23 +11,28 @@ import pytest
 import torch
 
 from agents.base import LEARNERS, ModelOptions
+from agents.normalization import RunningMeanStd
+from agents.obgd import obgd_update
 from agents.stream_ac import (
     VMAP_MIN_ENVS,
-    RunningMeanStd,
     StreamACLearner,
     StreamACOptions,
-    StreamingActorCritic,
     batched_per_env_gradients,
-    obgd_update,
     per_env_gradients,
-    sparse_init_,
 )
+from agents.stream_network import StreamingActorCritic, sparse_init_
 from envs import make_env
 from envs.base import VecEnv
 from rlmem.config import load
 from rlmem.errors import ConfigError
 
 ELSTM = {"name": "elstm", "hidden_size": 8, "grad": "rtrl"}
+
+
+def network_options(options: StreamACOptions) -> dict:
+    """The ``StreamingActorCritic`` keywords the learner passes from its options."""
+    return {"normalize_observations": options.normalize_observations, "torso_size": options.torso_size,
+            "torso_layers": options.torso_layers, "sparsity": options.sparsity}
 MODEL = ModelOptions()
 
 
@@ -127,7 +132,8 @@ def test_other_config_errors():
         StreamACOptions(trace_lambda=1.5)
     image_space = gym.spaces.Box(0, 255, (1, 8, 8), np.uint8)
     with pytest.raises(ConfigError, match="vector observations"):
-        StreamingActorCritic(image_space, gym.spaces.Discrete(2), ELSTM, MODEL, StreamACOptions(), torch.Generator())
+        StreamingActorCritic(image_space, gym.spaces.Discrete(2), ELSTM, MODEL, torch.Generator(),
+                             **network_options(StreamACOptions()))
 
 
 def test_experiment_configs_load():
@@ -191,8 +197,8 @@ def stream_network(memory, seed: int = 0) -> StreamingActorCritic:
     torch.manual_seed(seed)
     env = UnevenEpisodes()
     options = StreamACOptions(torso_size=8, normalize_observations=False)
-    return StreamingActorCritic(env.single_observation_space, env.single_action_space, memory, MODEL, options,
-                                torch.Generator().manual_seed(seed))
+    return StreamingActorCritic(env.single_observation_space, env.single_action_space, memory, MODEL,
+                                torch.Generator().manual_seed(seed), **network_options(options))
 
 
 def one_env_values(net: StreamingActorCritic):
@@ -323,7 +329,7 @@ def test_traces_reset_where_episodes_end(num_envs):
     learner = make_learner(env)
     for _ in range(12):
         learner.step()
-        ended = learner.reset  # set by the step where an env's episode ended
+        ended = learner.inputs.reset  # set by the step where an env's episode ended
         trace_norm = learner.traces.abs().sum(-1)  # [2, B]
         assert (trace_norm[:, ended] == 0).all()
         assert (trace_norm[:, ~ended] > 0).all()
@@ -341,7 +347,7 @@ def test_single_env_update_is_obgd():
     stats = learner.step()
     after = torch.cat([p.detach().flatten() for p in learner.params])
     delta = stats["delta"]
-    assert not bool(learner.reset[0])  # mid-episode: the traces were not zeroed after the update
+    assert not bool(learner.inputs.reset[0])  # mid-episode: the traces were not zeroed after the update
     new_traces = learner.traces
     grads = new_traces - 0.99 * 0.8 * traces
     assert grads.abs().sum() > 0
@@ -362,8 +368,8 @@ def test_step_gradients_are_those_of_the_forward_that_acted(per_env):
         learner.step()
     before = copy.deepcopy(learner)
     learner.step()
-    assert not bool(learner.reset[0])  # mid-episode: the traces were not zeroed after the update
-    out = before.network.step(before.obs, before.memory_state, before.reset, before.prev_action, before.prev_reward)
+    assert not bool(learner.inputs.reset[0])  # mid-episode: the traces were not zeroed after the update
+    out = before.network.step(*before.inputs.before(before.memory_state))
     expected = flat_grad(out.value[0, 0], before.params)
     torch.testing.assert_close(learner.traces[0, 0] - 0.99 * 0.8 * before.traces[0, 0], expected)
 

@@ -52,7 +52,7 @@ def test_traces_sum_the_cores_gradients(memory: dict, unroll: int | None):
     """With θ held fixed (a vanishing step), z_n = Σ_k (γλ)^(n−k) ∇V_k: through every earlier step for an
     rtrl core (against BPTT over the whole stream), through the last K steps for a bptt core."""
     n, B = 9, 2
-    learner = make_learner(memory, num_envs=B, lr=1e-30, lam=0.7, unroll_length=unroll or 1)
+    learner = make_learner(memory, num_envs=B, lr=1e-30, trace_lambda=0.7, unroll_length=unroll or 1)
     reference = PredictionNetwork(learner.env.single_observation_space, memory, IDENTITY)
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the learner's initial weights (seed 0), before it consumed any observation
@@ -234,8 +234,8 @@ def test_user_errors_name_the_key_and_the_choices():
         TDLearner(TDOptions(), env, {"name": "gru", "hidden_size": 4}, IDENTITY, torch.device("cpu"), 0, 100)
     with pytest.raises(ConfigError, match=re.escape("agent.optimizer must be one of normalized, sgd")):
         TDOptions(optimizer="adam")
-    with pytest.raises(ConfigError, match=re.escape("agent.lam must be a number")):
-        TDOptions(lam=1.5)
+    with pytest.raises(ConfigError, match=re.escape("agent.trace_lambda must be a number")):
+        TDOptions(trace_lambda=1.5)
     with pytest.raises(ConfigError, match=re.escape("agent.unroll_length must be an integer")):
         TDOptions(unroll_length=0)
     with pytest.raises(ConfigError, match=re.escape("model.prev_action")):
