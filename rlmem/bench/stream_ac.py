@@ -54,8 +54,8 @@ def _learner(args: argparse.Namespace, num_envs: int) -> StreamACLearner:
 def _gradient_difference(learner: StreamACLearner) -> float:
     """Largest |vmap − batched| over one step's per-env gradients from the learner's current state, both
     taken by the learner's own ``gradients``."""
-    inputs = (learner.obs, learner.memory_state, learner.reset, learner.prev_action, learner.prev_reward)
-    action = torch.zeros_like(learner.prev_action)
+    inputs = learner.inputs.before(learner.memory_state)
+    action = torch.zeros_like(learner.inputs.prev_action)
     entropy_weight = torch.full((learner.num_envs,), 0.01)
     with torch.no_grad():  # as the learner acts on the vmap path
         acting = learner.network.step(*inputs)
