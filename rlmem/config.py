@@ -310,11 +310,20 @@ def load(config_path: str | None, args: Sequence[str] = ()) -> RunConfig:
     return resolve(_read_yaml(path, "config file"), args, config_file=path)
 
 
+# Options renamed since runs were saved: section -> {old name: new name}, applied to saved configs only.
+RENAMED_OPTIONS: dict[str, dict[str, str]] = {"agent": {"lam": "trace_lambda"}}
+
+
 def load_saved(run_dir: Path, args: Sequence[str] = ()) -> RunConfig:
     """The resolved config saved in a run directory (used by resume and eval), plus overrides."""
     data = _read_yaml(run_dir / "config.yaml", "run config")
     choices = data.pop("choices", {}) or {}
     base = {k: v for k, v in data.items() if k in SECTIONS}
+    for section, renames in RENAMED_OPTIONS.items():
+        values = base.get(section) or {}
+        for old, new in renames.items():
+            if old in values and new not in values:
+                values[new] = values.pop(old)
     # the saved sections are complete: resolve them against their registered names, not group files
     base["defaults"] = {group: str((base.get(group) or {}).get("name", DEFAULT_CHOICES[group])) for group in GROUPS}
     config = resolve(base, args)

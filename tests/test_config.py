@@ -124,3 +124,11 @@ def test_every_shipped_config_resolves():
     for group in cfg.GROUPS:
         for path in sorted((REPO / "configs" / group).glob("*.yaml")):
             _resolves(None, [f"{group}={path.stem}"])
+
+
+def test_a_saved_run_with_a_renamed_option_still_loads(tmp_path: Path):
+    config = cfg.load(None, ["agent=td", "env=trace_patterning", "memory=ccn", "model.encoder=identity"])
+    text = config.to_yaml().replace("trace_lambda:", "lam:")
+    assert "lam:" in text
+    (tmp_path / "config.yaml").write_text(text)
+    assert cfg.load_saved(tmp_path).agent["trace_lambda"] == config.agent["trace_lambda"]
