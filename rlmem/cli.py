@@ -13,9 +13,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+import envs
+from agents.base import LEARNERS
+from kernels.loader import build_command
+from rlmem import config as cfg
 from rlmem.errors import ConfigError, TrainingDiverged
-from rlmem.evaluation import DEFAULT_EPISODES, DEFAULT_PREDICTION_STEPS, EVAL_SEED
-from rlmem.plot import GROUPINGS
+from rlmem.evaluation import DEFAULT_EPISODES, DEFAULT_PREDICTION_STEPS, EVAL_SEED, EpisodeScores, evaluate_saved
+from rlmem.memory import CORES
+from rlmem.plot import GROUPINGS, plot_runs, summarize_runs, summary_table
+from rlmem.train import resume_config, train
 
 BENCHES = {
     "envs": ("rlmem.bench.envs", "environment steps/s: raw library vs rlmem VecEnv vs rollout with a policy"),
@@ -110,9 +118,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
-    from rlmem import config as cfg
-    from rlmem.train import resume_config, train
-
     if ns.resume:
         train(resume_config(Path(ns.resume), ns.args), resume=True)
         return 0
@@ -124,11 +129,6 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _cmd_eval(ns: argparse.Namespace) -> int:
-    import numpy as np
-
-    from rlmem import config as cfg
-    from rlmem.evaluation import EpisodeScores, evaluate_saved
-
     run_dir = Path(ns.run_dir)
     _choices, dotted = cfg.parse_overrides(ns.overrides)
     scores = evaluate_saved(
@@ -164,13 +164,8 @@ def _describe_options(options_cls: type) -> str:
 
 
 def _cmd_list(ns: argparse.Namespace) -> int:
-    import agents.actor_critic  # noqa: F401
-    import envs
-    import rlmem.memory
-    from agents.base import LEARNERS
-
     print("memory cores (memory=<name>):")
-    for entry in rlmem.memory.CORES:
+    for entry in CORES:
         modes = ", ".join(entry.cls.grad_modes)
         print(f"  {entry.name:10s} {entry.summary}\n             grad: {modes}\n             options: "
               f"{_describe_options(entry.options)}")
@@ -184,8 +179,6 @@ def _cmd_list(ns: argparse.Namespace) -> int:
 
 
 def _cmd_plot(ns: argparse.Namespace) -> int:
-    from rlmem.plot import plot_runs
-
     if ns.smooth < 1:
         raise ConfigError(f"--smooth must be a positive integer, got {ns.smooth}")
     path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=ns.tag, title=ns.title, smoothing=ns.smooth,
@@ -195,8 +188,6 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
 
 
 def _cmd_summary(ns: argparse.Namespace) -> int:
-    from rlmem.plot import summarize_runs, summary_table
-
     summaries = summarize_runs([Path(d) for d in ns.run_dirs], ns.tag, ns.threshold, ns.final_fraction, ns.window,
                                ns.group_by, ns.until)
     print(summary_table(summaries, ns.tag, ns.final_fraction))
@@ -218,8 +209,6 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _cmd_kernels(ns: argparse.Namespace) -> int:
-    from kernels.loader import build_command
-
     return build_command(list(ns.args))
 
 
@@ -236,11 +225,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
-    from envs.base import EnvError
-
     try:
         return COMMANDS[ns.command](ns)
-    except (ConfigError, EnvError, TrainingDiverged) as err:
+    except (ConfigError, TrainingDiverged) as err:  # EnvError is a ConfigError
         print(f"rlmem: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -36,13 +36,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agents.base import ModelOptions
+from agents.networks import ENCODERS, ActorCritic
+from agents.rollout import RolloutCollector
+from envs import make_env
+from envs.atari import AtariOptions
+from envs.procgen_env import ProcgenOptions, procgen_module
 from rlmem.bench.measure import Column, Table, best_rates, ratio
 
 
 @dataclass
 class Contender:
     """One side of a comparison: ``step(i)`` takes the i-th (precomputed) vector step."""
-
     step: Callable[[int], Any]
     close: Callable[[], None]
 
@@ -59,7 +64,6 @@ def vecenv_contender(spec: dict[str, Any], steps: int) -> Contender:
     import gymnasium as gym
     import torch
 
-    from envs import make_env
 
     env = make_env(spec, seed=0)
     env.reset(seed=0)
@@ -92,7 +96,6 @@ def raw_atari(num_envs: int, steps: int) -> Contender:
     import gymnasium as gym
     from ale_py.vector_env import AtariVectorEnv
 
-    from envs.atari import AtariOptions
 
     options = AtariOptions(game="pong", num_envs=num_envs)
     env = AtariVectorEnv(
@@ -110,7 +113,6 @@ def raw_procgen(num_envs: int, steps: int) -> Contender:
     """ProcGen's gym3 env on maze, set as rlmem's defaults set it (act, then observe)."""
     import numpy as np
 
-    from envs.procgen_env import ProcgenOptions, procgen_module
 
     options = ProcgenOptions(game="maze", num_envs=num_envs)
     env = procgen_module().ProcgenGym3Env(
@@ -148,7 +150,6 @@ DEFAULT_SOURCES = ("atari", "procgen", "cartpole", "cue_recall")
 @dataclass(frozen=True)
 class Policy:
     """The acting network's settings: a GRU core of ``hidden`` units behind ``encoder`` (``model.encoder``)."""
-
     hidden: int = 128
     encoder: str = "auto"
 
@@ -157,8 +158,6 @@ def _network(env: Any, policy: Policy) -> Any:
     """The acting network for ``env``, seeded alike for every contender, in eval mode."""
     import torch
 
-    from agents.base import ModelOptions
-    from agents.networks import ActorCritic
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -172,7 +171,6 @@ def _policy(spec: dict[str, Any], policy: Policy) -> Contender:
     memory state, sampled actions), with no env step. Its rate bounds any rollout of this network."""
     import torch
 
-    from envs import make_env
 
     env = make_env(spec, seed=0)
     try:
@@ -201,8 +199,6 @@ def _rollout(spec: dict[str, Any], unroll: int, policy: Policy, overlap: bool) -
     (so N calls take N vector steps); None where ``overlap`` is asked for and cannot engage."""
     import torch
 
-    from agents.rollout import RolloutCollector
-    from envs import make_env
 
     env = make_env(spec, seed=0)
     try:
@@ -224,8 +220,6 @@ def _rollout(spec: dict[str, Any], unroll: int, policy: Policy, overlap: bool) -
 
 
 def _parser() -> argparse.ArgumentParser:
-    from agents.networks import ENCODERS
-
     parser = argparse.ArgumentParser(prog="rlmem bench envs", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200,
                         help="vector steps per timed round (rounded up to whole windows; default 200)")

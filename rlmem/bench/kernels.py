@@ -35,9 +35,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+import kernels
+from kernels import loader, ops
 from rlmem import rtrl
 from rlmem.bench.measure import forward_backward
 from rlmem.errors import ConfigError
+from rlmem.memory import make_core
 from rlmem.rtrl import ParamGroup, RTRLCell, WindowCoefficients
 
 FORM_BLOCKS = {"real": ("real", 1), "complex": ("complex", 2), "block2": ("block", 2), "block4": ("block", 4)}
@@ -65,8 +68,6 @@ class _OneGroup(RTRLCell):
 
 @contextlib.contextmanager
 def _kernels_off() -> Iterator[None]:
-    from kernels import loader
-
     saved = os.environ.get(loader.ENV_VAR)
     os.environ[loader.ENV_VAR] = "0"
     try:
@@ -175,8 +176,6 @@ def _peak_bandwidth() -> tuple[float | None, float]:
 
 def _core_window(grad: str, x: Tensor, reset: Tensor, hidden: int) -> Callable[[], None]:
     """Forward + backward of one elstm window with the given grad mode."""
-    from rlmem.memory import make_core
-
     torch.manual_seed(0)
     core = make_core({"name": "elstm", "hidden_size": hidden, "grad": grad}, input_size=x.shape[-1]).cuda()
     state = core.initial_state(x.shape[1], device="cuda")
@@ -207,8 +206,6 @@ Row = tuple[str, Callable[[], object], Callable[[], object], Callable[[], object
 
 def _rows(form_name: str, T: int, B: int, N: int, D: int, device: torch.device) -> list[Row]:
     """(direction, kernel, engine reference, eager stepwise or None, bytes the kernel must move or 0)."""
-    from kernels import ops
-
     form, k = FORM_BLOCKS[form_name]
     cell, coefficients, S, errors = _window(form, k, T, B, N, D, device)
     A, u = _pairs(coefficients.jacobians), _pairs(coefficients.factors["u"])
@@ -293,7 +290,6 @@ def run(argv: list[str]) -> None:
     if not torch.cuda.is_available():
         print("rlmem bench kernels: no CUDA device is available here; nothing to measure (the kernels run on GPUs)")
         return
-    import kernels
 
     if not kernels.available():
         print(f"rlmem bench kernels: the CUDA kernels are unavailable here: {kernels.unavailable_reason()}")

@@ -22,7 +22,8 @@ import numpy as np
 
 from rlmem.bench.measure import markdown_table, write_json
 from rlmem.errors import ConfigError
-from rlmem.evaluation import EVAL_SEED
+from rlmem.evaluation import EVAL_SEED, evaluate_at_noise_levels
+from rlmem.plot import draw_mean_band, group_runs
 
 
 def _sigmas(text: str) -> list[float]:
@@ -51,9 +52,6 @@ def measure(
     run_dirs: Sequence[Path], sigmas: Sequence[float], episodes: int, greedy: bool, seed: int, num_envs: int | None
 ) -> dict[str, dict[str, list[float]]]:
     """Group label -> {"sigma": σ list, "returns": [[mean return of each seed] for each σ]}."""
-    from rlmem.evaluation import evaluate_at_noise_levels
-    from rlmem.plot import group_runs
-
     results: dict[str, dict[str, list]] = {}
     for label, dirs in group_runs(run_dirs).items():
         per_run = [  # [run, σ]: mean return, each run loaded once
@@ -76,7 +74,6 @@ def write_report(results: dict[str, dict[str, list]], out: Path, title: str = ""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlmem.plot import draw_mean_band
 
     write_json(out / "results.json", results, indent=1)
     sigmas = next(iter(results.values()))["sigma"]

@@ -69,8 +69,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import envs
+from envs import make_env
 from rlmem.bench.measure import Column, Table, write_json
+from rlmem.checkpoint import load_checkpoint
+from rlmem.config import read_dotted, resolve
 from rlmem.errors import ConfigError
+from rlmem.memory import core_options
+from rlmem.plot import read_scalars
+from rlmem.train import build, train
 
 GAMMA = 0.9
 TASKS = ("trace_patterning", "trace_conditioning")
@@ -81,7 +88,6 @@ LAM = 0.99
 class Method:
     """One learner of the comparison: its core spec (stage lengths as fractions of the run), BPTT window
     and step size."""
-
     memory: dict[str, Any]
     lr: float
     unroll_length: int = 1
@@ -133,15 +139,12 @@ def multiply_adds(core: Any, state: dict[str, Any], unroll_length: int) -> int:
 @dataclass(frozen=True)
 class Protocol:
     """What every run of one benchmark call shares: the task, its length and streams, the curve spacing."""
-
     task: str
     steps: int  # env steps per run (all streams together)
     log_every: int  # env steps per point of the learning curve
     num_envs: int  # streams sharing one learner
 
     def make_env(self, seed: int) -> Any:
-        from envs import make_env
-
         return make_env({"name": self.task, "num_envs": self.num_envs, "gamma": GAMMA}, seed=seed)
 
     @property
@@ -158,10 +161,6 @@ def run_config(method: Method, seed: int, protocol: Protocol, run_dir: Path) -> 
     and step size on the protocol's task, one curve point per training iteration, a checkpoint only at
     the end. The memory and env sections are complete (every option stated), so no group file can
     change them; the learner's λ, optimiser and its constants are the ``td`` group file's (the paper's)."""
-    import envs
-    from rlmem.config import resolve
-    from rlmem.memory import core_options
-
     spec = memory_spec(method, protocol.steps)
     memory = {"name": spec["name"], **dataclasses.asdict(core_options(spec))}
     env = dataclasses.asdict(envs.env_options({"name": protocol.task, "num_envs": protocol.num_envs, "gamma": GAMMA}))
@@ -183,10 +182,6 @@ def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: P
     returns its learning curve (mean squared return error per ``protocol.log_every`` env steps, all
     streams together) as the loop logged it (``charts/prediction_error``), its speed (the loop's final
     ``charts/SPS``) and, from the final checkpoint, the ``MACs/step`` estimate."""
-    from rlmem.checkpoint import load_checkpoint
-    from rlmem.plot import read_scalars
-    from rlmem.train import build, train
-
     config = run_config(method, seed, protocol, run_dir)
     if run_dir.exists():  # an interrupted or replaced run of the bench: its own directory, started afresh
         shutil.rmtree(run_dir)
@@ -359,9 +354,6 @@ def _parser() -> argparse.ArgumentParser:
 def _with_memory_option(methods: dict[str, Method], item: str) -> tuple[str, Method]:
     """``--set METHOD.KEY=VALUE``: the method with that core option changed, the value typed as
     ``rlmem train`` types its overrides and checked by the core's own options."""
-    from rlmem.config import read_dotted
-    from rlmem.memory import core_options
-
     name, dot, key = item.partition("=")[0].partition(".")
     if "=" not in item or not (dot and key) or "." in key or name not in METHODS:
         raise ConfigError(f"--set {item!r}: expected METHOD.KEY=VALUE with METHOD one of: {', '.join(METHODS)}")
