@@ -2,8 +2,9 @@
 
 Every (task, core, seed) is one ordinary training run: the config ``configs/popgym_ppo.yaml`` resolved
 with ``env.id=<task> memory=<core> memory.grad=<grad> train.seed=<seed> train.total_steps=<steps>``
-and trained by ``rlmem.train.train`` into ``OUT/<task>/<core>-<grad>_s<seed>``. A core is written
-``name`` (its group file's gradient) or ``name:grad``::
+and trained by ``rlmem.train.train`` into ``OUT/<task>/<core>-<grad>_s<seed>``. A core is a memory
+group (``configs/memory/<core>.yaml`` or a registered core), written ``core`` (with its group's
+gradient) or ``core:grad``::
 
     rlmem bench popgym --tasks popgym-RepeatFirstEasy-v0,popgym-CountRecallEasy-v0 \\
         --cores gru,elstm:rtrl --seeds 3 --steps 1000000 --workers 2 --out runs/bench/popgym
@@ -72,7 +73,7 @@ class Run:
     """One (task, core, seed) of the study and the overrides that make its config."""
 
     task: str
-    core: str  # name:grad as resolved
+    core: str  # <memory group>:<grad>, the gradient resolved
     seed: int
     run_dir: Path
     overrides: tuple[str, ...]
@@ -105,13 +106,14 @@ def core_overrides(core: str) -> list[str]:
 
 
 def resolve_core(config_file: Path, task: str, core: str, extra: Sequence[str]) -> str:
-    """Check a core (and its gradient) against the first task; return it as ``name:grad``."""
+    """Check a core (and its gradient) against the first task; return it as ``group:grad``."""
     overrides = core_overrides(core)
     try:
         config = cfg.load(str(config_file), [f"env.id={task}", *overrides, *extra])
     except ConfigError as err:
         raise ConfigError(f"--cores {core!r}: {err}") from None
-    return f"{config.memory['name']}:{config.memory['grad']}"
+    # the group choice, not the registered core: cfc_lowrank is the cfc core with other options
+    return f"{config.choices['memory']}:{config.memory['grad']}"
 
 
 def check_task(config_file: Path, task: str, extra: Sequence[str]) -> None:
@@ -217,7 +219,7 @@ def read_run(run_dir: Path, steps: int, window: float) -> dict[str, Any]:
     logged, returns = logged[last], returns[last]
     curve_steps, curve = windowed_means(logged, returns, window)
     return {"mmer": float(curve.max()), "curve_steps": curve_steps.tolist(), "curve": curve.tolist(),
-            "steps": int(logged[-1]), "steps_per_second": float(sps[-1])}
+            "steps": int(sps_steps[-1]), "steps_per_second": float(sps[-1])}
 
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
