@@ -49,17 +49,17 @@ from rlmem.errors import ConfigError
 
 CONFIG_NAME = "popgym_ppo.yaml"
 RETURN_TAG = "charts/episodic_return"
-# POPGym's Easy tasks that this installation registers, by POPGym's categories. The navigation tasks
-# (LabyrinthEscape/Explore) need the optional `mazelib` package, which popgym does not install.
+# POPGym's Easy tasks that this installation registers, with POPGym's tags. The navigation tasks
+# (LabyrinthEscape/Explore) need the optional `mazelib` package (popgym[navigation]).
 DEFAULT_TASKS = (
     "popgym-RepeatPreviousEasy-v0",  # diagnostic
     "popgym-RepeatFirstEasy-v0",  # diagnostic
     "popgym-AutoencodeEasy-v0",  # diagnostic
+    "popgym-CountRecallEasy-v0",  # diagnostic, noisy
     "popgym-PositionOnlyCartPoleEasy-v0",  # control (stateless cartpole)
     "popgym-PositionOnlyPendulumEasy-v0",  # control (stateless pendulum)
-    "popgym-NoisyPositionOnlyCartPoleEasy-v0",  # noisy
-    "popgym-CountRecallEasy-v0",  # game
-    "popgym-HigherLowerEasy-v0",  # game
+    "popgym-NoisyPositionOnlyCartPoleEasy-v0",  # control, noisy
+    "popgym-HigherLowerEasy-v0",  # game, noisy
     "popgym-BattleshipEasy-v0",  # game
     "popgym-MineSweeperEasy-v0",  # game
 )
