@@ -5,12 +5,14 @@ cores and changed settings with one message and exit status 2 before any run sta
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import rlmem.train
 from rlmem.bench.popgym import windowed_means
 from rlmem.cli import main
 
@@ -70,6 +72,43 @@ def test_study_skips_finished_runs_resumes_unfinished_ones_and_writes_the_table(
     assert main(["bench", "popgym", *changed, "--steps", "1024", "--out", str(out)]) == 2
     assert "was trained with agent.lr=0.001" in capsys.readouterr().err
     assert checkpoint_step(out / RUN_DIRS[2]) == 1024
+
+
+def test_ctrl_c_stops_the_study_and_the_same_command_resumes_the_interrupted_run(tmp_path: Path, monkeypatch,
+                                                                                 capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "popgym"
+    study = ["bench", "popgym", "--tasks", TASKS[1], "--cores", "gru", "--seeds", "2", "--steps", "512",
+             "--window", "256", *SMALL, "--out", str(out)]
+    original_build = rlmem.train.build
+
+    def interrupting_build(*args, **kwargs):  # Ctrl-C during the first run's 4th update (64 env steps each)
+        env, learner, device = original_build(*args, **kwargs)
+        iteration, calls = learner.iteration, []
+
+        def interrupted_iteration():
+            calls.append(1)
+            if len(calls) == 4:
+                signal.raise_signal(signal.SIGINT)
+            return iteration()
+
+        learner.iteration = interrupted_iteration
+        return env, learner, device
+
+    monkeypatch.setattr(rlmem.train, "build", interrupting_build)
+    assert main(study) == 0
+    monkeypatch.undo()
+    printed = capsys.readouterr().out
+    assert "stopped RepeatFirstEasy gru:bptt s0 at step 256" in printed and "s1" not in printed
+    assert checkpoint_step(out / TASKS[1] / "gru-bptt_s0") == 256 and not (out / TASKS[1] / "gru-bptt_s1").exists()
+
+    assert main(study) == 0
+    printed = capsys.readouterr().out
+    assert "resume from step 256: RepeatFirstEasy gru:bptt s0" in printed
+    assert "start RepeatFirstEasy gru:bptt s1" in printed
+    assert all(checkpoint_step(out / TASKS[1] / f"gru-bptt_s{seed}") == 512 for seed in (0, 1))
+    cell = json.loads((out / "results.json").read_text())["summary"]["cells"][TASKS[1]]["gru:bptt"]
+    assert cell["seeds"] == 2 and len(cell["per_seed"]) == 2
 
 
 @pytest.mark.parametrize(

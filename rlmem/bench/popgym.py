@@ -45,7 +45,10 @@ from typing import Any
 import numpy as np
 
 from rlmem import config as cfg
+from rlmem.checkpoint import load_checkpoint
 from rlmem.errors import ConfigError
+from rlmem.plot import read_scalars
+from rlmem.train import train
 
 CONFIG_NAME = "popgym_ppo.yaml"
 RETURN_TAG = "charts/episodic_return"
@@ -147,8 +150,6 @@ def plan_runs(config_file: Path, tasks: Sequence[str], cores: Sequence[str], see
 
 def checkpoint_step(run_dir: Path) -> int | None:
     """The global step of a run's checkpoint, or None when it has none."""
-    from rlmem.checkpoint import load_checkpoint
-
     if not (run_dir / "checkpoint.pt").is_file():
         return None
     return int(load_checkpoint(run_dir)["global_step"])
@@ -174,10 +175,9 @@ def check_saved_config(config_file: Path, run: Run) -> None:
                 )
 
 
-def train_run(config_file: Path, run: Run, resume_from: int | None, steps: int) -> float:
-    """Train (or continue) one run to ``steps`` env steps, quietly, on one thread; return its seconds."""
-    from rlmem.train import train
-
+def train_run(config_file: Path, run: Run, resume_from: int | None, steps: int) -> tuple[float, int]:
+    """Train (or continue) one run to ``steps`` env steps, quietly, on one thread; return its seconds and
+    the step it reached (short of ``steps`` when Ctrl-C stopped it: the library saves and returns)."""
     started = time.perf_counter()
     if resume_from is None:
         for stale in run.run_dir.glob("events.out.tfevents.*"):  # a start that died before its first checkpoint
@@ -188,7 +188,7 @@ def train_run(config_file: Path, run: Run, resume_from: int | None, steps: int) 
         config = cfg.load_saved(run.run_dir, [f"train.total_steps={steps}"])
         config.train.run_dir = str(run.run_dir)
         train(config, resume=True, log=lambda *_: None)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, checkpoint_step(run.run_dir) or 0
 
 
 def windowed_means(steps: np.ndarray, values: np.ndarray, window: float) -> tuple[np.ndarray, np.ndarray]:
@@ -206,8 +206,6 @@ def windowed_means(steps: np.ndarray, values: np.ndarray, window: float) -> tupl
 
 def read_run(run_dir: Path, steps: int, window: float) -> dict[str, Any]:
     """One finished run: its MMER, its windowed learning curve and its env steps/s."""
-    from rlmem.plot import read_scalars
-
     sps_steps, sps = read_scalars(run_dir, "charts/SPS", until=steps)
     try:
         logged, returns = read_scalars(run_dir, RETURN_TAG, until=steps)
@@ -398,32 +396,38 @@ def run(argv: list[str]) -> None:
     if results:
         write_results(out, settings, results, tasks, cores)
 
-    def finished(run_: Run, seconds: float) -> None:
-        results[run_] = read_run(run_.run_dir, args.steps, args.window)
-        write_results(out, settings, results, tasks, cores)
-        print(f"  done {short_task(run_.task)} {run_.core} s{run_.seed}: MMER {results[run_]['mmer']:.3f} "
-              f"({seconds:.0f} s, {results[run_]['steps_per_second']:,.0f} steps/s) [{len(results)}/{len(runs)}]",
-              flush=True)
-
     def announce(run_: Run, step: int | None) -> None:
         what = "start" if step is None else f"resume from step {step:,}:"
         print(f"  {what} {short_task(run_.task)} {run_.core} s{run_.seed}", flush=True)
 
-    failed = []
+    failed, stopped = [], []
 
-    def failure(run_: Run, err: Exception) -> None:  # a diverged run: the others go on; a rerun retries it
-        failed.append(run_)
-        print(f"  FAILED {short_task(run_.task)} {run_.core} s{run_.seed}: {err}", flush=True)
+    def finished(run_: Run, outcome: tuple[float, int] | Exception) -> None:
+        label = f"{short_task(run_.task)} {run_.core} s{run_.seed}"
+        if isinstance(outcome, Exception):  # a diverged run, say: the others go on, a rerun retries it
+            failed.append(run_)
+            print(f"  FAILED {label}: {outcome}", flush=True)
+            return
+        seconds, reached = outcome
+        if reached < args.steps:  # Ctrl-C: the run saved its checkpoint and returned
+            stopped.append(run_)
+            print(f"  stopped {label} at step {reached:,}", flush=True)
+            return
+        results[run_] = read_run(run_.run_dir, args.steps, args.window)
+        write_results(out, settings, results, tasks, cores)
+        print(f"  done {label}: MMER {results[run_]['mmer']:.3f} ({seconds:.0f} s, "
+              f"{results[run_]['steps_per_second']:,.0f} steps/s) [{len(results)}/{len(runs)}]", flush=True)
 
     if args.workers == 1:
         for run_, step in pending:
             announce(run_, step)
             try:
-                seconds = train_run(config_file, run_, step, args.steps)
+                outcome: tuple[float, int] | Exception = train_run(config_file, run_, step, args.steps)
             except Exception as err:
-                failure(run_, err)
-            else:
-                finished(run_, seconds)
+                outcome = err
+            finished(run_, outcome)
+            if stopped:
+                break
     elif pending:
         # spawn, not fork: a forked child would inherit PyTorch's thread pools in whatever state they are
         with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
@@ -433,14 +437,14 @@ def run(argv: list[str]) -> None:
                 futures[pool.submit(train_run, config_file, run_, step, args.steps)] = run_
             for future in as_completed(futures):
                 try:
-                    seconds = future.result()
+                    outcome = future.result()
                 except Exception as err:
-                    failure(futures[future], err)
-                else:
-                    finished(futures[future], seconds)
+                    outcome = err
+                finished(futures[future], outcome)
 
     table = write_results(out, settings, results, tasks, cores)
     plot(results, tasks, cores, args.window, out / "popgym.png")
     print(f"\n{table}\n\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'popgym.png'}")
-    if failed:
-        print(f"{len(failed)} run(s) failed (see above); running the same command again retries them")
+    if failed or stopped:
+        print(f"{len(failed)} run(s) failed, {len(stopped)} stopped (see above), "
+              f"{len(runs) - len(results)} of {len(runs)} not finished; the same command again continues the study")
