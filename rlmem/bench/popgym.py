@@ -24,9 +24,10 @@ core the mean ± standard error over seeds, and per core the mean over tasks (it
 Runs are independent processes (``--workers``, one thread each). A run whose checkpoint has reached
 ``--steps`` is not run again; one with an earlier checkpoint (interrupted, or finished with fewer
 steps) is resumed from it by the library's resume, and a run directory whose saved config differs
-from this call's is refused. The table (``OUT/results.md``, ``OUT/results.json``) is rewritten as
-each run finishes, so a study stopped part way is summarised as far as it got and continued by
-running the same command again; the learning curves (``OUT/popgym.png``) are drawn at the end.
+from this call's is refused. Ctrl-C stops the study (a running run saves its checkpoint first).
+The table (``OUT/results.md``, ``OUT/results.json``) is rewritten as each run finishes, so a study
+stopped part way is summarised as far as it got and continued by running the same command again;
+the learning curves (``OUT/popgym.png``) are drawn at the end of each call.
 """
 
 from __future__ import annotations
