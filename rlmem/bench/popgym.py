@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -181,15 +182,36 @@ def train_run(config_file: Path, run: Run, resume_from: int | None, steps: int) 
     the step it reached (short of ``steps`` when Ctrl-C stopped it: the library saves and returns)."""
     started = time.perf_counter()
     if resume_from is None:
-        for stale in run.run_dir.glob("events.out.tfevents.*"):  # a start that died before its first checkpoint
-            stale.unlink()
         config = cfg.load(str(config_file), list(run.overrides))
-        train(config, log=lambda *_: None)
     else:
         config = cfg.load_saved(run.run_dir, [f"train.total_steps={steps}"])
         config.train.run_dir = str(run.run_dir)
-        train(config, resume=True, log=lambda *_: None)
-    return time.perf_counter() - started, checkpoint_step(run.run_dir) or 0
+    if InterruptLatch.requested:
+        return 0.0, resume_from or 0
+    if resume_from is None:
+        for stale in run.run_dir.glob("events.out.tfevents.*"):  # a start that died before its first checkpoint
+            stale.unlink()
+    train(config, resume=resume_from is not None, log=lambda *_: None)
+    reached = checkpoint_step(run.run_dir) or 0
+    if reached < steps:  # train's handler took the Ctrl-C: this worker starts no further run either
+        InterruptLatch.requested = True
+    return time.perf_counter() - started, reached
+
+
+class InterruptLatch:
+    """In a pool worker: a Ctrl-C that arrives between runs (or while one is being set up) is remembered,
+    so that the worker starts no run after it. During a run ``train``'s own handler takes over: it
+    saves the run's checkpoint and returns."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        signal.signal(signal.SIGINT, cls.request)
+
+    @classmethod
+    def request(cls, signum: int, frame: Any) -> None:
+        cls.requested = True
 
 
 def windowed_means(steps: np.ndarray, values: np.ndarray, window: float) -> tuple[np.ndarray, np.ndarray]:
@@ -431,17 +453,33 @@ def run(argv: list[str]) -> None:
                 break
     elif pending:
         # spawn, not fork: a forked child would inherit PyTorch's thread pools in whatever state they are
-        with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn"),
+                                 initializer=InterruptLatch.install) as pool:
             futures = {}
             for run_, step in pending:
                 announce(run_, step)  # queued: the pool starts it as a worker frees up
                 futures[pool.submit(train_run, config_file, run_, step, args.steps)] = run_
-            for future in as_completed(futures):
-                try:
-                    outcome = future.result()
-                except Exception as err:
-                    outcome = err
-                finished(futures[future], outcome)
+            try:
+                for future in as_completed(futures):
+                    if future.cancelled():
+                        continue
+                    try:
+                        outcome = future.result()
+                    except Exception as err:
+                        outcome = err
+                    finished(futures[future], outcome)
+                    if stopped:  # a Ctrl-C reached the runs but not this process: start no other run either
+                        for queued in futures:
+                            queued.cancel()
+            except KeyboardInterrupt:
+                # The running runs got the same Ctrl-C: they save their checkpoints and return. Start no other.
+                pool.shutdown(wait=True, cancel_futures=True)
+                for future, run_ in futures.items():  # those that returned (a worker stopped while starting did not)
+                    if (future.done() and not future.cancelled() and future.exception() is None
+                            and run_ not in {*results, *stopped}):
+                        finished(run_, future.result())
+                write_results(out, settings, results, tasks, cores)
+                raise
 
     table = write_results(out, settings, results, tasks, cores)
     plot(results, tasks, cores, args.window, out / "popgym.png")
