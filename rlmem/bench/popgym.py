@@ -193,7 +193,7 @@ def train_run(config_file: Path, run: Run, resume_from: int | None, steps: int) 
             stale.unlink()
     train(config, resume=resume_from is not None, log=lambda *_: None)
     reached = checkpoint_step(run.run_dir) or 0
-    if reached < steps:  # train's handler took the Ctrl-C: this worker starts no further run either
+    if reached < steps and InterruptLatch.installed:  # train's handler took the Ctrl-C: start no other run
         InterruptLatch.requested = True
     return time.perf_counter() - started, reached
 
@@ -203,10 +203,12 @@ class InterruptLatch:
     so that the worker starts no run after it. During a run ``train``'s own handler takes over: it
     saves the run's checkpoint and returns."""
 
+    installed = False  # only in pool workers: a study run in-process stops by its own loop
     requested = False
 
     @classmethod
     def install(cls) -> None:
+        cls.installed = True
         signal.signal(signal.SIGINT, cls.request)
 
     @classmethod
