@@ -33,6 +33,7 @@ BENCHES = {
     "kernels": ("rlmem.bench.kernels", "CUDA sensitivity kernels vs the eager PyTorch reference"),
     "robustness": ("rlmem.bench.robustness", "return of trained runs vs observation noise σ (grouped by seed)"),
     "trace_patterning": ("rlmem.bench.trace_patterning", "CCN paper's prediction benchmark: CCN vs BPTT vs RTRL cores"),
+    "popgym": ("rlmem.bench.popgym", "memory cores on POPGym tasks by recurrent PPO: MMER table and learning curves"),
     "stream_ac": ("rlmem.bench.stream_ac", "stream_ac env steps/s: per-env gradients by vmap vs batched backward"),
 }
 

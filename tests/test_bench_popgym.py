@@ -1,0 +1,137 @@
+"""`rlmem bench popgym` runs a tiny study end to end, starts no finished run again, resumes an unfinished
+one from its checkpoint, writes POPGym's MMER table and the learning curves, and refuses unknown tasks,
+cores and changed settings with one message and exit status 2 before any run starts."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rlmem.train
+from rlmem.bench.popgym import windowed_means
+from rlmem.cli import main
+
+pytest.importorskip("popgym")
+
+TASKS = ["popgym-RepeatPreviousEasy-v0", "popgym-RepeatFirstEasy-v0"]
+SMALL = ["--set", "memory.hidden_size=8", "--set", "model.encoder_size=8", "--set", "env.num_envs=4",
+         "--set", "agent.unroll_length=16"]  # 64 env steps per update
+TINY = ["--tasks", ",".join(TASKS), "--cores", "gru,elstm:rtrl", "--seeds", "1", "--window", "256", *SMALL]
+RUN_DIRS = [f"{task}/{core}_s0" for task in TASKS for core in ("gru-bptt", "elstm-rtrl")]
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    return int(torch.load(run_dir / "checkpoint.pt", weights_only=False)["global_step"])
+
+
+def test_study_skips_finished_runs_resumes_unfinished_ones_and_writes_the_table(tmp_path: Path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "popgym"
+    assert main(["bench", "popgym", *TINY, "--steps", "512", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("  start ") == 4 and printed.count("  done ") == 4
+    assert all(checkpoint_step(out / d) == 512 for d in RUN_DIRS)
+    results = json.loads((out / "results.json").read_text())
+    cells = results["summary"]["cells"]
+    assert list(cells) == TASKS and all(list(cells[t]) == ["gru:bptt", "elstm:rtrl"] for t in TASKS)
+    assert all(-1 <= cells[t][c]["mmer"] <= 1 and cells[t][c]["seeds"] == 1 for t in TASKS for c in cells[t])
+    overall = results["summary"]["mean_over_tasks"]
+    assert overall["gru:bptt"]["mmer"] == pytest.approx(np.mean([cells[t]["gru:bptt"]["mmer"] for t in TASKS]))
+    assert len(results["runs"]) == 4 and all(r["steps_per_second"] > 0 for r in results["runs"])
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| task", "| RepeatPreviousEasy", "| RepeatFirstEasy", "| **mean over tasks**"]
+    assert rows[0] == "| task | gru:bptt | elstm:rtrl |"
+    assert (out / "popgym.png").stat().st_size > 1000
+
+    # The same command again: every run is finished, none starts, no checkpoint is rewritten.
+    stamps = {d: (out / d / "checkpoint.pt").stat().st_mtime_ns for d in RUN_DIRS}
+    assert main(["bench", "popgym", *TINY, "--steps", "512", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("  skip ") == 4 and "  start " not in printed and "  done " not in printed
+    assert {d: (out / d / "checkpoint.pt").stat().st_mtime_ns for d in RUN_DIRS} == stamps
+    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+
+    # A longer study: the run stopped at 512 steps continues from its checkpoint to 1,024.
+    one = ["--tasks", TASKS[1], "--cores", "gru", "--seeds", "1", "--window", "256", *SMALL]
+    assert main(["bench", "popgym", *one, "--steps", "1024", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "resume from step 512: RepeatFirstEasy gru:bptt s0" in printed and "  done RepeatFirstEasy" in printed
+    assert checkpoint_step(out / RUN_DIRS[2]) == 1024
+    resumed = json.loads((out / "results.json").read_text())["runs"]
+    assert len(resumed) == 1 and resumed[0]["steps"] == 1024
+
+    # Other settings into the same OUT would mix two studies in one table: refused before anything runs.
+    changed = [*one[:-len(SMALL)], *SMALL, "--set", "agent.lr=0.01"]
+    assert main(["bench", "popgym", *changed, "--steps", "1024", "--out", str(out)]) == 2
+    assert "was trained with agent.lr=0.001" in capsys.readouterr().err
+    assert checkpoint_step(out / RUN_DIRS[2]) == 1024
+
+
+def test_ctrl_c_stops_the_study_and_the_same_command_resumes_the_interrupted_run(tmp_path: Path, monkeypatch,
+                                                                                 capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "popgym"
+    study = ["bench", "popgym", "--tasks", TASKS[1], "--cores", "gru", "--seeds", "2", "--steps", "512",
+             "--window", "256", *SMALL, "--out", str(out)]
+    original_build = rlmem.train.build
+
+    def interrupting_build(*args, **kwargs):  # Ctrl-C during the first run's 4th update (64 env steps each)
+        env, learner, device = original_build(*args, **kwargs)
+        iteration, calls = learner.iteration, []
+
+        def interrupted_iteration():
+            calls.append(1)
+            if len(calls) == 4:
+                signal.raise_signal(signal.SIGINT)
+            return iteration()
+
+        learner.iteration = interrupted_iteration
+        return env, learner, device
+
+    monkeypatch.setattr(rlmem.train, "build", interrupting_build)
+    assert main(study) == 0
+    monkeypatch.undo()
+    printed = capsys.readouterr().out
+    assert "stopped RepeatFirstEasy gru:bptt s0 at step 256" in printed and "s1" not in printed
+    assert checkpoint_step(out / TASKS[1] / "gru-bptt_s0") == 256 and not (out / TASKS[1] / "gru-bptt_s1").exists()
+
+    assert main(study) == 0
+    printed = capsys.readouterr().out
+    assert "resume from step 256: RepeatFirstEasy gru:bptt s0" in printed
+    assert "start RepeatFirstEasy gru:bptt s1" in printed
+    assert all(checkpoint_step(out / TASKS[1] / f"gru-bptt_s{seed}") == 512 for seed in (0, 1))
+    cell = json.loads((out / "results.json").read_text())["summary"]["cells"][TASKS[1]]["gru:bptt"]
+    assert cell["seeds"] == 2 and len(cell["per_seed"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [(["--tasks", "popgym-RepeatPreviousEasy-v0,popgym-NoSuchTaskEasy-v0"], "--tasks 'popgym-NoSuchTaskEasy-v0': "),
+     (["--cores", "gru,no_such_core"], "--cores 'no_such_core': unknown memory choice"),
+     (["--cores", "gru:rtrl"], "--cores 'gru:rtrl': memory.grad='rtrl' is not supported by core 'gru'")],
+)
+def test_unknown_task_or_core_is_one_message_and_exit_2_before_any_run(tmp_path: Path, capsys, argument, message):
+    out = tmp_path / "popgym"
+    assert main(["bench", "popgym", "--tasks", TASKS[0], "--cores", "gru", "--steps", "64", *argument,
+                 "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "start" not in captured.out and not out.exists()
+
+
+def test_mmer_is_the_best_mean_over_a_window_of_env_steps():
+    steps = np.array([100.0, 200, 300, 400, 500])
+    returns = np.array([-1.0, 0.0, 1.0, 0.5, -0.5])
+    at, means = windowed_means(steps, returns, 200)  # points in (s − 200, s], from s = 200 on
+    np.testing.assert_allclose(at, [200, 300, 400, 500])
+    np.testing.assert_allclose(means, [-0.5, 0.5, 0.75, 0.0])
+    assert means.max() == 0.75
+    at, means = windowed_means(steps, returns, 1000)  # a run shorter than the window: one mean, all of it
+    np.testing.assert_allclose(at, [500]) and np.testing.assert_allclose(means, [0.0])
