@@ -54,8 +54,8 @@ from rlmem.train import train
 
 CONFIG_NAME = "popgym_ppo.yaml"
 RETURN_TAG = "charts/episodic_return"
-# POPGym's Easy tasks that this installation registers, with POPGym's tags. The navigation tasks
-# (LabyrinthEscape/Explore) need the optional `mazelib` package (popgym[navigation]).
+# POPGym's Easy tasks with POPGym's tags. The navigation tasks (LabyrinthEscape/Explore) register only
+# where `mazelib` is installed (the popgym extra installs it).
 DEFAULT_TASKS = (
     "popgym-RepeatPreviousEasy-v0",  # diagnostic
     "popgym-RepeatFirstEasy-v0",  # diagnostic
@@ -63,12 +63,12 @@ DEFAULT_TASKS = (
     "popgym-CountRecallEasy-v0",  # diagnostic, noisy
     "popgym-PositionOnlyCartPoleEasy-v0",  # control (stateless cartpole)
     "popgym-PositionOnlyPendulumEasy-v0",  # control (stateless pendulum)
-    "popgym-NoisyPositionOnlyCartPoleEasy-v0",  # control, noisy
     "popgym-HigherLowerEasy-v0",  # game, noisy
     "popgym-BattleshipEasy-v0",  # game
     "popgym-MineSweeperEasy-v0",  # game
+    "popgym-LabyrinthEscapeEasy-v0",  # navigation
 )
-DEFAULT_CORES = ("gru", "elstm:rtrl", "lru:rtrl", "ffm", "cfc_lowrank:snap1")
+DEFAULT_CORES = ("gru", "elstm:rtrl", "lru:rtrl", "ffm", "cfc_lowrank:bptt")
 # Settings that may differ between a saved run and this call: where and how long it runs, and how it reports.
 RUN_KEYS = {"total_steps", "run_dir", "name", "progress"}
 
