@@ -68,11 +68,9 @@ from rlmem.memory import CORES, State, core_options
 ONLINE_GRAD_MODES = ("rtrl", "snap1")
 ENV_UPDATES = ("mean", "sum")
 PER_ENV_GRADIENTS = ("auto", "vmap", "batched")
-# The vmap path pays torch.func's fixed cost per step, the batched one a cost quadratic in B. On one
-# CPU thread with a 128-unit eLSTM (`rlmem bench stream_ac`, three runs) vmap ran at 0.3–0.5× the
-# batched path's steps/s at 1 and 4 envs, 0.8–1.1× at 16, 1.2–1.7× at 32 and 2.5–3.1× at 64.
+# The vmap path pays torch.func's fixed cost per step, the batched one a cost quadratic in B; where they
+# cross was measured with `rlmem bench stream_ac` (docs/learners_ppo_stream_ac.md, section 3).
 VMAP_MIN_ENVS = 32
-
 
 
 @dataclass
