@@ -11,6 +11,10 @@ One iteration:
    where the sensitivities advance; in bptt mode it equals the acting state.
 3. Targets (GAE(λ) or V-trace, truncations bootstrapped from ``final_obs``), the usual loss
    ``policy − entropy_coef·entropy + value_coef·value``, gradient-norm clipping, one optimizer step.
+   Each term is a mean over the window's T·B steps, or their sum (``loss_reduction: sum``, as IMPALA
+   and torchbeast, whose RMSProp ε = 0.01 and clip of 40 are set for summed gradients: with a mean the
+   gradients are T·B times smaller, ε then dominates RMSProp's normaliser and the step shrinks by
+   about as much).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from rlmem.memory import State
 
 TARGETS = ("gae", "vtrace")
 OPTIMIZERS = ("adam", "rmsprop")
+LOSS_REDUCTIONS = ("mean", "sum")
 
 
 
@@ -55,6 +60,7 @@ class ActorCriticOptions:
     reward_clip: float = 0.0  # clip rewards to [-c, c] for learning and the core's input; 0 = off
     normalize_advantages: bool = True
     anneal_lr: bool = True  # linearly to 0 over train.total_steps
+    loss_reduction: str = "mean"  # mean | sum: each loss term over the window's T·B steps
 
     def __post_init__(self) -> None:
         check_options(self, counts=["unroll_length"], unit_interval=["gamma", "gae_lambda"],
@@ -63,6 +69,7 @@ class ActorCriticOptions:
                       flags=["normalize_advantages", "anneal_lr"])
         check_choice("target", self.target, TARGETS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         check_number("rmsprop_alpha", self.rmsprop_alpha, 0.0, 1.0, low_open=True)
 
 
@@ -92,9 +99,10 @@ class ActorCriticLearner(WindowLearner):
     def loss(self, rollout: Rollout) -> ActorCriticLoss:
         """Replay ``rollout`` with gradients from its start state; targets and the actor-critic loss."""
         opt, net = self.options, self.network
+        reduce = torch.sum if opt.loss_reduction == "sum" else torch.mean
         out = net(rollout.obs, rollout.start_state, rollout.reset, rollout.prev_actions, rollout.prev_rewards)
         log_probs = out.dist.log_prob(rollout.actions)
-        entropy = out.dist.entropy().mean()
+        entropy = reduce(out.dist.entropy())
         values = out.value
 
         with torch.no_grad():
@@ -112,8 +120,8 @@ class ActorCriticLearner(WindowLearner):
             if opt.normalize_advantages and advantages.numel() > 1:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
-        policy_loss = -(advantages * log_probs).mean()
-        value_loss = 0.5 * (values - targets).pow(2).mean()
+        policy_loss = -reduce(advantages * log_probs)
+        value_loss = 0.5 * reduce((values - targets).pow(2))
         total = policy_loss - opt.entropy_coef * entropy + opt.value_coef * value_loss
         return ActorCriticLoss(total, policy_loss, value_loss, entropy, values.detach(), targets, out.state)
 
@@ -132,10 +140,12 @@ class ActorCriticLearner(WindowLearner):
             log_ratio = new.dist.log_prob(rollout.actions) - rollout.log_probs
             approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
 
+        # the terms are logged per step whatever the reduction, so that runs compare
+        per_step = 1.0 / terms.values.numel() if self.options.loss_reduction == "sum" else 1.0
         metrics = {
-            "losses/value_loss": float(terms.value_loss.detach()),
-            "losses/policy_loss": float(terms.policy_loss.detach()),
-            "losses/entropy": float(terms.entropy.detach()),
+            "losses/value_loss": float(terms.value_loss.detach()) * per_step,
+            "losses/policy_loss": float(terms.policy_loss.detach()) * per_step,
+            "losses/entropy": float(terms.entropy.detach()) * per_step,
             "losses/approx_kl": float(approx_kl),
             "losses/explained_variance": explained_variance(terms.values, terms.targets),
             "losses/grad_norm": float(grad_norm),

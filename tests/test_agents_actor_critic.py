@@ -637,3 +637,28 @@ def test_elstm_rtrl_learns_a_cue_beyond_the_window():
     success = [np.mean(learner.iteration().episode_successes or [np.nan]) for _ in range(600)]
     assert np.nanmean(success[:60]) < 0.35  # chance is 0.25
     assert np.nanmean(success[-60:]) > 0.8
+
+
+
+def test_summed_loss_gives_the_window_size_times_the_mean_gradient():
+    """loss_reduction=sum (IMPALA's scale, for which RMSProp's ε = 0.01 is set) gives T·B times the
+    gradient of the mean on the same window."""
+    import dataclasses
+
+    from rlmem import config as cfg
+    from rlmem.train import build
+
+    config = cfg.load(None, ["env.num_envs=4", "agent.unroll_length=5"])
+    env, learner, _ = build(config)
+    try:
+        rollout, _ = learner.collector.collect(5)
+        gradients = {}
+        for reduction in ("mean", "sum"):
+            learner.options = dataclasses.replace(learner.options, loss_reduction=reduction)
+            learner.network.zero_grad()
+            learner.loss(rollout).total.backward()
+            gradients[reduction] = [p.grad.clone() for p in learner.network.parameters() if p.grad is not None]
+    finally:
+        env.close()
+    for mean, summed in zip(gradients["mean"], gradients["sum"]):
+        torch.testing.assert_close(summed, mean * 20, rtol=1e-4, atol=1e-6)
