@@ -18,6 +18,7 @@ from envs import make_env
 from rlmem import config as cfg
 from rlmem.checkpoint import load_checkpoint
 from rlmem.cli import main
+from rlmem.memory import make_core
 from rlmem.plot import group_runs
 from rlmem.train import train
 
@@ -167,3 +168,23 @@ def test_grid_values_must_be_numbers_and_valid_options():
         cfg.resolve(base, ["train.population=0"])
     with pytest.raises(cfg.ConfigError, match="not supported by learner 'ppo'"):
         cfg.resolve({"defaults": {"memory": "gru", "env": "cue_recall", "agent": "ppo"}}, ["train.population=2"])
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_unfused_recurrent_cores_equal_the_fused_kernels(float64, name: str):
+    """The gate equations that populations run under vmap compute what the fused kernel computes."""
+    core = make_core({"name": name, "hidden_size": 5}, 3)
+    x = torch.randn(6, 4, 3)
+    reset = torch.zeros(6, 4, dtype=torch.bool)
+    reset[3, 1] = True
+    state = {k: torch.randn_like(v) for k, v in core.initial_state(4).items()}
+    fused_y, fused_state = core(x, state, reset)
+    fused_grads = torch.autograd.grad(fused_y.square().sum(), list(core.parameters()))
+    core.fused = False
+    y, unfused_state = core(x, state, reset)
+    grads = torch.autograd.grad(y.square().sum(), list(core.parameters()))
+    torch.testing.assert_close(y, fused_y, atol=1e-12, rtol=1e-12)
+    for key, value in fused_state.items():
+        torch.testing.assert_close(unfused_state[key], value, atol=1e-12, rtol=1e-12)
+    for got, expected in zip(grads, fused_grads):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
