@@ -22,6 +22,10 @@ back into ``members[p]`` so that checkpoints are the members' own ``state_dict``
 member can be resumed, evaluated or compared as the run it equals). Python state of the template's
 modules (``ccn``'s step count, ``get_extra_state``) advances once per step, as each member's would.
 
+Environments: where the members' env class can ``stack`` them (the trace tasks: one env of all the
+members' streams, each drawing from its member's generator exactly as alone), one env step serves the
+whole population; otherwise the members' envs step one by one.
+
 Reset flags: cores read a window's reset flags on the host (segments of fused kernels, ``run_cell``),
 which a vmapped function cannot do, so when every member resets at the same steps (continuing
 prediction streams, and the first step of every member) the flags go in unbatched; a population whose
@@ -67,6 +71,13 @@ def check_population_grid(learner: str, grid: Mapping[str, Any]) -> None:
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
         ):
             raise ConfigError(f"train.population_grid.{key} must be a non-empty list of numbers, got {values!r}")
+
+
+def _info_rows(info: Any, rows: slice) -> Any:
+    """The rows of a stacked env's info (tensors with the envs on dim 0, nested in dicts)."""
+    if isinstance(info, dict):
+        return {k: _info_rows(v, rows) for k, v in info.items()}
+    return info[rows] if isinstance(info, Tensor) and info.dim() > 0 else info
 
 
 def stack_states(states: Sequence[State]) -> State:
@@ -140,6 +151,8 @@ class TDPopulation(Learner):
             self.window.append((stack_states([e[0] for e in entries]), torch.stack([e[1] for e in entries]),
                                 torch.stack([e[2] for e in entries])))
         self.updates, self.steps = members[0].updates, members[0].steps
+        stack = getattr(type(members[0].env), "stack", None)
+        self.stacked_env = None if stack is None else stack([m.env for m in members])
         self.no_gradient = [torch.zeros(self.size, self.num_envs, n, dtype=self.traces.dtype, device=self.device)
                             for n in self.sizes]
 
@@ -163,12 +176,15 @@ class TDPopulation(Learner):
             for state, obs, reset in self.window:
                 member.window.append((member_state(state, p), obs[p].clone(), reset[p].clone()))
             member.updates, member.steps = self.updates, self.steps
+        if self.stacked_env is not None:
+            self.stacked_env.unstack_into([m.env for m in self.members])
 
     def state_dict(self) -> dict[str, Any]:
         self.sync_members()
         return {"members": [m.state_dict() for m in self.members]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load every member's state; the members' envs must hold their states already (loaded first)."""
         if len(state["members"]) != self.size:
             raise ValueError(f"the checkpoint holds {len(state['members'])} members, this population {self.size}")
         for member, saved in zip(self.members, state["members"]):
@@ -268,13 +284,23 @@ class TDPopulation(Learner):
         for param, s in zip(self.flat_params, step.split(self.sizes, dim=1)):
             param.add_(s.view_as(param))
 
+    def env_step(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[dict[str, Any]]]:
+        """Every member's env step: obs [P, B, ...], reward, terminated, truncated [P, B], and the infos
+        per member."""
+        P, B = self.size, self.num_envs
+        if self.stacked_env is None:
+            steps = [m.env.step(None) for m in self.members]
+            stacked = [torch.stack([s[k] for s in steps]).to(self.device) for k in range(4)]
+            return (*stacked, [s[4] for s in steps])  # type: ignore[return-value]
+        obs, reward, terminated, truncated, info = self.stacked_env.step(None)
+        rows = [slice(p * B, (p + 1) * B) for p in range(P)]
+        infos = [_info_rows(info, r) for r in rows]
+        obs, reward, terminated, truncated = (t.to(self.device).view(P, B, *t.shape[1:])
+                                              for t in (obs, reward, terminated, truncated))
+        return obs, reward, terminated, truncated, infos
+
     def step(self, sums: dict[str, Tensor], episodes: list[tuple[list[float], list[int]]]) -> None:
-        steps = [m.env.step(None) for m in self.members]
-        obs = torch.stack([s[0] for s in steps]).to(self.device)
-        reward = torch.stack([s[1] for s in steps]).to(self.device)
-        terminated = torch.stack([s[2] for s in steps]).to(self.device)
-        truncated = torch.stack([s[3] for s in steps]).to(self.device)
-        infos = [s[4] for s in steps]
+        obs, reward, terminated, truncated, infos = self.env_step()
         done = terminated | truncated
         self.window.append((self.state_after, obs, done))
         value, state, gradients = self.value_and_gradients()

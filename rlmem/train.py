@@ -477,12 +477,12 @@ def restore_population(checkpoint: dict[str, Any], population: Any, envs: dict[s
     """``restore`` for a population: every member's learner and env (``envs`` by member name), and the
     global RNG states."""
     try:
-        population.load_state_dict(checkpoint["learner"])
         if sorted(checkpoint["env"]) != sorted(envs):
             raise ValueError(f"members saved: {', '.join(checkpoint['env'])}; members now: {', '.join(envs)}")
         for name, env in envs.items():
             if checkpoint["env"][name] is not None:
                 env.load_state_dict(checkpoint["env"][name])
+        population.load_state_dict(checkpoint["learner"])  # after the envs: it stacks their streams
         _restore_rng(checkpoint["rng"])
     except EnvError:
         raise
