@@ -188,3 +188,11 @@ def test_unfused_recurrent_cores_equal_the_fused_kernels(float64, name: str):
         torch.testing.assert_close(unfused_state[key], value, atol=1e-12, rtol=1e-12)
     for got, expected in zip(grads, fused_grads):
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_eval_takes_a_member_of_a_population(tmp_path: Path, capsys):
+    run_dir = run(tmp_path, "grid", 40)
+    assert main(["eval", str(run_dir), "--steps", "20"]) == 2
+    assert "evaluate one of its members" in capsys.readouterr().err
+    assert main(["eval", str(run_dir / "members" / "lr0.03_s1"), "--steps", "20"]) == 0
+    assert "lr0.03_s1" not in capsys.readouterr().err
