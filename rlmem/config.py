@@ -323,8 +323,14 @@ def check_combination(config: RunConfig) -> None:
         )
     if is_population(config):
         check_population_grid(config.agent["name"], config.train.population_grid)
-        for member in population_members(config):
+        members = population_members(config)
+        for member in members:
             member.agent_options()  # each member's options are valid
+        names = [member_name(m, config.train.population_grid) for m in members]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"train.population_grid gives several members the name {repeated[0]}: "
+                              "list each value once")
 
 
 # --------------------------------------------------------------------------------------------------

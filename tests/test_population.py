@@ -164,6 +164,8 @@ def test_grid_values_must_be_numbers_and_valid_options():
         cfg.resolve(base, ["train.population_grid.agent.lr=[]"])
     with pytest.raises(cfg.ConfigError, match=r"agent\.lr"):
         cfg.resolve(base, ["train.population_grid.agent.lr=[0.1, -1.0]"])
+    with pytest.raises(cfg.ConfigError, match=r"several members the name lr0\.1_s0"):
+        cfg.resolve(base, ["train.population_grid.agent.lr=[0.1, 0.1]"])
     with pytest.raises(cfg.ConfigError, match=r"train\.population must be >= 1"):
         cfg.resolve(base, ["train.population=0"])
     with pytest.raises(cfg.ConfigError, match="not supported by learner 'ppo'"):
