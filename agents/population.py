@@ -34,6 +34,7 @@ members reset at different steps needs a core whose window does not read them on
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -42,7 +43,11 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from agents.acting import ActingInputs
 from agents.base import IterationResult, Learner, all_finite, check_memory_state, first_non_finite
+from agents.networks import Categorical, DiagGaussian
+from agents.obgd import obgd_update
+from agents.stream_ac import StreamACLearner, per_env_gradients
 from agents.td import TDLearner
 from rlmem.errors import ConfigError, TrainingDiverged
 from rlmem.memory import State
@@ -50,6 +55,7 @@ from rlmem.memory import State
 # Learner name -> the options its members may differ in (scalars the population step reads per member).
 MEMBER_OPTIONS: dict[str, tuple[str, ...]] = {
     "td": ("lr", "trace_lambda", "gamma", "beta2", "eps"),
+    "stream_ac": ("lr", "trace_lambda", "gamma", "entropy_coef"),
 }
 
 
@@ -362,5 +368,249 @@ class TDPopulation(Learner):
             raise TrainingDiverged(f"parameter {name} of member {int((~rows).nonzero()[0])}")
 
 
+def merge_running_stats(mean: Tensor, sum_squares: Tensor, count: Tensor, samples: Tensor) -> None:
+    """``agents.normalization.RunningMeanStd.update`` of P members at once, in place: statistics
+    ``mean``, ``sum_squares`` [P, *shape], ``count`` [P]; ``samples`` [P, n, *shape]."""
+    samples = samples.to(torch.float64)
+    n = samples.shape[1]
+    batch_mean = samples.mean(1)
+    extra = [1] * (mean.dim() - 1)
+    total = count + n
+    delta = batch_mean - mean
+    counts = (count * n / total).view(-1, *extra)
+    sum_squares += (samples - batch_mean.unsqueeze(1)).pow(2).sum(1) + delta.pow(2) * counts
+    mean += delta * (n / total).view(-1, *extra)
+    count.copy_(total)
+
+
+def running_variance(sum_squares: Tensor, count: Tensor) -> Tensor:
+    """``RunningMeanStd.var`` of P members: [P, *shape]."""
+    count = count.view(-1, *[1] * (sum_squares.dim() - 1))
+    return torch.where(count < 2, 1.0, sum_squares / (count - 1).clamp(min=1.0))
+
+
+class StreamACPopulation(Learner):
+    """P ``stream_ac`` learners (``agents.stream_ac.StreamACLearner``) stepped as one.
+
+    Every member's step is the learner's own (see ``agents.stream_ac``): acting by the vmapped one-step
+    forward without gradients, an action sampled from the member's own generator, the member's env
+    step, its reward scale and observation statistics (stacked buffers), V(s_{t+1}), per-env gradients
+    by the learner's ``per_env_gradients`` (vmap over envs of jacrev) vmapped over members, and ObGD
+    per member with the member's step size. Members may differ in ``lr``, ``trace_lambda``, ``gamma``
+    and ``entropy_coef``."""
+
+    parameters_checked_per_step = False
+
+    def __init__(self, members: Sequence[StreamACLearner]) -> None:
+        first = members[0]
+        super().__init__(first.options, first.env, first.device)
+        self.members = list(members)
+        self.size = len(members)
+        self.network = first.network
+        self.template = first
+        self.param_names, self.param_sizes = first.param_names, first.param_sizes
+        if any(m.num_envs != first.num_envs for m in members):
+            raise ConfigError("members of a population must agree in env.num_envs")
+        dtype = first.traces.dtype
+
+        def per_member(values: Sequence[float]) -> Tensor:
+            return torch.tensor(list(values), dtype=dtype, device=self.device)
+
+        options = [m.options for m in members]
+        self.lr = per_member(o.lr for o in options)
+        self.gamma = per_member(o.gamma for o in options)
+        self.trace_decay = per_member(o.gamma * o.trace_lambda for o in options)
+        self.entropy_coef = per_member(o.entropy_coef for o in options)
+        self.gather_members()
+
+    def gather_members(self) -> None:
+        members = self.members
+        named = [dict(m.network.named_parameters()) for m in members]
+        self.params = {name: torch.stack([p[name].detach() for p in named]) for name in self.param_names}
+        buffers = [dict(m.network.named_buffers()) for m in members]
+        self.buffers = {name: torch.stack([b[name] for b in buffers]) for name in buffers[0]}
+        self.traces = torch.stack([m.traces for m in members])  # [P, 2, B, N]
+        stats = [m.reward_stats for m in members]
+        self.reward_mean = torch.stack([s.mean for s in stats])
+        self.reward_sum_squares = torch.stack([s.sum_squares for s in stats])
+        self.reward_count = torch.stack([s.count for s in stats])
+        self.discounted_return = torch.stack([m.discounted_return for m in members])  # [P, B]
+        self.memory_state = stack_states([m.memory_state for m in members])
+        self.inputs = ActingInputs(*(torch.stack([getattr(m.inputs, f) for m in members])
+                                     for f in ("obs", "reset", "prev_action", "prev_reward")))
+        self.steps = members[0].steps
+
+    @torch.no_grad()
+    def sync_members(self) -> None:
+        for p, member in enumerate(self.members):
+            for name, param in member.network.named_parameters():
+                if name in self.params:
+                    param.copy_(self.params[name][p])
+            for name, buffer in member.network.named_buffers():
+                buffer.copy_(self.buffers[name][p])
+            member.traces = self.traces[p].clone()
+            member.reward_stats.mean.copy_(self.reward_mean[p])
+            member.reward_stats.sum_squares.copy_(self.reward_sum_squares[p])
+            member.reward_stats.count.copy_(self.reward_count[p])
+            member.discounted_return = self.discounted_return[p].clone()
+            member.memory_state = member_state(self.memory_state, p)
+            member.inputs = ActingInputs(*(getattr(self.inputs, f)[p].clone()
+                                           for f in ("obs", "reset", "prev_action", "prev_reward")))
+            member.steps = self.steps
+
+    def state_dict(self) -> dict[str, Any]:
+        self.sync_members()
+        return {"members": [m.state_dict() for m in self.members]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state["members"]) != self.size:
+            raise ValueError(f"the checkpoint holds {len(state['members'])} members, this population {self.size}")
+        for member, saved in zip(self.members, state["members"]):
+            member.load_state_dict(saved)
+        self.gather_members()
+
+    # ----------------------------------------------------------------------------------------------
+
+    def network_step(self, buffers: dict[str, Tensor], obs: Tensor, state: State, reset: Tensor,
+                     prev_action: Tensor, prev_reward: Tensor) -> tuple[list[Tensor], Tensor, State]:
+        """Every member's ``network.step`` ([P, B, ...] inputs): the distribution's tensors, the value
+        [P, B] and the state after the step."""
+        shared = bool((reset == reset[:1]).all())
+        template = self.network
+
+        def member(params: dict[str, Tensor], buffers: dict[str, Tensor], obs: Tensor, state: State,
+                   reset: Tensor, prev_action: Tensor, prev_reward: Tensor) -> tuple[list[Tensor], Tensor, State]:
+            # network.step: the forward over a one-step window (a leading T = 1)
+            out = functional_call(template, (params, buffers), (obs[None], state, reset[None], prev_action[None],
+                                                                prev_reward[None]))
+            return out.dist.parameters(), out.value[0], out.state
+
+        run = vmap(member, in_dims=(0, 0, 0, 0, None if shared else 0, 0, 0))
+        dist, value, next_state = run(self.params, buffers, obs, state, reset[0] if shared else reset,
+                                      prev_action, prev_reward)
+        return dist, value, {k: v.detach() for k, v in next_state.items()}
+
+    def distribution(self, tensors: Sequence[Tensor]) -> Categorical | DiagGaussian:
+        return Categorical(*tensors) if self.network.discrete else DiagGaussian(*tensors)
+
+    def step(self) -> dict[str, Tensor]:
+        opt, net = self.options, self.network
+        P, B = self.size, self.num_envs
+        obs, state, reset, prev_action, prev_reward = self.inputs.before(self.memory_state)
+        with torch.no_grad():
+            dist_tensors, value, acting_state = self.network_step(self.buffers, obs, state, reset, prev_action,
+                                                                  prev_reward)
+        if not all_finite(dist_tensors):
+            check_memory_state(acting_state)
+            raise TrainingDiverged("policy output")
+        action = torch.stack([self.distribution([t[p] for t in dist_tensors]).sample(m.generator)[0]
+                              for p, m in enumerate(self.members)])  # [P, B, *act_shape]
+        entropy = self.distribution(dist_tensors).entropy()[:, 0]
+
+        steps = [m.env.step(net.env_action(action[p]).to(m.env.device)) for p, m in enumerate(self.members)]
+        next_obs = torch.stack([s[0] for s in steps]).to(self.device)
+        reward = torch.stack([s[1] for s in steps]).to(device=self.device, dtype=torch.float32)
+        terminated = torch.stack([s[2] for s in steps]).to(self.device)
+        done = terminated | torch.stack([s[3] for s in steps]).to(self.device)
+        infos = [s[4] for s in steps]
+        scaled_reward = reward
+        if opt.scale_rewards:
+            self.discounted_return = self.discounted_return * self.gamma.unsqueeze(1) * (~reset) + reward
+            merge_running_stats(self.reward_mean, self.reward_sum_squares, self.reward_count,
+                                self.discounted_return)
+            variance = running_variance(self.reward_sum_squares, self.reward_count)
+            # alone, r [B] / σ (a 0-dim float64) divides in r's dtype: so here too
+            scaled_reward = reward / (variance + 1e-8).sqrt().to(reward.dtype).unsqueeze(1)
+        acting_buffers = {name: b.clone() for name, b in self.buffers.items()}
+        if opt.normalize_observations:
+            to_float = net.encoder.to_float
+            samples = to_float(next_obs.flatten(0, 1)).view(P, B, -1)
+            merge_running_stats(self.buffers["encoder.stats.mean"], self.buffers["encoder.stats.sum_squares"],
+                                self.buffers["encoder.stats.count"], samples)
+
+        with torch.no_grad():
+            following = torch.stack([info["final_obs"] for info in infos]).to(self.device)
+            _, next_value, _ = self.network_step(self.buffers, following, acting_state, torch.zeros_like(done),
+                                                 action, reward)
+            delta = scaled_reward + self.gamma.unsqueeze(1) * (~terminated) * next_value - value
+
+        entropy_weight = self.entropy_coef.unsqueeze(1) * delta.sign()
+        objectives = self.template.one_env_objectives
+
+        def member_gradients(params: dict[str, Tensor], buffers: dict[str, Tensor], *per_env: Any) -> Any:
+            return per_env_gradients(functools.partial(objectives, stats=buffers), params, *per_env)
+
+        grads, next_state = vmap(member_gradients)(self.params, acting_buffers, obs, state, reset, prev_action,
+                                                   prev_reward, action, entropy_weight)
+        update, step_size = vmap(obgd_update, in_dims=(0, 0, 0, 0, 0, None, None))(
+            self.traces, grads, delta, self.trace_decay, self.lr, self.template.kappa, opt.env_update)
+        changes = update.split(self.param_sizes, dim=1)
+        directions = [(name, change.view_as(self.params[name])) for name, change in zip(self.param_names, changes)]
+        self.apply_gradients(directions, {"losses/td_error": delta},
+                             functools.partial(self.add, [d for _, d in directions]), flat=update)
+        with torch.no_grad():
+            self.traces.mul_((~done).to(self.traces.dtype).view(P, 1, B, 1))
+
+        self.memory_state = {k: v.detach() for k, v in next_state.items()}
+        self.inputs = self.inputs.after(next_obs, done, action, reward)
+        self.steps += 1
+        episodes = [info["episode"] for info in infos]
+        return {
+            "delta": delta,
+            "value": value,
+            "entropy": entropy,
+            "critic_step": step_size[:, 0],
+            "actor_step": step_size[:, 1],
+            "episode_done": torch.stack([torch.as_tensor(e["done"]) for e in episodes]),
+            "episode_return": torch.stack([torch.as_tensor(e["return"], dtype=torch.float64) for e in episodes]),
+            "episode_length": torch.stack([torch.as_tensor(e["length"]) for e in episodes]),
+        }
+
+    @torch.no_grad()
+    def add(self, changes: list[Tensor]) -> None:
+        for param, change in zip(self.params.values(), changes):
+            param.add_(change)
+
+    def iteration(self) -> list[IterationResult]:  # type: ignore[override]
+        """``steps_per_iteration`` steps of every member; one result per member, as the learner reports."""
+        steps = [self.step() for _ in range(self.options.steps_per_iteration)]
+        check_memory_state(self.memory_state)
+        self.check_parameters()
+        stacked = {key: torch.stack([s[key] for s in steps], dim=1) for key in steps[0]}  # [P, S, B]
+        delta = stacked["delta"]
+        per_member = {
+            "losses/value_loss": (0.5 * delta.pow(2)).mean((1, 2)),
+            "losses/td_error": delta.abs().mean((1, 2)),
+            "losses/value": stacked["value"].mean((1, 2)),
+            "losses/entropy": stacked["entropy"].mean((1, 2)),
+            "charts/learning_rate": self.lr,
+            "charts/critic_step_size": stacked["critic_step"].mean((1, 2)),
+            "charts/actor_step_size": stacked["actor_step"].mean((1, 2)),
+        }
+        if self.options.scale_rewards:
+            per_member["charts/reward_scale"] = (running_variance(self.reward_sum_squares, self.reward_count)
+                                                 + 1e-8).rsqrt()
+        values = {tag: v.tolist() for tag, v in per_member.items()}
+        results = []
+        for p in range(self.size):
+            metrics = {tag: float(v[p]) for tag, v in values.items()}
+            memory = self.network.core.state_metrics(member_state(self.memory_state, p))
+            metrics.update({f"memory/{k}": v for k, v in memory.items()})
+            ended = stacked["episode_done"][p]
+            returns, lengths = [], []
+            if bool(ended.any()):
+                returns = stacked["episode_return"][p][ended].tolist()
+                lengths = stacked["episode_length"][p][ended].tolist()
+            results.append(IterationResult(self.options.steps_per_iteration * self.num_envs, metrics, returns,
+                                           lengths))
+        return results
+
+    def check_parameters(self) -> None:
+        if not all_finite(list(self.params.values())):
+            name = first_non_finite(list(self.params.items()))
+            rows = torch.isfinite(self.params[name].flatten(1)).all(1)
+            raise TrainingDiverged(f"parameter {name} of member {int((~rows).nonzero()[0])}")
+
+
 # Learner name -> the class that steps a population of its members.
-POPULATIONS: dict[str, Callable[[Sequence[Any]], Learner]] = {"td": TDPopulation}
+POPULATIONS: dict[str, Callable[[Sequence[Any]], Learner]] = {"td": TDPopulation, "stream_ac": StreamACPopulation}

@@ -1,7 +1,8 @@
 """Populations (``agents.population``, ``train.population``): every member receives exactly the updates
-it receives alone (float64, same seed), members with other step sizes move apart as they should, a
-resumed population continues the uninterrupted one bit for bit, members log as sub-runs that the
-summary groups like seeds, and a grid key that is not a member option is one message, exit 2."""
+it receives alone (float64, same seed; ``td`` and ``stream_ac``), members with other step sizes move
+apart as they should, a resumed population continues the uninterrupted one bit for bit, members log
+as sub-runs that the summary groups like seeds, and a grid key that is not a member option is one
+message, exit 2."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from agents.base import ModelOptions
-from agents.population import TDPopulation
+from agents.population import StreamACPopulation, TDPopulation
+from agents.stream_ac import StreamACLearner, StreamACOptions
 from agents.td import TDLearner, TDOptions
 from envs import make_env
 from rlmem import config as cfg
@@ -198,3 +200,65 @@ def test_eval_takes_a_member_of_a_population(tmp_path: Path, capsys):
     assert "evaluate one of its members" in capsys.readouterr().err
     assert main(["eval", str(run_dir / "members" / "lr0.03_s1"), "--steps", "20"]) == 0
     assert "lr0.03_s1" not in capsys.readouterr().err
+
+
+def make_stream_ac(seed: int, num_envs: int, **options) -> StreamACLearner:
+    env = make_env({"name": "cue_recall", "num_envs": num_envs, "delay": 3}, seed=seed)
+    return StreamACLearner(StreamACOptions(steps_per_iteration=10, torso_size=16, **options), env,
+                           {"name": "lru", "hidden_size": 4, "grad": "rtrl"}, ModelOptions(), "cpu", seed, 10**6)
+
+
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_each_stream_ac_member_gets_exactly_the_updates_it_gets_alone(float64, num_envs: int):
+    """stream_ac with an LRU learning by RTRL: own seeds, sampled actions, reward scales, observation
+    statistics, traces and ObGD steps (alone, 1–2 envs take the batched-backward path, the population
+    the vmap one)."""
+    settings = [(0, 1.0, 0.01), (1, 1.0, 0.01), (2, 0.3, 0.05)]  # (seed, lr, entropy_coef)
+    alone = [make_stream_ac(seed, num_envs, lr=lr, entropy_coef=c) for seed, lr, c in settings]
+    population = StreamACPopulation([make_stream_ac(seed, num_envs, lr=lr, entropy_coef=c)
+                                     for seed, lr, c in settings])
+    for _ in range(3):
+        expected = [learner.iteration() for learner in alone]
+        got = population.iteration()
+        for e, g in zip(expected, got):
+            assert g.episode_returns == e.episode_returns and g.episode_lengths == e.episode_lengths
+            for tag, value in e.metrics.items():
+                assert g.metrics[tag] == pytest.approx(value, rel=1e-9, abs=1e-12), tag
+    assert any(r.episode_returns for r in got)
+    population.sync_members()
+    for learner, member in zip(alone, population.members):
+        for name, value in learner.network.state_dict().items():
+            torch.testing.assert_close(member.network.state_dict()[name], value, atol=ATOL, rtol=RTOL, msg=name)
+        for key in ("traces", "discounted_return"):
+            torch.testing.assert_close(getattr(member, key), getattr(learner, key), atol=ATOL, rtol=RTOL, msg=key)
+        for key, value in learner.memory_state.items():
+            torch.testing.assert_close(member.memory_state[key], value, atol=ATOL, rtol=RTOL, msg=key)
+        assert torch.equal(member.inputs.prev_action, learner.inputs.prev_action)  # the same actions sampled
+        assert torch.equal(member.generator.get_state(), learner.generator.get_state())
+
+
+def stream_ac_run(tmp_path: Path, name: str, steps: int, resume: bool = False) -> Path:
+    if resume:
+        config = cfg.load_saved(tmp_path / name, [f"train.total_steps={steps}"])
+        config.train.run_dir = str(tmp_path / name)
+    else:
+        config = cfg.resolve(
+            {"defaults": {"memory": "lru", "env": "cue_recall", "agent": "stream_ac"},
+             "memory": {"hidden_size": 4, "grad": "rtrl"}, "env": {"num_envs": 1, "delay": 3},
+             "agent": {"steps_per_iteration": 10, "torso_size": 16},
+             "train": {"total_steps": steps, "checkpoint_every": 20, "progress": False, "population": 2,
+                       "population_grid": {"agent.lr": [1.0, 0.3]}, "run_dir": str(tmp_path / name)}})
+    return train(config, resume=resume, log=lambda *_: None)
+
+
+def test_resume_of_a_stream_ac_population_equals_the_uninterrupted_run(tmp_path: Path):
+    straight = load_checkpoint(stream_ac_run(tmp_path, "straight", 60))
+    stream_ac_run(tmp_path, "interrupted", 30)
+    resumed = load_checkpoint(stream_ac_run(tmp_path, "interrupted", 60, resume=True))
+    assert list(straight["network"]) == ["lr1_s0", "lr1_s1", "lr0.3_s0", "lr0.3_s1"]  # the grid's order
+    for name, expected in straight["network"].items():
+        for key, value in expected.items():
+            assert torch.equal(value, resumed["network"][name][key]), (name, key)
+    for expected, got in zip(straight["learner"]["members"], resumed["learner"]["members"]):
+        for key in ("traces", "discounted_return", "prev_action"):
+            assert torch.equal(expected[key], got[key]), key
