@@ -28,8 +28,14 @@ whole population; otherwise the members' envs step one by one.
 
 Reset flags: cores read a window's reset flags on the host (segments of fused kernels, ``run_cell``),
 which a vmapped function cannot do, so when every member resets at the same steps (continuing
-prediction streams, and the first step of every member) the flags go in unbatched; a population whose
-members reset at different steps needs a core whose window does not read them on the host.
+prediction streams, and the first step of every member) the flags go in unbatched. ``stream_ac``'s
+members, whose episodes end at different steps, run their acting forwards as one vmapped call per
+reset pattern (at most two with one env per member); its gradient pass (one-step RTRL windows) takes
+batched flags. ``td`` populations pass batched flags when members disagree, which only a core whose
+window does not read them on the host runs (``td``'s tasks are continuing streams).
+
+Learners: ``td`` (``TDPopulation``) and ``stream_ac`` (``StreamACPopulation``); ``MEMBER_OPTIONS``
+lists the scalar options their members may differ in.
 """
 
 from __future__ import annotations
@@ -368,6 +374,28 @@ class TDPopulation(Learner):
             raise TrainingDiverged(f"parameter {name} of member {int((~rows).nonzero()[0])}")
 
 
+def _rows(tree: Any, rows: Tensor) -> Any:
+    """The members ``rows`` of stacked tensors (nested in dicts, lists and tuples)."""
+    if isinstance(tree, dict):
+        return {k: _rows(v, rows) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_rows(v, rows) for v in tree)
+    return tree[rows]
+
+
+def _scatter_rows(parts: Sequence[Any], groups: Sequence[Tensor], size: int) -> Any:
+    """Outputs of member groups (``parts[g]`` for the members ``groups[g]``) back in member order."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: _scatter_rows([p[k] for p in parts], groups, size) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_scatter_rows([p[i] for p in parts], groups, size) for i in range(len(first)))
+    merged = first.new_empty(size, *first.shape[1:])
+    for part, rows in zip(parts, groups):
+        merged[rows] = part
+    return merged
+
+
 def merge_running_stats(mean: Tensor, sum_squares: Tensor, count: Tensor, samples: Tensor) -> None:
     """``agents.normalization.RunningMeanStd.update`` of P members at once, in place: statistics
     ``mean``, ``sum_squares`` [P, *shape], ``count`` [P]; ``samples`` [P, n, *shape]."""
@@ -485,9 +513,18 @@ class StreamACPopulation(Learner):
                                                                 prev_reward[None]))
             return out.dist.parameters(), out.value[0], out.state
 
-        run = vmap(member, in_dims=(0, 0, 0, 0, None if shared else 0, 0, 0))
-        dist, value, next_state = run(self.params, buffers, obs, state, reset[0] if shared else reset,
-                                      prev_action, prev_reward)
+        run = vmap(member, in_dims=(0, 0, 0, 0, None, 0, 0))
+        args = (self.params, buffers, obs, state, prev_action, prev_reward)
+        if shared:
+            dist, value, next_state = run(*args[:4], reset[0], *args[4:])
+        else:
+            # Members whose envs reset at other steps: one vmapped call per reset pattern (a core's window
+            # without gradients reads its reset flags on the host, which vmap cannot trace).
+            patterns, pattern_of = torch.unique(reset, dim=0, return_inverse=True)
+            groups = [(pattern_of == g).nonzero().flatten() for g in range(len(patterns))]
+            parts = [run(*_rows(args[:4], rows), pattern, *_rows(args[4:], rows))
+                     for pattern, rows in zip(patterns, groups)]
+            dist, value, next_state = _scatter_rows(parts, groups, self.size)
         return dist, value, {k: v.detach() for k, v in next_state.items()}
 
     def distribution(self, tensors: Sequence[Tensor]) -> Categorical | DiagGaussian:
@@ -555,6 +592,9 @@ class StreamACPopulation(Learner):
         self.inputs = self.inputs.after(next_obs, done, action, reward)
         self.steps += 1
         episodes = [info["episode"] for info in infos]
+        successes = [info.get("success") for info in infos]  # only tasks that score their episodes report it
+        scored = {} if successes[0] is None else {
+            "episode_success": torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in successes])}
         return {
             "delta": delta,
             "value": value,
@@ -564,6 +604,7 @@ class StreamACPopulation(Learner):
             "episode_done": torch.stack([torch.as_tensor(e["done"]) for e in episodes]),
             "episode_return": torch.stack([torch.as_tensor(e["return"], dtype=torch.float64) for e in episodes]),
             "episode_length": torch.stack([torch.as_tensor(e["length"]) for e in episodes]),
+            **scored,
         }
 
     @torch.no_grad()
@@ -597,12 +638,14 @@ class StreamACPopulation(Learner):
             memory = self.network.core.state_metrics(member_state(self.memory_state, p))
             metrics.update({f"memory/{k}": v for k, v in memory.items()})
             ended = stacked["episode_done"][p]
-            returns, lengths = [], []
-            if bool(ended.any()):
+            returns, lengths, successes = [], [], []
+            if bool(ended.any()):  # in time-then-env order, as the learner reports them
                 returns = stacked["episode_return"][p][ended].tolist()
                 lengths = stacked["episode_length"][p][ended].tolist()
+                if "episode_success" in stacked:
+                    successes = stacked["episode_success"][p][ended].tolist()
             results.append(IterationResult(self.options.steps_per_iteration * self.num_envs, metrics, returns,
-                                           lengths))
+                                           lengths, successes))
         return results
 
     def check_parameters(self) -> None:

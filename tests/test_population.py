@@ -202,26 +202,27 @@ def test_eval_takes_a_member_of_a_population(tmp_path: Path, capsys):
     assert "lr0.03_s1" not in capsys.readouterr().err
 
 
-def make_stream_ac(seed: int, num_envs: int, **options) -> StreamACLearner:
-    env = make_env({"name": "cue_recall", "num_envs": num_envs, "delay": 3}, seed=seed)
+def make_stream_ac(seed: int, num_envs: int, desync: bool = False, **options) -> StreamACLearner:
+    env = make_env({"name": "cue_recall", "num_envs": num_envs, "delay": 3, "desync": desync}, seed=seed)
     return StreamACLearner(StreamACOptions(steps_per_iteration=10, torso_size=16, **options), env,
                            {"name": "lru", "hidden_size": 4, "grad": "rtrl"}, ModelOptions(), "cpu", seed, 10**6)
 
 
-@pytest.mark.parametrize("num_envs", [1, 2])
-def test_each_stream_ac_member_gets_exactly_the_updates_it_gets_alone(float64, num_envs: int):
+@pytest.mark.parametrize("num_envs, desync", [(1, False), (2, False), (1, True), (2, True)])
+def test_each_stream_ac_member_gets_exactly_the_updates_it_gets_alone(float64, num_envs: int, desync: bool):
     """stream_ac with an LRU learning by RTRL: own seeds, sampled actions, reward scales, observation
     statistics, traces and ObGD steps (alone, 1–2 envs take the batched-backward path, the population
-    the vmap one)."""
+    the vmap one); with ``desync`` the members' episodes end at different steps."""
     settings = [(0, 1.0, 0.01), (1, 1.0, 0.01), (2, 0.3, 0.05)]  # (seed, lr, entropy_coef)
-    alone = [make_stream_ac(seed, num_envs, lr=lr, entropy_coef=c) for seed, lr, c in settings]
-    population = StreamACPopulation([make_stream_ac(seed, num_envs, lr=lr, entropy_coef=c)
+    alone = [make_stream_ac(seed, num_envs, desync, lr=lr, entropy_coef=c) for seed, lr, c in settings]
+    population = StreamACPopulation([make_stream_ac(seed, num_envs, desync, lr=lr, entropy_coef=c)
                                      for seed, lr, c in settings])
     for _ in range(3):
         expected = [learner.iteration() for learner in alone]
         got = population.iteration()
         for e, g in zip(expected, got):
             assert g.episode_returns == e.episode_returns and g.episode_lengths == e.episode_lengths
+            assert g.episode_successes == e.episode_successes
             for tag, value in e.metrics.items():
                 assert g.metrics[tag] == pytest.approx(value, rel=1e-9, abs=1e-12), tag
     assert any(r.episode_returns for r in got)
