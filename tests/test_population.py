@@ -6,6 +6,7 @@ message, exit 2."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -263,3 +264,15 @@ def test_resume_of_a_stream_ac_population_equals_the_uninterrupted_run(tmp_path:
     for expected, got in zip(straight["learner"]["members"], resumed["learner"]["members"]):
         for key in ("traces", "discounted_return", "prev_action"):
             assert torch.equal(expected[key], got[key]), key
+
+
+def test_bench_population_reports_member_steps_against_one_learner_alone(tmp_path: Path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "population", "--members", "1,2", "--methods", "columnar,lstm_tbptt15", "--steps", "2",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["members"]) for r in rows] == [("columnar", 1), ("columnar", 2), ("lstm_tbptt15", 1),
+                                                           ("lstm_tbptt15", 2)]
+    assert all(r["speedup"] > 0 for r in rows)
+    assert main(["bench", "population", "--methods", "gru"]) == 2
+    assert "unknown method 'gru'" in capsys.readouterr().err
