@@ -41,12 +41,20 @@ chosen so that what they could add is below ``1e-10`` (``RETURN_TOLERANCE``).
 There are no episodes: ``terminated`` and ``truncated`` are always False and ``info["episode"]``
 never reports one. ``state_dict()`` / ``load_state_dict()`` snapshot everything, including the
 random generator, so a resumed stream continues exactly.
+
+**Stacks.** ``stack(tasks)`` steps several tasks (of one kind and options, each seeded on its own) as
+one env of all their envs: each task's block of envs draws from that task's own generator, with the
+draws it would make alone, so every block's stream is its task's stream exactly, at the cost of one
+step (populations of learners step their members' streams this way). ``unstack_into(tasks)`` writes
+the blocks' state back into the tasks, whose ``state_dict`` then holds it.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +141,7 @@ class _TraceTask(VecEnv):
         self.queued_trials = self._queue_length(options)
         self._seed = seed
         self._generator = torch.Generator(self.device)
+        self._blocks: list[tuple[int, torch.Generator]] | None = None  # a stack: (envs, generator) per task
         self._closed = False
         self._started = False
 
@@ -156,20 +165,29 @@ class _TraceTask(VecEnv):
     # ----------------------------------------------------------------------------------------------
     # Random draws (all from the env's own generator)
 
-    def _uniform_int(self, low: int, high: int, shape: tuple[int, ...]) -> Tensor:
-        return torch.randint(low, high + 1, shape, generator=self._generator, device=self.device)
+    def _sample(self, draw: Callable[[tuple[int, int], torch.Generator], Tensor], columns: int) -> Tensor:
+        """[B, columns] drawn from the env's generator, or in a stack one block per task's generator."""
+        if self._blocks is None:
+            return draw((self.num_envs, columns), self._generator)
+        return torch.cat([draw((rows, columns), generator) for rows, generator in self._blocks])
+
+    def _uniform_int(self, low: int, high: int, columns: int) -> Tensor:
+        return self._sample(lambda shape, g: torch.randint(low, high + 1, shape, generator=g, device=self.device),
+                            columns)
+
+    def _uniform(self, columns: int) -> Tensor:
+        return self._sample(lambda shape, g: torch.rand(shape, generator=g, device=self.device), columns)
 
     def _draw_trials(self, count: int) -> tuple[Tensor, Tensor, Tensor]:
         """ISI [B, count], trial length ISI + ITI [B, count] and pattern index [B, count]."""
-        shape = (self.num_envs, count)
-        isi = self._uniform_int(self.options.isi_min, self.options.isi_max, shape)
-        iti = self._uniform_int(self.options.iti_min, self.options.iti_max, shape)
-        pattern = self._uniform_int(0, self.num_patterns - 1, shape)
+        isi = self._uniform_int(self.options.isi_min, self.options.isi_max, count)
+        iti = self._uniform_int(self.options.iti_min, self.options.iti_max, count)
+        pattern = self._uniform_int(0, self.num_patterns - 1, count)
         return isi, isi + iti, pattern
 
     def _draw_valid_patterns(self) -> Tensor:
         """[B, P] bool: a uniformly random subset of ``num_valid`` patterns per env."""
-        scores = torch.rand(self.num_envs, self.num_patterns, generator=self._generator, device=self.device)
+        scores = self._uniform(self.num_patterns)
         ranks = scores.argsort(dim=1).argsort(dim=1)
         return ranks < self.num_valid
 
@@ -178,6 +196,8 @@ class _TraceTask(VecEnv):
 
     def reset(self, seed: int | None = None) -> Tensor:
         self._check_open()
+        if self._blocks is not None:
+            raise EnvError(f"a stack of {self.name} tasks is not reset: reset its tasks and stack them again")
         if seed is not None:
             self._seed = int(seed)
         self._generator.manual_seed(self._seed)
@@ -222,8 +242,7 @@ class _TraceTask(VecEnv):
         onset = (self._trial_step == 0).unsqueeze(1).float()
         cs = self.patterns[self._pattern[:, 0]] * onset
         us = (self._trial_step == self._isi[:, 0]) & self._is_valid(self._pattern[:, :1]).squeeze(1)
-        uniforms = torch.rand(self.num_envs, self.options.num_distractors, generator=self._generator,
-                              device=self.device)
+        uniforms = self._uniform(self.options.num_distractors)
         distractors = (uniforms < self.distractor_probs).float()
         return torch.cat([cs, us.float().unsqueeze(1), distractors], dim=1)
 
@@ -245,6 +264,33 @@ class _TraceTask(VecEnv):
 
     def close(self) -> None:
         self._closed = True
+
+    # ----------------------------------------------------------------------------------------------
+    # Stacks (see the module docstring)
+
+    STREAM_STATE = ("_valid", "_isi", "_length", "_pattern", "_trial_step")
+
+    @classmethod
+    def stack(cls, tasks: Sequence[_TraceTask]) -> _TraceTask:
+        """One env of all ``tasks``' envs, in order; each block draws from its task's own generator."""
+        first = tasks[0]
+        for task in tasks:
+            if type(task) is not type(first) or task.options != first.options or not task._started:
+                raise EnvError(f"only started {first.name} tasks with the same options stack")
+        stacked = copy.copy(first)
+        stacked.num_envs = sum(task.num_envs for task in tasks)
+        stacked._blocks = [(task.num_envs, task._generator) for task in tasks]
+        for name in cls.STREAM_STATE:
+            setattr(stacked, name, torch.cat([getattr(task, name) for task in tasks]))
+        return stacked
+
+    def unstack_into(self, tasks: Sequence[_TraceTask]) -> None:
+        """Write each block's stream state back into its task (their generators are the blocks' own)."""
+        start = 0
+        for task in tasks:
+            for name in self.STREAM_STATE:
+                setattr(task, name, getattr(self, name)[start : start + task.num_envs].clone())
+            start += task.num_envs
 
     def _check_open(self) -> None:
         if self._closed:

@@ -35,6 +35,7 @@ BENCHES = {
     "trace_patterning": ("rlmem.bench.trace_patterning", "CCN paper's prediction benchmark: CCN vs BPTT vs RTRL cores"),
     "popgym": ("rlmem.bench.popgym", "memory cores on POPGym tasks by recurrent PPO: MMER table and learning curves"),
     "stream_ac": ("rlmem.bench.stream_ac", "stream_ac env steps/s: per-env gradients by vmap vs batched backward"),
+    "population": ("rlmem.bench.population", "learner steps/s of P members in one process vs one process each"),
 }
 
 

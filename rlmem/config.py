@@ -23,6 +23,7 @@ or an invalid value raises ``ConfigError`` with one message naming the key and t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -36,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 import agents  # noqa: F401  (registers the learners)
 import envs  # registers the environments
 from agents.base import LEARNERS, ModelOptions
+from agents.population import check_population_grid
 from rlmem.errors import ConfigError
 from rlmem.memory import CORES
 
@@ -61,8 +63,16 @@ class TrainOptions:
     # Intra-op threads while actor_critic and ppo collect a window (0: torch_threads). With a CNN on a CPU,
     # acting on 1 thread beside the emulators' threads and updating on all cores (torch_threads: 0) is fastest.
     acting_threads: int = 0
+    # A population (agents.population): P learners stepped together in one process, one per seed
+    # seed..seed+P−1 and per combination of population_grid's values ({"agent.lr": [0.01, 0.1]}).
+    population: int = 1
+    population_grid: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.population < 1:
+            raise ConfigError(f"train.population must be >= 1, got {self.population}")
+        # train.population_grid.agent.lr=[..] on the command line nests; keys are dotted option names
+        self.population_grid = dotted_keys(self.population_grid)
         if self.total_steps <= 0:
             raise ConfigError(f"train.total_steps must be positive, got {self.total_steps}")
         if self.checkpoint_every <= 0:
@@ -73,6 +83,17 @@ class TrainOptions:
             raise ConfigError(f"train.acting_threads must be >= 0, got {self.acting_threads}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device must be one of cpu, cuda, cuda:N, auto; got {self.device!r}")
+
+
+def dotted_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"agent": {"lr": [..]}}`` → ``{"agent.lr": [..]}`` (keys already dotted stay as they are)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, (list, tuple)) else value
+    return flat
 
 
 @dataclass
@@ -300,6 +321,47 @@ def check_combination(config: RunConfig) -> None:
             f"memory.grad={config.memory.get('grad')!r} is not supported by core {config.memory['name']!r}; "
             f"valid choices: {', '.join(core_cls.grad_modes)}"
         )
+    if is_population(config):
+        check_population_grid(config.agent["name"], config.train.population_grid)
+        members = population_members(config)
+        for member in members:
+            member.agent_options()  # each member's options are valid
+        names = [member_name(m, config.train.population_grid) for m in members]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"train.population_grid gives several members the name {repeated[0]}: "
+                              "list each value once")
+
+
+# --------------------------------------------------------------------------------------------------
+# Populations
+
+
+def is_population(config: RunConfig) -> bool:
+    return config.train.population > 1 or bool(config.train.population_grid)
+
+
+def population_members(config: RunConfig) -> list[RunConfig]:
+    """The run config of every member of a population: for each combination of ``population_grid``'s
+    values (in the grid's order, last key fastest), ``population`` seeds from ``train.seed`` on."""
+    grid = config.train.population_grid
+    members = []
+    for values in itertools.product(*grid.values()):
+        agent = dict(config.agent)
+        agent.update({key.split(".", 1)[1]: value for key, value in zip(grid, values)})
+        for offset in range(config.train.population):
+            train = dataclasses.replace(config.train, seed=config.train.seed + offset, population=1,
+                                        population_grid={}, run_dir=None, name=None)
+            members.append(RunConfig(memory=dict(config.memory), env=dict(config.env), agent=agent,
+                                     model=config.model, train=train, choices=dict(config.choices)))
+    return members
+
+
+def member_name(member: RunConfig, grid: Mapping[str, Any]) -> str:
+    """A member's sub-run name: its grid values and its seed (``lr0.01_s3``; ``member_s3`` without a
+    grid), so that grouping by name (a trailing ``_s<seed>`` dropped) puts a grid point's seeds together."""
+    values = [f"{key.split('.', 1)[1]}{member.agent[key.split('.', 1)[1]]:g}" for key in grid]
+    return f"{'_'.join(values) or 'member'}_s{member.train.seed}"
 
 
 def load(config_path: str | None, args: Sequence[str] = ()) -> RunConfig:

@@ -157,11 +157,17 @@ def _saved_run(
     if device is not None:
         overrides.append(f"train.device={device}")
     config = cfg.load_saved(run_dir, overrides)
-    checkpoint = load_checkpoint(run_dir)
+    if cfg.is_population(config):
+        members = sorted(p.name for p in (run_dir / "members").glob("*") if p.is_dir())
+        raise ConfigError(f"{run_dir} holds a population; evaluate one of its members: rlmem eval "
+                          f"{run_dir / 'members'}/<member> (members: {', '.join(members)})")
+    network_state = _member_network(run_dir)
+    if network_state is None:
+        network_state = load_checkpoint(run_dir)["network"]
     env, learner, run_device = build(config, seed=seed)
     try:
         try:
-            learner.network.load_state_dict(checkpoint["network"])
+            learner.network.load_state_dict(network_state)
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             detail = (str(err).splitlines() or [""])[0]
             raise ConfigError(f"checkpoint {run_dir / CHECKPOINT_NAME} does not fit the run's config.yaml "
@@ -169,6 +175,20 @@ def _saved_run(
         yield env, learner.network, run_device, config
     finally:
         env.close()
+
+
+def _member_network(run_dir: Path) -> dict[str, Any] | None:
+    """A population member's weights (``POPULATION/members/<name>``: the population's checkpoint holds
+    them under the member's name), or None for an ordinary run dir."""
+    population_dir = run_dir.parent.parent
+    if (run_dir / CHECKPOINT_NAME).exists() or run_dir.parent.name != "members" \
+            or not (population_dir / CHECKPOINT_NAME).exists():
+        return None
+    networks = load_checkpoint(population_dir)["network"]
+    if run_dir.name not in networks:
+        raise ConfigError(f"the population checkpoint {population_dir / CHECKPOINT_NAME} holds no member "
+                          f"{run_dir.name}")
+    return networks[run_dir.name]
 
 
 def _noisy(env: Any, sigma: float, seed: int) -> Any:

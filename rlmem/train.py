@@ -36,6 +36,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from agents.base import LEARNERS
+from agents.population import POPULATIONS
 from agents.rollout import set_acting_threads
 from envs import env_device, make_env
 from envs.base import EnvError
@@ -232,6 +233,8 @@ def train(config: RunConfig, resume: bool = False, log=print) -> Path:
     Raises ``RunDiverged`` (a ``TrainingDiverged``) when a loss, gradient, parameter, memory state,
     metric or checkpoint entry stops being finite; the last good checkpoint stays.
     """
+    if cfg.is_population(config):
+        return train_population(config, resume, log)
     run_dir = run_dir_of(config)
     checkpoint = None
     if resume:
@@ -350,6 +353,144 @@ def _log_iteration(writer: SummaryWriter, result, step: int, sps: float) -> None
         writer.add_scalar("charts/episodic_length", float(np.mean(result.episode_lengths)), step)
     if result.episode_successes:
         writer.add_scalar("charts/success_rate", float(np.mean(result.episode_successes)), step)
+
+
+# --------------------------------------------------------------------------------------------------
+# Populations: P learners stepped together (agents.population), each logged as its own sub-run
+
+
+def train_population(config: RunConfig, resume: bool = False, log=print) -> Path:
+    """``train`` for a population (``train.population`` > 1 or a ``train.population_grid``).
+
+    The run dir holds the population's ``config.yaml`` and one checkpoint with every member; each
+    member logs to its own sub-run ``members/<grid values>_s<seed>/`` (its own ``config.yaml`` and
+    event files), so ``rlmem summary RUN_DIR/members/*`` groups the members like separate runs.
+    ``global_step`` counts one member's env steps (each member's step axis is the one it has alone).
+    """
+    run_dir = run_dir_of(config)
+    checkpoint = load_checkpoint(run_dir) if resume else None
+    if not resume and (run_dir / CHECKPOINT_NAME).exists():
+        raise ConfigError(
+            f"run dir {run_dir} already holds a run; continue it with `rlmem train --resume {run_dir}` "
+            "or choose another train.run_dir / train.name"
+        )
+    members = cfg.population_members(config)
+    member_dirs = [run_dir / "members" / cfg.member_name(m, config.train.population_grid) for m in members]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / "config.yaml").write_text(config.to_yaml())
+        for member, member_dir in zip(members, member_dirs):
+            member_dir.mkdir(parents=True, exist_ok=True)
+            member.train.run_dir = str(member_dir)
+            (member_dir / "config.yaml").write_text(member.to_yaml())
+
+    built: list[tuple[Any, Any]] = []
+    try:
+        for member in members:
+            env, learner, _device = build(member)
+            built.append((env, learner))
+        population = POPULATIONS[config.agent["name"]]([learner for _, learner in built])
+    except BaseException:
+        for env, _ in built:
+            env.close()
+        raise
+    envs = [env for env, _ in built]
+    global_step, iteration = 0, 0
+    last_checkpoint: tuple[Path, int] | None = None
+    if checkpoint is not None:
+        try:
+            restore_population(checkpoint, population, dict(zip([d.name for d in member_dirs], envs)),
+                               run_dir / CHECKPOINT_NAME)
+        except BaseException:
+            for env in envs:
+                env.close()
+            raise
+        global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
+        last_checkpoint = (run_dir / CHECKPOINT_NAME, global_step)
+
+    def save() -> None:
+        nonlocal last_checkpoint
+        learner_state = population.state_dict()  # writes every member's slice back into it first
+        path = save_checkpoint(
+            run_dir,
+            {
+                "learner": learner_state,
+                # keyed by the members' sub-run names, in member order
+                "network": {d.name: learner.network.state_dict() for d, (_, learner) in zip(member_dirs, built)},
+                "env": {d.name: env.state_dict() for d, env in zip(member_dirs, envs)},
+                "global_step": global_step,
+                "iteration": iteration,
+                "rng": _capture_rng(),
+                "config": config.to_dict(),
+            },
+        )
+        last_checkpoint = (path, global_step)
+
+    purge_step = None if checkpoint is None else global_step + 1
+    writers = [SummaryWriter(log_dir=str(d), purge_step=purge_step) for d in member_dirs]
+    if checkpoint is None:
+        for writer, member in zip(writers, members):
+            writer.add_text("hyperparameters", "```yaml\n" + member.to_yaml() + "\n```", 0)
+    log(f"run dir: {run_dir} ({len(members)} members)")
+    log(f"watch it: tensorboard --logdir {run_dir / 'members'}")
+
+    total = config.train.total_steps
+    next_checkpoint = (global_step // config.train.checkpoint_every + 1) * config.train.checkpoint_every
+    bar = tqdm(total=total, initial=global_step, unit="step", disable=not config.train.progress, dynamic_ncols=True)
+    started, started_step = time.perf_counter(), global_step
+    stopped_early = False
+    try:
+        with _StopRequest() as stop:
+            while global_step < total:
+                results = run_iteration(population)
+                iteration += 1
+                global_step += results[0].env_steps
+                sps = (global_step - started_step) / max(time.perf_counter() - started, 1e-9)
+                for writer, result in zip(writers, results):
+                    check_finite_metrics(result.metrics)
+                    _log_iteration(writer, result, global_step, sps)
+                bar.update(results[0].env_steps)
+                bar.set_postfix(member_sps=f"{sps * len(results):,.0f}")
+                if global_step >= next_checkpoint:
+                    save()
+                    next_checkpoint += config.train.checkpoint_every
+                if stop.requested:
+                    stopped_early = True
+                    break
+        save()
+    except TrainingDiverged as err:
+        raise RunDiverged(err.quantity, global_step, last_checkpoint) from None
+    finally:
+        bar.close()
+        for writer in writers:
+            writer.close()
+        for env in envs:
+            env.close()
+    if stopped_early:
+        log(f"stopped at step {global_step}; continue with: rlmem train --resume {run_dir}")
+    else:
+        log(f"done: {global_step} steps of {len(members)} members; checkpoint {run_dir / CHECKPOINT_NAME}")
+    return run_dir
+
+
+def restore_population(checkpoint: dict[str, Any], population: Any, envs: dict[str, Any], path: Path) -> None:
+    """``restore`` for a population: every member's learner and env (``envs`` by member name), and the
+    global RNG states."""
+    try:
+        if sorted(checkpoint["env"]) != sorted(envs):
+            raise ValueError(f"members saved: {', '.join(checkpoint['env'])}; members now: {', '.join(envs)}")
+        for name, env in envs.items():
+            if checkpoint["env"][name] is not None:
+                env.load_state_dict(checkpoint["env"][name])
+        population.load_state_dict(checkpoint["learner"])  # after the envs: it stacks their streams
+        _restore_rng(checkpoint["rng"])
+    except EnvError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        detail = (str(err).splitlines() or [""])[0]
+        raise ConfigError(
+            f"checkpoint {path} does not fit the run's config.yaml ({type(err).__name__}: {detail})"
+        ) from None
 
 
 def _capture_rng() -> dict[str, Any]:

@@ -147,3 +147,24 @@ def test_only_the_whole_comparison_at_its_own_settings_writes_results_json(tmp_p
     slower = {**METHODS, "lru": dataclasses.replace(METHODS["lru"], lr=0.0003)}
     table, _ = output_files(tmp_path, "trace_patterning", everything, slower)
     assert table.name.startswith("results-" + "+".join(everything) + "-") and table.suffix == ".json"
+
+
+def test_population_runs_give_each_seed_the_curve_of_its_own_run(tmp_path: Path, capsys):
+    """``--population`` trains a method's seeds as one population; each seed's saved curve is the one its
+    own run logs (to float32 rounding of batched kernels), and a saved run is reused either way."""
+    pytest.importorskip("matplotlib")
+    argv = ["bench", "trace_patterning", "--steps", "200", "--log-every", "100", "--window", "100",
+            "--methods", "columnar", "--seeds", "3"]
+    assert main([*argv, "--out", str(tmp_path / "alone")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "population"), "--population"]) == 0
+    alone = json.loads((tmp_path / "alone" / "results-columnar.json").read_text())["runs"]
+    together = json.loads((tmp_path / "population" / "results-columnar.json").read_text())["runs"]
+    assert [(r["method"], r["seed"]) for r in together] == [(r["method"], r["seed"]) for r in alone]
+    for expected, got in zip(alone, together):
+        assert got["curve"] == pytest.approx(expected["curve"], rel=1e-4, abs=1e-7)
+        assert got["macs_per_step"] == expected["macs_per_step"]
+    train_dirs = [p.name.rsplit("-", 1)[0] for p in (tmp_path / "population" / "train").iterdir()]
+    assert train_dirs == ["columnar-seeds0-2"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "population"), "--population", "--seeds", "4"]) == 0
+    assert "reusing 6 finished run(s)" in capsys.readouterr().out

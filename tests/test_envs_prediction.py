@@ -193,3 +193,26 @@ def test_exact_return_queue_covers_the_discount_horizon():
         direct[t] = running
         running = rewards[t] + 0.99 * running
     np.testing.assert_allclose(run["true_return"][:2500], direct[:2500], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["trace_patterning", "trace_conditioning"])
+def test_a_stack_of_tasks_steps_each_task_stream_exactly(name: str):
+    """A stack's blocks are its tasks' own streams; unstacked, the tasks continue them exactly."""
+    spec = {"name": name, "num_envs": 2, "isi_min": 3, "isi_max": 5, "iti_min": 4, "iti_max": 6}
+    alone = [make_env(spec, seed=seed) for seed in (0, 7, 3)]
+    tasks = [make_env(spec, seed=seed) for seed in (0, 7, 3)]
+    first = [env.reset(seed=seed) for env, seed in zip(alone, (0, 7, 3))]
+    assert torch.equal(torch.cat(first), torch.cat([t.reset(seed=s) for t, s in zip(tasks, (0, 7, 3))]))
+    stacked = type(tasks[0]).stack(tasks)
+    assert stacked.num_envs == 6
+    for _ in range(40):
+        expected = [env.step(None) for env in alone]
+        obs, reward, _, _, info = stacked.step(None)
+        assert torch.equal(obs, torch.cat([e[0] for e in expected]))
+        assert torch.equal(reward, torch.cat([e[1] for e in expected]))
+        assert torch.equal(info["true_return"], torch.cat([e[4]["true_return"] for e in expected]))
+    stacked.unstack_into(tasks)
+    for env, task in zip(alone, tasks):
+        assert torch.equal(env.step(None)[0], task.step(None)[0])
+    with pytest.raises(EnvError, match="is not reset"):
+        stacked.reset()

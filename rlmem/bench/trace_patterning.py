@@ -41,6 +41,12 @@ method's step size and BPTT window), written as a run dir under ``OUT/train/`` (
 events, final checkpoint; ``rlmem plot`` reads them); its learning curve is the loop's logged
 ``charts/prediction_error``, one point per iteration of ``--log-every`` env steps.
 
+``--population`` runs each method's seeds as one population instead (``train.population``,
+``agents.population``: the seeds' learners stepped together in one process, each member exactly the
+run it would be alone up to rounding, about 10x the runs per CPU core at 32 members): one training
+run dir ``OUT/train/<method>-seeds<first>-<last>-<digest>`` whose ``members/member_s<seed>``
+sub-runs hold each seed's curve; every seed's result is saved as its own run, as without it.
+
 The full comparison takes CPU-hours, so every finished run is saved at once under ``OUT/runs/`` and a
 later call with the same settings (steps, streams, curve spacing, step size) reuses it instead of
 running it again: an interrupted benchmark resumes where it stopped, and more seeds or methods can be
@@ -59,6 +65,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -73,7 +80,7 @@ import envs
 from envs import make_env
 from rlmem.bench.measure import Column, Table, write_json
 from rlmem.checkpoint import load_checkpoint
-from rlmem.config import read_dotted, resolve
+from rlmem.config import member_name, population_members, read_dotted, resolve
 from rlmem.errors import ConfigError
 from rlmem.memory import core_options
 from rlmem.plot import read_scalars
@@ -205,6 +212,60 @@ def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: P
     }
 
 
+def run_population(name: str, method: Method, seeds: Sequence[int], protocol: Protocol,
+                   run_dir: Path) -> list[dict[str, Any]]:
+    """``run_one`` for consecutive ``seeds`` at once: one population (``train.population``) trained into
+    ``run_dir``; each member's result read from its sub-run and from its state in the final checkpoint.
+    ``ms_per_step`` is the population's time per step divided by its members (a member's share)."""
+    config = run_config(method, seeds[0], protocol, run_dir)
+    config.train.population = len(seeds)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    train(config, log=lambda message: None)
+    checkpoint = load_checkpoint(run_dir)
+    results = []
+    for member, saved in zip(population_members(config), checkpoint["learner"]["members"]):
+        member_dir = run_dir / "members" / member_name(member, {})
+        _, curve = read_scalars(member_dir, "charts/prediction_error")
+        _, population_steps_per_second = read_scalars(member_dir, "charts/SPS")
+        env, learner, _ = build(member)
+        try:
+            learner.load_state_dict(saved)
+            macs = multiply_adds(learner.network.core, learner.state_after, method.unroll_length)
+            params = sum(p.numel() for p in learner.network.parameters())
+        finally:
+            env.close()
+        results.append({
+            "method": name,
+            "seed": member.train.seed,
+            "curve": curve.tolist(),
+            "ms_per_step": 1e3 * protocol.num_envs / float(population_steps_per_second[-1]) / len(seeds),
+            "macs_per_step": macs,
+            "params": params,
+        })
+    return results
+
+
+def population_jobs(pending: Sequence[tuple]) -> list[tuple]:
+    """Pending (name, method, seed, protocol) jobs as populations: each method's consecutive seeds
+    together, ``(name, method, seeds, protocol)``; the V = 0 reference and a lone seed stay one job per seed."""
+    jobs: list[tuple] = []
+    by_method: dict[str, list[tuple]] = {}
+    for job in pending:
+        if job[0] == "zero":
+            jobs.append(job)
+        else:
+            by_method.setdefault(job[0], []).append(job)
+    for name, method_jobs in by_method.items():
+        seeds = sorted(job[2] for job in method_jobs)
+        # runs of consecutive seeds (a population's seeds are seed..seed+P−1)
+        for _, run in itertools.groupby(enumerate(seeds), key=lambda item: item[1] - item[0]):
+            consecutive = [seed for _, seed in run]
+            seeds_or_seed = consecutive if len(consecutive) > 1 else consecutive[0]  # one seed: an ordinary run
+            jobs.append((name, method_jobs[0][1], seeds_or_seed, method_jobs[0][3]))
+    return jobs
+
+
 def zero_prediction_curve(seed: int, protocol: Protocol) -> list[float]:
     """The learning curve of V = 0 on a run's stream (the mean of G²): the error with nothing learned."""
     import torch
@@ -220,13 +281,17 @@ def zero_prediction_curve(seed: int, protocol: Protocol) -> list[float]:
     return curve
 
 
-def run_job(name: str, method: Method, seed: int, protocol: Protocol, run_dir: Path) -> dict[str, Any]:
-    """One run of the comparison: a learner trained into ``run_dir``, or (``name == "zero"``) the V = 0
-    reference on the same stream (nothing to train: it only steps the env)."""
+def run_job(name: str, method: Method, seed: int | list[int], protocol: Protocol,
+            run_dir: Path) -> list[dict[str, Any]]:
+    """One job of the comparison: a learner trained into ``run_dir``, a population of learners (``seed``
+    a list of consecutive seeds), or (``name == "zero"``) the V = 0 reference on the same stream (nothing
+    to train: it only steps the env). Returns the result of each seed."""
+    if isinstance(seed, list):
+        return run_population(name, method, seed, protocol, run_dir)
     if name == "zero":
-        return {"method": "zero", "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
-                "curve": zero_prediction_curve(seed, protocol)}
-    return run_one(name, method, seed, protocol, run_dir)
+        return [{"method": "zero", "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
+                 "curve": zero_prediction_curve(seed, protocol)}]
+    return [run_one(name, method, seed, protocol, run_dir)]
 
 
 def _run_settings(method: Method, protocol: Protocol) -> dict[str, Any]:
@@ -345,6 +410,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", default="trace_patterning",
                         help=f"one of: {', '.join(TASKS)} (the memory-only variant: one CS, every trial ends in a US)")
     parser.add_argument("--out", default=None, help="directory for the runs, the table and the plot (runs/bench/TASK)")
+    parser.add_argument("--population", action="store_true",
+                        help="run each method's seeds as one population (one process, ~10x the runs per core)")
     parser.add_argument("--no-reuse", action="store_true", help="rerun runs already saved under OUT/runs/")
     parser.add_argument("--saved-only", action="store_true",
                         help="run nothing: summarise the runs saved under OUT/runs/ so far (a study in progress)")
@@ -435,13 +502,20 @@ def run(argv: list[str]) -> None:
         print(f"  leaving out {len(pending)} run(s) not saved yet", flush=True)
         pending = []
 
-    def finished(job: tuple, result: dict[str, Any]) -> None:
-        save_run(saved, *job, result)
-        results.append(result)
-        print(f"  done {job[0]} seed {job[2]} ({len(results)}/{len(jobs)})", flush=True)
+    def finished(job: tuple, job_results: list[dict[str, Any]]) -> None:
+        for result in job_results:
+            save_run(saved, job[0], job[1], result["seed"], job[3], result)
+            results.append(result)
+            print(f"  done {job[0]} seed {result['seed']} ({len(results)}/{len(jobs)})", flush=True)
 
     def run_dir(job: tuple) -> Path:
+        name, method, seed, protocol = job
+        if isinstance(seed, list):
+            return out / "train" / f"{name}-seeds{seed[0]}-{seed[-1]}-{_digest(_run_settings(method, protocol), 12)}"
         return out / "train" / run_name(*job)
+
+    if args.population:
+        pending = population_jobs(pending)
 
     if args.workers == 1:
         for job in pending:

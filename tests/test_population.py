@@ -1,0 +1,278 @@
+"""Populations (``agents.population``, ``train.population``): every member receives exactly the updates
+it receives alone (float64, same seed; ``td`` and ``stream_ac``), members with other step sizes move
+apart as they should, a resumed population continues the uninterrupted one bit for bit, members log
+as sub-runs that the summary groups like seeds, and a grid key that is not a member option is one
+message, exit 2."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.base import ModelOptions
+from agents.population import StreamACPopulation, TDPopulation
+from agents.stream_ac import StreamACLearner, StreamACOptions
+from agents.td import TDLearner, TDOptions
+from envs import make_env
+from rlmem import config as cfg
+from rlmem.checkpoint import load_checkpoint
+from rlmem.cli import main
+from rlmem.memory import make_core
+from rlmem.plot import group_runs
+from rlmem.train import train
+
+SMALL_TASK = {"name": "trace_patterning", "isi_min": 3, "isi_max": 4, "iti_min": 4, "iti_max": 6,
+              "num_distractors": 1}
+IDENTITY = ModelOptions(encoder="identity")
+# |member − alone| after 60 float64 steps: batched kernels (and the unfused LSTM cell) round differently.
+ATOL, RTOL = 1e-10, 1e-9
+
+CORES = {
+    "elstm-rtrl": ({"name": "elstm", "hidden_size": 4, "grad": "rtrl"}, {}),
+    "lstm-bptt": ({"name": "lstm", "hidden_size": 3, "grad": "bptt"}, {"unroll_length": 3}),
+    # stages begin at 25 and 50 steps: the population crosses two stage boundaries
+    "ccn-rtrl": ({"name": "ccn", "hidden_size": 4, "columns_per_stage": 2, "steps_per_stage": 25, "grad": "rtrl",
+                  "init_scale": 0.5, "normalizer_decay": 0.9}, {}),
+}
+
+
+@pytest.fixture
+def float64() -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def make_learner(memory: dict, seed: int, num_envs: int = 1, **options) -> TDLearner:
+    env = make_env({**SMALL_TASK, "num_envs": num_envs}, seed=seed)
+    return TDLearner(TDOptions(steps_per_iteration=20, **options), env, memory, IDENTITY, torch.device("cpu"),
+                     seed, total_steps=1000)
+
+
+def assert_members_equal(alone: TDLearner, member: TDLearner) -> None:
+    for (name, expected), (_, got) in zip(alone.network.state_dict().items(), member.network.state_dict().items()):
+        if isinstance(expected, torch.Tensor):
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL, msg=name)
+        else:
+            assert got == expected, name
+    for key in ("traces", "step_norms", "value"):
+        torch.testing.assert_close(getattr(member, key), getattr(alone, key), atol=ATOL, rtol=RTOL, msg=key)
+    for key, value in alone.state_after.items():
+        torch.testing.assert_close(member.state_after[key], value, atol=ATOL, rtol=RTOL, msg=key)
+    assert member.updates == alone.updates and member.steps == alone.steps
+
+
+@pytest.mark.parametrize("core", list(CORES))
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_each_member_gets_exactly_the_updates_it_gets_alone(float64, core: str, num_envs: int):
+    memory, options = CORES[core]
+    settings = [(0, 0.01), (1, 0.01), (2, 0.05)]  # (seed, lr): seeds and step sizes differ
+    alone = [make_learner(memory, seed, num_envs, lr=lr, **options) for seed, lr in settings]
+    population = TDPopulation([make_learner(memory, seed, num_envs, lr=lr, **options) for seed, lr in settings])
+    for _ in range(3):
+        expected = [learner.iteration() for learner in alone]
+        got = population.iteration()
+        for e, g in zip(expected, got):
+            assert g.metrics.keys() == e.metrics.keys()
+            for tag, value in e.metrics.items():
+                assert g.metrics[tag] == pytest.approx(value, rel=1e-9, abs=1e-12), tag
+    population.sync_members()
+    for learner, member in zip(alone, population.members):
+        assert_members_equal(learner, member)
+    if core == "ccn-rtrl":
+        assert population.members[0].network.core.learning_stage == 1  # a stage boundary was crossed
+
+
+def test_members_with_other_step_sizes_move_apart_as_they_should(float64):
+    memory, _ = CORES["elstm-rtrl"]
+    lrs = [0.001, 0.01, 0.01, 0.1]
+    population = TDPopulation([make_learner(memory, 0, lr=lr) for lr in lrs])
+    initial = {name: p.detach().clone() for name, p in population.params.items()}
+    population.iteration()
+    moved = torch.stack([torch.cat([(p.detach()[i] - initial[name][i]).flatten()
+                                    for name, p in population.params.items()]).norm() for i in range(len(lrs))])
+    assert torch.equal(moved[1], moved[2])  # the same seed and step size: the same member
+    assert 0 < moved[0] < moved[1] < moved[3]  # a larger normalised step moves further
+    second = population.params["value.weight"].detach()
+    assert not torch.equal(second[0], second[1]) and not torch.equal(second[1], second[3])
+
+
+def run(tmp_path: Path, name: str, steps: int, resume: bool = False) -> Path:
+    config = cfg.resolve(
+        {
+            "defaults": {"memory": "ccn", "env": "trace_patterning", "agent": "td"},
+            "memory": {"hidden_size": 4, "columns_per_stage": 2, "steps_per_stage": 50, "init_scale": 0.5},
+            "env": {k: v for k, v in SMALL_TASK.items() if k != "name"},
+            "agent": {"steps_per_iteration": 20},
+            "model": {"encoder": "identity"},
+            "train": {"total_steps": steps, "checkpoint_every": 40, "progress": False, "population": 2,
+                      "population_grid": {"agent.lr": [0.01, 0.03]}, "run_dir": str(tmp_path / name)},
+        }
+    )
+    if resume:
+        config = cfg.load_saved(tmp_path / name, [f"train.total_steps={steps}"])
+        config.train.run_dir = str(tmp_path / name)
+    return train(config, resume=resume, log=lambda *_: None)
+
+
+def test_resume_of_a_population_equals_the_uninterrupted_run(tmp_path: Path):
+    straight = load_checkpoint(run(tmp_path, "straight", 120))
+    run(tmp_path, "interrupted", 60)  # stops inside the second stage; the third begins at step 100
+    resumed = load_checkpoint(run(tmp_path, "interrupted", 120, resume=True))
+    assert len(straight["network"]) == 4 and straight["global_step"] == resumed["global_step"] == 120
+    assert list(straight["network"]) == ["lr0.01_s0", "lr0.01_s1", "lr0.03_s0", "lr0.03_s1"]
+    for expected, got in zip(straight["network"].values(), resumed["network"].values()):
+        assert expected["core._extra_state"] == got["core._extra_state"]
+        for key, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, got[key]), key
+    for expected, got in zip(straight["learner"]["members"], resumed["learner"]["members"]):
+        for key in ("traces", "step_norms", "value"):
+            assert torch.equal(expected[key], got[key]), key
+        assert expected["updates"] == got["updates"]
+    for name, expected in straight["env"].items():
+        for key, value in expected.items():
+            got = resumed["env"][name][key]
+            assert torch.equal(value, got) if isinstance(value, torch.Tensor) else value == got, (name, key)
+
+
+def test_members_log_as_sub_runs_grouped_like_seeds(tmp_path: Path):
+    run_dir = run(tmp_path, "grid", 40)
+    members = sorted((run_dir / "members").iterdir())
+    assert [m.name for m in members] == ["lr0.01_s0", "lr0.01_s1", "lr0.03_s0", "lr0.03_s1"]
+    assert all(any(m.glob("events.out.tfevents.*")) for m in members)
+    groups = group_runs(members)
+    assert sorted(groups) == ["lr=0.01", "lr=0.03"] and all(len(runs) == 2 for runs in groups.values())
+    assert sorted(group_runs(members, "name")) == ["lr0.01", "lr0.03"]
+
+
+@pytest.mark.parametrize("key", ["memory.hidden_size", "agent.unroll_length", "agent.lrr"])
+def test_a_grid_key_that_is_not_a_member_option_is_one_message_exit_2(tmp_path: Path, capsys, key: str):
+    status = main(["train", "configs/trace_patterning_ccn.yaml", f"train.population_grid.{key}=[1, 2]",
+                   f"train.run_dir={tmp_path / 'x'}"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert f"train.population_grid key '{key}'" in err and "valid keys: agent.lr" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_grid_values_must_be_numbers_and_valid_options():
+    base = {"defaults": {"memory": "ccn", "env": "trace_patterning", "agent": "td"}}
+    with pytest.raises(cfg.ConfigError, match="must be a non-empty list of numbers"):
+        cfg.resolve(base, ["train.population_grid.agent.lr=[]"])
+    with pytest.raises(cfg.ConfigError, match=r"agent\.lr"):
+        cfg.resolve(base, ["train.population_grid.agent.lr=[0.1, -1.0]"])
+    with pytest.raises(cfg.ConfigError, match=r"several members the name lr0\.1_s0"):
+        cfg.resolve(base, ["train.population_grid.agent.lr=[0.1, 0.1]"])
+    with pytest.raises(cfg.ConfigError, match=r"train\.population must be >= 1"):
+        cfg.resolve(base, ["train.population=0"])
+    with pytest.raises(cfg.ConfigError, match="not supported by learner 'ppo'"):
+        cfg.resolve({"defaults": {"memory": "gru", "env": "cue_recall", "agent": "ppo"}}, ["train.population=2"])
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_unfused_recurrent_cores_equal_the_fused_kernels(float64, name: str):
+    """The gate equations that populations run under vmap compute what the fused kernel computes."""
+    core = make_core({"name": name, "hidden_size": 5}, 3)
+    x = torch.randn(6, 4, 3)
+    reset = torch.zeros(6, 4, dtype=torch.bool)
+    reset[3, 1] = True
+    state = {k: torch.randn_like(v) for k, v in core.initial_state(4).items()}
+    fused_y, fused_state = core(x, state, reset)
+    fused_grads = torch.autograd.grad(fused_y.square().sum(), list(core.parameters()))
+    core.fused = False
+    y, unfused_state = core(x, state, reset)
+    grads = torch.autograd.grad(y.square().sum(), list(core.parameters()))
+    torch.testing.assert_close(y, fused_y, atol=1e-12, rtol=1e-12)
+    for key, value in fused_state.items():
+        torch.testing.assert_close(unfused_state[key], value, atol=1e-12, rtol=1e-12)
+    for got, expected in zip(grads, fused_grads):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_eval_takes_a_member_of_a_population(tmp_path: Path, capsys):
+    run_dir = run(tmp_path, "grid", 40)
+    assert main(["eval", str(run_dir), "--steps", "20"]) == 2
+    assert "evaluate one of its members" in capsys.readouterr().err
+    assert main(["eval", str(run_dir / "members" / "lr0.03_s1"), "--steps", "20"]) == 0
+    assert "lr0.03_s1" not in capsys.readouterr().err
+
+
+def make_stream_ac(seed: int, num_envs: int, desync: bool = False, **options) -> StreamACLearner:
+    env = make_env({"name": "cue_recall", "num_envs": num_envs, "delay": 3, "desync": desync}, seed=seed)
+    return StreamACLearner(StreamACOptions(steps_per_iteration=10, torso_size=16, **options), env,
+                           {"name": "lru", "hidden_size": 4, "grad": "rtrl"}, ModelOptions(), "cpu", seed, 10**6)
+
+
+@pytest.mark.parametrize("num_envs, desync", [(1, False), (2, False), (1, True), (2, True)])
+def test_each_stream_ac_member_gets_exactly_the_updates_it_gets_alone(float64, num_envs: int, desync: bool):
+    """stream_ac with an LRU learning by RTRL: own seeds, sampled actions, reward scales, observation
+    statistics, traces and ObGD steps (alone, 1–2 envs take the batched-backward path, the population
+    the vmap one); with ``desync`` the members' episodes end at different steps."""
+    settings = [(0, 1.0, 0.01), (1, 1.0, 0.01), (2, 0.3, 0.05)]  # (seed, lr, entropy_coef)
+    alone = [make_stream_ac(seed, num_envs, desync, lr=lr, entropy_coef=c) for seed, lr, c in settings]
+    population = StreamACPopulation([make_stream_ac(seed, num_envs, desync, lr=lr, entropy_coef=c)
+                                     for seed, lr, c in settings])
+    for _ in range(3):
+        expected = [learner.iteration() for learner in alone]
+        got = population.iteration()
+        for e, g in zip(expected, got):
+            assert g.episode_returns == e.episode_returns and g.episode_lengths == e.episode_lengths
+            assert g.episode_successes == e.episode_successes
+            for tag, value in e.metrics.items():
+                assert g.metrics[tag] == pytest.approx(value, rel=1e-9, abs=1e-12), tag
+    assert any(r.episode_returns for r in got)
+    population.sync_members()
+    for learner, member in zip(alone, population.members):
+        for name, value in learner.network.state_dict().items():
+            torch.testing.assert_close(member.network.state_dict()[name], value, atol=ATOL, rtol=RTOL, msg=name)
+        for key in ("traces", "discounted_return"):
+            torch.testing.assert_close(getattr(member, key), getattr(learner, key), atol=ATOL, rtol=RTOL, msg=key)
+        for key, value in learner.memory_state.items():
+            torch.testing.assert_close(member.memory_state[key], value, atol=ATOL, rtol=RTOL, msg=key)
+        assert torch.equal(member.inputs.prev_action, learner.inputs.prev_action)  # the same actions sampled
+        assert torch.equal(member.generator.get_state(), learner.generator.get_state())
+
+
+def stream_ac_run(tmp_path: Path, name: str, steps: int, resume: bool = False) -> Path:
+    if resume:
+        config = cfg.load_saved(tmp_path / name, [f"train.total_steps={steps}"])
+        config.train.run_dir = str(tmp_path / name)
+    else:
+        config = cfg.resolve(
+            {"defaults": {"memory": "lru", "env": "cue_recall", "agent": "stream_ac"},
+             "memory": {"hidden_size": 4, "grad": "rtrl"}, "env": {"num_envs": 1, "delay": 3},
+             "agent": {"steps_per_iteration": 10, "torso_size": 16},
+             "train": {"total_steps": steps, "checkpoint_every": 20, "progress": False, "population": 2,
+                       "population_grid": {"agent.lr": [1.0, 0.3]}, "run_dir": str(tmp_path / name)}})
+    return train(config, resume=resume, log=lambda *_: None)
+
+
+def test_resume_of_a_stream_ac_population_equals_the_uninterrupted_run(tmp_path: Path):
+    straight = load_checkpoint(stream_ac_run(tmp_path, "straight", 60))
+    stream_ac_run(tmp_path, "interrupted", 30)
+    resumed = load_checkpoint(stream_ac_run(tmp_path, "interrupted", 60, resume=True))
+    assert list(straight["network"]) == ["lr1_s0", "lr1_s1", "lr0.3_s0", "lr0.3_s1"]  # the grid's order
+    for name, expected in straight["network"].items():
+        for key, value in expected.items():
+            assert torch.equal(value, resumed["network"][name][key]), (name, key)
+    for expected, got in zip(straight["learner"]["members"], resumed["learner"]["members"]):
+        for key in ("traces", "discounted_return", "prev_action"):
+            assert torch.equal(expected[key], got[key]), key
+
+
+def test_bench_population_reports_member_steps_against_one_learner_alone(tmp_path: Path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "population", "--members", "1,2", "--methods", "columnar,lstm_tbptt15", "--steps", "2",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["members"]) for r in rows] == [("columnar", 1), ("columnar", 2), ("lstm_tbptt15", 1),
+                                                           ("lstm_tbptt15", 2)]
+    assert all(r["speedup"] > 0 for r in rows)
+    assert main(["bench", "population", "--methods", "gru"]) == 2
+    assert "unknown method 'gru'" in capsys.readouterr().err
