@@ -45,9 +45,10 @@ def test_no_project_import_inside_a_function():
             if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(function):
-                if isinstance(node, ast.Import) and any(is_project(a.name) for a in node.names):
-                    found.append(f"{path.relative_to(REPO)}:{node.lineno}")
-                elif isinstance(node, ast.ImportFrom) and (node.level > 0 or is_project(node.module)):
+                imports_project = (
+                    isinstance(node, ast.Import) and any(is_project(a.name) for a in node.names)
+                ) or (isinstance(node, ast.ImportFrom) and (node.level > 0 or is_project(node.module)))
+                if imports_project:
                     found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not found, "project imports inside functions:\n" + "\n".join(found)
 
