@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,7 +54,7 @@ from agents.base import IterationResult, Learner, all_finite, check_memory_state
 from agents.networks import Categorical, DiagGaussian
 from agents.obgd import obgd_update
 from agents.stream_ac import StreamACLearner, per_env_gradients
-from agents.td import TDLearner
+from agents.td import TDLearner, live_mask
 from rlmem.errors import ConfigError, TrainingDiverged
 from rlmem.memory import State
 
@@ -100,19 +100,59 @@ def member_state(state: State, p: int) -> State:
     return {k: v[p].clone() for k, v in state.items()}
 
 
-class TDPopulation(Learner):
-    """P ``td`` learners (``agents.td.TDLearner``) stepped as one (see the module docstring).
-
-    ``iteration()`` returns one ``IterationResult`` per member; ``state_dict()`` holds every member's."""
+class Population(Learner):
+    """What both populations share: the members, their per-member scalars as tensors [P], the
+    checkpoint (every member's own state) and the parameter check naming the member."""
 
     parameters_checked_per_step = False
+    params: dict[str, Tensor]  # stacked [P, ...] by the subclass's gather_members
 
-    def __init__(self, members: Sequence[TDLearner]) -> None:
+    def __init__(self, members: Sequence[Learner]) -> None:
         first = members[0]
         super().__init__(first.options, first.env, first.device)
         self.members = list(members)
         self.size = len(members)
         self.network = first.network  # the template of the functional forward
+        if any(m.num_envs != first.num_envs for m in members):
+            raise ConfigError("members of a population must agree in env.num_envs")
+
+    def per_member(self, values: Iterable[float]) -> Tensor:
+        """A scalar option of every member as one tensor [P] in the traces' dtype."""
+        return torch.tensor(list(values), dtype=self.members[0].traces.dtype, device=self.device)
+
+    def gather_members(self) -> None:
+        raise NotImplementedError
+
+    def sync_members(self) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        self.sync_members()
+        return {"members": [m.state_dict() for m in self.members]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load every member's state; the members' envs must hold their states already (loaded first)."""
+        if len(state["members"]) != self.size:
+            raise ConfigError(f"the checkpoint holds {len(state['members'])} members, this population {self.size}")
+        for member, saved in zip(self.members, state["members"]):
+            member.load_state_dict(saved)
+        self.gather_members()
+
+    def check_parameters(self) -> None:
+        if not all_finite([p.detach() for p in self.params.values()]):
+            name = first_non_finite(list(self.params.items()))
+            rows = torch.isfinite(self.params[name].detach().flatten(1)).all(1)
+            raise TrainingDiverged(f"parameter {name} of member {int((~rows).nonzero()[0])}")
+
+
+class TDPopulation(Population):
+    """P ``td`` learners (``agents.td.TDLearner``) stepped as one (see the module docstring).
+
+    ``iteration()`` returns one ``IterationResult`` per member; ``state_dict()`` holds every member's."""
+
+    def __init__(self, members: Sequence[TDLearner]) -> None:
+        super().__init__(members)
+        first = members[0]
         self.template_modules = dict(first.network.named_modules())
         for module in self.template_modules.values():
             if getattr(module, "fused", False):  # fused sequence kernels have no vmap batching rule
@@ -120,20 +160,14 @@ class TDPopulation(Learner):
         self.unroll_length = first.unroll_length
         self.param_names, self.sizes, self.readout_mask = first.param_names, first.sizes, first.readout_mask
         self.max_grad_norm = first.max_grad_norm
-        for member in members[1:]:
-            if member.num_envs != first.num_envs or member.unroll_length != first.unroll_length:
-                raise ConfigError("members of a population must agree in env.num_envs and agent.unroll_length")
+        if any(m.unroll_length != first.unroll_length for m in members):
+            raise ConfigError("members of a population must agree in agent.unroll_length")
         options = [m.options for m in members]
-        dtype = first.traces.dtype
-
-        def per_member(values: Sequence[float]) -> Tensor:
-            return torch.tensor(list(values), dtype=dtype, device=self.device)
-
-        self.lr = per_member(o.lr for o in options)
-        self.gamma = per_member(m.gamma for m in members)
-        self.trace_decay = per_member(m.gamma * o.trace_lambda for m, o in zip(members, options))
-        self.beta2 = per_member(o.beta2 for o in options)
-        self.eps = per_member(o.eps for o in options)
+        self.lr = self.per_member(o.lr for o in options)
+        self.gamma = self.per_member(m.gamma for m in members)
+        self.trace_decay = self.per_member(m.gamma * o.trace_lambda for m, o in zip(members, options))
+        self.beta2 = self.per_member(o.beta2 for o in options)
+        self.eps = self.per_member(o.eps for o in options)
         self.reports_prediction_error = first.reports_prediction_error
         self._live_masks: dict[tuple[bool, ...], Tensor] = {}
         self.gather_members()
@@ -191,18 +225,6 @@ class TDPopulation(Learner):
         if self.stacked_env is not None:
             self.stacked_env.unstack_into([m.env for m in self.members])
 
-    def state_dict(self) -> dict[str, Any]:
-        self.sync_members()
-        return {"members": [m.state_dict() for m in self.members]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load every member's state; the members' envs must hold their states already (loaded first)."""
-        if len(state["members"]) != self.size:
-            raise ValueError(f"the checkpoint holds {len(state['members'])} members, this population {self.size}")
-        for member, saved in zip(self.members, state["members"]):
-            member.load_state_dict(saved)
-        self.gather_members()
-
     # ----------------------------------------------------------------------------------------------
     # The vmapped forward
 
@@ -249,13 +271,7 @@ class TDPopulation(Learner):
         return value.detach(), state, gradients
 
     def live_mask(self, gradients: list[Tensor | None]) -> Tensor | None:
-        live = tuple(g is not None for g in gradients)
-        if all(live):
-            return None
-        if live not in self._live_masks:
-            self._live_masks[live] = torch.cat([torch.full((n,), flag, dtype=self.traces.dtype, device=self.device)
-                                                for flag, n in zip(live, self.sizes)])
-        return self._live_masks[live]
+        return live_mask(gradients, self.sizes, self._live_masks, self.traces)
 
     # ----------------------------------------------------------------------------------------------
     # TD(λ), as agents.td does it, row by row
@@ -367,12 +383,6 @@ class TDPopulation(Learner):
             results.append(IterationResult(n * self.num_envs, metrics, returns, lengths))
         return results
 
-    def check_parameters(self) -> None:
-        if not all_finite([p.detach() for p in self.flat_params]):
-            name = first_non_finite(list(self.params.items()))
-            rows = torch.isfinite(self.params[name].detach().flatten(1)).all(1)
-            raise TrainingDiverged(f"parameter {name} of member {int((~rows).nonzero()[0])}")
-
 
 def _rows(tree: Any, rows: Tensor) -> Any:
     """The members ``rows`` of stacked tensors (nested in dicts, lists and tuples)."""
@@ -417,7 +427,7 @@ def running_variance(sum_squares: Tensor, count: Tensor) -> Tensor:
     return torch.where(count < 2, 1.0, sum_squares / (count - 1).clamp(min=1.0))
 
 
-class StreamACPopulation(Learner):
+class StreamACPopulation(Population):
     """P ``stream_ac`` learners (``agents.stream_ac.StreamACLearner``) stepped as one.
 
     Every member's step is the learner's own (see ``agents.stream_ac``): acting by the vmapped one-step
@@ -427,28 +437,16 @@ class StreamACPopulation(Learner):
     per member with the member's step size. Members may differ in ``lr``, ``trace_lambda``, ``gamma``
     and ``entropy_coef``."""
 
-    parameters_checked_per_step = False
-
     def __init__(self, members: Sequence[StreamACLearner]) -> None:
+        super().__init__(members)
         first = members[0]
-        super().__init__(first.options, first.env, first.device)
-        self.members = list(members)
-        self.size = len(members)
-        self.network = first.network
         self.template = first
         self.param_names, self.param_sizes = first.param_names, first.param_sizes
-        if any(m.num_envs != first.num_envs for m in members):
-            raise ConfigError("members of a population must agree in env.num_envs")
-        dtype = first.traces.dtype
-
-        def per_member(values: Sequence[float]) -> Tensor:
-            return torch.tensor(list(values), dtype=dtype, device=self.device)
-
         options = [m.options for m in members]
-        self.lr = per_member(o.lr for o in options)
-        self.gamma = per_member(o.gamma for o in options)
-        self.trace_decay = per_member(o.gamma * o.trace_lambda for o in options)
-        self.entropy_coef = per_member(o.entropy_coef for o in options)
+        self.lr = self.per_member(o.lr for o in options)
+        self.gamma = self.per_member(o.gamma for o in options)
+        self.trace_decay = self.per_member(o.gamma * o.trace_lambda for o in options)
+        self.entropy_coef = self.per_member(o.entropy_coef for o in options)
         self.gather_members()
 
     def gather_members(self) -> None:
@@ -485,17 +483,6 @@ class StreamACPopulation(Learner):
             member.inputs = ActingInputs(*(getattr(self.inputs, f)[p].clone()
                                            for f in ("obs", "reset", "prev_action", "prev_reward")))
             member.steps = self.steps
-
-    def state_dict(self) -> dict[str, Any]:
-        self.sync_members()
-        return {"members": [m.state_dict() for m in self.members]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if len(state["members"]) != self.size:
-            raise ValueError(f"the checkpoint holds {len(state['members'])} members, this population {self.size}")
-        for member, saved in zip(self.members, state["members"]):
-            member.load_state_dict(saved)
-        self.gather_members()
 
     # ----------------------------------------------------------------------------------------------
 
@@ -647,12 +634,6 @@ class StreamACPopulation(Learner):
             results.append(IterationResult(self.options.steps_per_iteration * self.num_envs, metrics, returns,
                                            lengths, successes))
         return results
-
-    def check_parameters(self) -> None:
-        if not all_finite(list(self.params.values())):
-            name = first_non_finite(list(self.params.items()))
-            rows = torch.isfinite(self.params[name].flatten(1)).all(1)
-            raise TrainingDiverged(f"parameter {name} of member {int((~rows).nonzero()[0])}")
 
 
 # Learner name -> the class that steps a population of its members.

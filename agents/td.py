@@ -44,7 +44,7 @@ import functools
 import math
 import warnings
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +115,19 @@ class PredictionNetwork(nn.Module):
     def live_features(self) -> int:
         """How many of the readout's inputs are live (``ccn`` idles the columns of later stages)."""
         return int(getattr(self.core, "active_output_size", self.core.output_size))
+
+
+def live_mask(gradients: Sequence[Tensor | None], sizes: Sequence[int], cache: dict[tuple[bool, ...], Tensor],
+              like: Tensor) -> Tensor | None:
+    """[P] 1 for the weights of parameters V depends on, 0 for the others (None when all are live); the
+    masks are kept in ``cache`` by pattern, with ``like``'s dtype and device."""
+    live = tuple(g is not None for g in gradients)
+    if all(live):
+        return None
+    if live not in cache:
+        cache[live] = torch.cat([torch.full((n,), flag, dtype=like.dtype, device=like.device)
+                                 for flag, n in zip(live, sizes)])
+    return cache[live]
 
 
 @register_learner("td", TDOptions)
@@ -213,14 +226,7 @@ class TDLearner(Learner):
         return [None if column[0] is None else torch.stack(column) for column in zip(*rows)]
 
     def _live_mask(self, gradients: list[Tensor | None]) -> Tensor | None:
-        """[P] 1 for the weights of parameters V depends on, 0 for the others (None when all are live)."""
-        live = tuple(g is not None for g in gradients)
-        if all(live):
-            return None
-        if live not in self._live_masks:
-            self._live_masks[live] = torch.cat([torch.full((n,), flag, dtype=self.traces.dtype, device=self.device)
-                                                for flag, n in zip(live, self.sizes)])
-        return self._live_masks[live]
+        return live_mask(gradients, self.sizes, self._live_masks, self.traces)
 
     def _advance(self, state: State, gradients: list[Tensor | None], done: Tensor, live: Tensor | None) -> None:
         """z ← γλ(1 − done) z + g, and the traces of parameters V no longer depends on emptied."""
