@@ -55,24 +55,6 @@ class PredictionScores:
     zero_squared_error: float  # of V = 0 (nothing learned)
 
 
-def evaluate_run(
-    run_dir: Path,
-    episodes: int,
-    seed: int = EVAL_SEED,
-    obs_noise: float = 0.0,
-    greedy: bool = False,
-    num_envs: int | None = None,
-    device: str | None = None,
-    overrides: Sequence[str] = (),
-) -> tuple[list[float], list[int]]:
-    """Raw returns and lengths of ``episodes`` episodes of the policy saved in ``run_dir``.
-
-    ``obs_noise`` > 0 adds N(0, σ²) to every observation the policy sees (``envs.wrappers.ObservationNoise``);
-    ``overrides`` are ``env.key=value`` strings (e.g. ``env.start_level=1000`` for unseen levels).
-    """
-    return evaluate_at_noise_levels(run_dir, episodes, [obs_noise], seed, greedy, num_envs, device, overrides)[0]
-
-
 def evaluate_at_noise_levels(
     run_dir: Path,
     episodes: int,
@@ -83,8 +65,11 @@ def evaluate_at_noise_levels(
     device: str | None = None,
     overrides: Sequence[str] = (),
 ) -> list[tuple[list[float], list[int]]]:
-    """:func:`evaluate_run` at each noise std of ``sigmas``, loading the run once: one (returns, lengths)
-    pair per σ. Every evaluation resets the env with ``seed``, so all σ start from the same states."""
+    """Raw returns and lengths of ``episodes`` episodes of the policy saved in ``run_dir`` at each noise std
+    of ``sigmas`` (N(0, σ²) added to every observation the policy sees, ``envs.wrappers.ObservationNoise``),
+    loading the run once: one (returns, lengths) pair per σ. Every evaluation resets the env with ``seed``,
+    so all σ start from the same states. ``overrides`` are ``env.key=value`` strings (e.g.
+    ``env.start_level=1000`` for unseen levels)."""
     _check_counts("--episodes", episodes)
     _check_sigmas(sigmas)
     with _saved_run(run_dir, seed, num_envs, device, overrides) as (env, network, run_device, _config):

@@ -28,19 +28,7 @@ import argparse
 
 import torch
 
-from rlmem.bench.measure import (
-    Column,
-    Table,
-    bench_device,
-    device_label,
-    fastest_seconds,
-    format_bytes,
-    forward_backward,
-    positive_ints,
-    state_bytes,
-    window_bytes,
-    window_inputs,
-)
+from rlmem.bench import measure
 from rlmem.errors import ConfigError
 from rlmem.memory import make_core
 
@@ -63,7 +51,7 @@ def _ranks(text: str) -> list[int | None]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlmem bench cfc", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=positive_ints, default=[16, 32, 64, 128], help="state sizes n")
+    parser.add_argument("--sizes", type=measure.positive_ints, default=[16, 32, 64, 128], help="state sizes n")
     parser.add_argument("--ranks", type=_ranks, default=[None, 8, 2], help="ranks r: integers or 'full'")
     parser.add_argument("--sparsity", type=float, default=0.0, help="fraction of recurrent connections masked")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
@@ -79,28 +67,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def measure(spec: dict, args: argparse.Namespace, device: torch.device) -> tuple[float, float, float]:
+def measure_core(spec: dict, args: argparse.Namespace, device: torch.device) -> tuple[float, float, float]:
     """(µs per step, carried state bytes per env, window bytes per env) of one forward + backward."""
     torch.manual_seed(args.seed)
     core = make_core(spec, input_size=args.input).to(device)
     state = core.initial_state(args.batch, device=device)
-    x, reset = window_inputs(core, args.window, args.batch, device, args.seed)
-    window = window_bytes(core, x, state, reset)
+    x, reset = measure.window_inputs(core, args.window, args.batch, device, args.seed)
+    window = measure.window_bytes(core, x, state, reset)
 
     def run() -> None:
         core.zero_grad(set_to_none=True)
         x.grad = None
-        forward_backward(core, x, state, reset)
+        measure.forward_backward(core, x, state, reset)
 
-    seconds = fastest_seconds({"run": run}, device, args.min_time, min_rounds=1, max_rounds=20)["run"]
-    return seconds / args.window * 1e6, state_bytes(state) / args.batch, window / args.batch
+    seconds = measure.fastest_seconds({"run": run}, device, args.min_time, min_rounds=1, max_rounds=20)["run"]
+    return seconds / args.window * 1e6, measure.state_bytes(state) / args.batch, window / args.batch
 
 
 def _fmt_cell(cell: tuple[float, float, float] | None, index: int) -> str:
     """One table entry: index 0 is µs per step, 1 and 2 are bytes per env."""
     if cell is None:
         return "over budget"
-    return f"{cell[0]:.0f}" if index == 0 else format_bytes(cell[index])
+    return f"{cell[0]:.0f}" if index == 0 else measure.format_bytes(cell[index])
 
 
 def run(argv: list[str]) -> None:
@@ -117,19 +105,20 @@ def run(argv: list[str]) -> None:
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise ConfigError(f"--modes: unknown mode {unknown[0] if unknown else ''!r}; valid choices: {', '.join(MODES)}")
-    device = bench_device(args.device)
+    device = measure.bench_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     print(
         f"cfc forward + backward of one window: B={args.batch} T={args.window} D={args.input} "
-        f"backbone={args.backbone_layers}x n, sparsity {args.sparsity:g}, float32, {device_label(device)}"
+        f"backbone={args.backbone_layers}x n, sparsity {args.sparsity:g}, float32, {measure.device_label(device)}"
     )
     columns = [f"{m} µs/step" for m in modes]
     columns += [f"{m}/bptt" for m in modes if m != "bptt" and "bptt" in modes]
     columns += [f"{m} state/env" for m in modes if m != "bptt"]
     columns += [f"{m} window/env" for m in modes]
-    table = Table(Column("n", 4), Column("rank", 4), Column("params", 8), *(Column(c, 16) for c in columns))
+    table = measure.Table(measure.Column("n", 4), measure.Column("rank", 4), measure.Column("params", 8),
+                          *(measure.Column(c, 16) for c in columns))
     table.header()
     for n in args.sizes:
         for rank in args.ranks:
@@ -146,7 +135,7 @@ def run(argv: list[str]) -> None:
             cells: dict[str, tuple[float, float, float] | None] = {}
             for mode in modes:
                 try:
-                    cells[mode] = measure({**base, "grad": mode}, args, device)
+                    cells[mode] = measure_core({**base, "grad": mode}, args, device)
                 except ConfigError:  # over the rtrl budget
                     cells[mode] = None
             params = sum(p.numel() for p in make_core({**base, "grad": "bptt"}, input_size=args.input).parameters())
