@@ -81,8 +81,9 @@ class ObservationFloat(nn.Module):
 
     def forward(self, obs: Tensor) -> Tensor:
         if self.kind == "discrete":
-            return F.one_hot(obs.long() - self.start, self.shape[0]).float()
-        x = obs.float() * self.scale if self.scale != 1.0 else obs.float()
+            return F.one_hot(obs.long() - self.start, self.shape[0]).to(torch.get_default_dtype())
+        x = obs.to(torch.get_default_dtype())  # float32 unless a caller (a float64 test) sets the default
+        x = x * self.scale if self.scale != 1.0 else x
         return x.reshape(obs.shape[0], *self.shape)
 
 
