@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, StepResult, VecEnv
+from envs.base import EnvError, EnvShard, StepResult, VecEnv
 from envs.registry import EnvOptions, register_env
 
 # The neglected tail of the true return (trials beyond the queue) is below this.
@@ -133,6 +133,8 @@ class _TraceTask(VecEnv):
         self.queued_trials = self._queue_length(options)
         self._seed = seed
         self._generator = torch.Generator(self.device)
+        # Random draws are made for this many envs and these rows kept (``take_shard``).
+        self._drawn_envs, self._drawn_rows = self.num_envs, slice(None)
         self._closed = False
         self._started = False
 
@@ -157,11 +159,21 @@ class _TraceTask(VecEnv):
     # Random draws (all from the env's own generator)
 
     def _uniform_int(self, low: int, high: int, shape: tuple[int, ...]) -> Tensor:
-        return torch.randint(low, high + 1, shape, generator=self._generator, device=self.device)
+        return torch.randint(low, high + 1, shape, generator=self._generator, device=self.device)[self._drawn_rows]
+
+    def _uniform(self, count: int) -> Tensor:
+        """[B, count] uniforms on [0, 1)."""
+        return torch.rand(self._drawn_envs, count, generator=self._generator, device=self.device)[self._drawn_rows]
+
+    def take_shard(self, shard: EnvShard) -> None:
+        """Draw the randomness of all ``shard.total`` streams and keep rows ``shard.rows``: these streams
+        are those of the whole batch from the same seed."""
+        self.shard = shard
+        self._drawn_envs, self._drawn_rows = shard.total, shard.rows
 
     def _draw_trials(self, count: int) -> tuple[Tensor, Tensor, Tensor]:
         """ISI [B, count], trial length ISI + ITI [B, count] and pattern index [B, count]."""
-        shape = (self.num_envs, count)
+        shape = (self._drawn_envs, count)
         isi = self._uniform_int(self.options.isi_min, self.options.isi_max, shape)
         iti = self._uniform_int(self.options.iti_min, self.options.iti_max, shape)
         pattern = self._uniform_int(0, self.num_patterns - 1, shape)
@@ -169,7 +181,7 @@ class _TraceTask(VecEnv):
 
     def _draw_valid_patterns(self) -> Tensor:
         """[B, P] bool: a uniformly random subset of ``num_valid`` patterns per env."""
-        scores = torch.rand(self.num_envs, self.num_patterns, generator=self._generator, device=self.device)
+        scores = self._uniform(self.num_patterns)
         ranks = scores.argsort(dim=1).argsort(dim=1)
         return ranks < self.num_valid
 
@@ -222,8 +234,7 @@ class _TraceTask(VecEnv):
         onset = (self._trial_step == 0).unsqueeze(1).float()
         cs = self.patterns[self._pattern[:, 0]] * onset
         us = (self._trial_step == self._isi[:, 0]) & self._is_valid(self._pattern[:, :1]).squeeze(1)
-        uniforms = torch.rand(self.num_envs, self.options.num_distractors, generator=self._generator,
-                              device=self.device)
+        uniforms = self._uniform(self.options.num_distractors)
         distractors = (uniforms < self.distractor_probs).float()
         return torch.cat([cs, us.float().unsqueeze(1), distractors], dim=1)
 

@@ -38,6 +38,7 @@ BENCHES = {
     "robustness": ("rlmem.bench.robustness", "return of trained runs vs observation noise σ (grouped by seed)"),
     "trace_patterning": ("rlmem.bench.trace_patterning", "CCN paper's prediction benchmark: CCN vs BPTT vs RTRL cores"),
     "popgym": ("rlmem.bench.popgym", "memory cores on POPGym tasks by recurrent PPO: MMER table and learning curves"),
+    "distributed": ("rlmem.bench.distributed", "env steps/s of one data-parallel run on 1, 2, ... processes (scaling)"),
     "stream_ac": ("rlmem.bench.stream_ac", "stream_ac env steps/s: per-env gradients by vmap vs batched backward"),
 }
 

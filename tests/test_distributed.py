@@ -4,7 +4,7 @@ by torch.distributed.run against one process, in float64.
 Equivalence: a 2-rank run with B/2 envs per rank ends with the parameters of a 1-process run with B
 envs on the same seed (max abs difference < 1e-9: the ranks' envs are the same envs, actions are drawn
 from the same generator stream, gradients and statistics are reduced over all envs; only the order of
-floating-point sums differs). PPO is compared with one minibatch: with M > 1 each minibatch takes B/(W·M)
+floating-point sums differs). td (on trace patterning) is compared too. PPO is compared with one minibatch: with M > 1 each minibatch takes B/(W·M)
 envs of each rank, so it differs from one process in which envs share a minibatch (documented).
 """
 
@@ -37,6 +37,8 @@ CASES = {
     "ppo_gru_bptt": ["agent=ppo", "memory=gru", "agent.num_minibatches=1", "agent.update_epochs=2", *WINDOW],
     "stream_ac_lru_rtrl": ["agent=stream_ac", "memory=lru", "memory.grad=rtrl", "agent.steps_per_iteration=4",
                            "agent.torso_size=8", f"train.total_steps={6 * 4 * B}"],
+    "td_elstm_rtrl": ["agent=td", "env=trace_patterning", "memory=elstm", "memory.grad=rtrl",
+                      "agent.steps_per_iteration=8", f"train.total_steps={3 * 8 * B}"],
 }
 # Runs only the 2-rank side makes: minibatches split across ranks with KL early stopping; a run
 # interrupted half-way and resumed, beside the uninterrupted one.
@@ -100,9 +102,10 @@ def test_ranks_hold_identical_parameters_and_their_own_state(runs: Path, case: s
     assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 1
     rank0, rank1 = checkpoint["learner"], checkpoint["ranks"][0]["learner"]
     assert max_difference(rank0["network"], rank1["network"]) == 0.0
-    # each rank saved its own envs: the same task state shapes, different episodes
-    assert checkpoint["env"]["tensors"]["step_index"].shape == (B // 2,)
-    assert checkpoint["ranks"][0]["env"] is not None
+    # each rank saved its own envs' state
+    assert checkpoint["env"] is not None and checkpoint["ranks"][0]["env"] is not None
+    if "tensors" in checkpoint["env"]:  # a memory task: one row per env of the rank
+        assert checkpoint["env"]["tensors"]["step_index"].shape == (B // 2,)
 
 
 def test_only_rank_zero_writes_the_run_dir(runs: Path) -> None:
@@ -139,3 +142,12 @@ def test_resume_with_another_world_size_exits_2(runs: Path) -> None:
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "saved by a run of 2 process(es)" in lines[0]
+
+
+def test_rlmem_train_nproc_runs_the_ranks_through_torchrun(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = rlmem("train", "--nproc", "2", *COMMON, "agent.unroll_length=8", f"train.total_steps={2 * 8 * B}",
+                 f"train.run_dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint["world_size"] == 2 and checkpoint["global_step"] == 2 * 8 * B
