@@ -112,6 +112,8 @@ class PPOLearner(WindowLearner):
             raise ConfigError(
                 f"agent.num_minibatches={M} must divide env.num_envs={B} (a minibatch is whole sequences of "
                 f"B / M envs); valid choices: {', '.join(divisors)}"
+                + ("" if env.shard is None else f" (env.num_envs={env.shard.total} split across processes: "
+                   f"{B} envs per process)")
             )
         super().__init__(options, env, memory, model, device, seed, total_steps)
 

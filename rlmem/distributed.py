@@ -4,8 +4,9 @@
 starts W = N·M processes (ranks); ``rlmem train --nproc N CONFIG ...`` starts N of them on this
 machine through ``torch.distributed.run``. Each rank reads its place from the launcher's environment
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and joins the default
-process group: backend ``nccl`` when ``train.device`` is CUDA (rank r then uses GPU ``LOCAL_RANK``),
-``gloo`` on the CPU.
+process group: backend ``nccl`` with ``train.device=cuda`` (each rank then uses GPU ``LOCAL_RANK``),
+``gloo`` on the CPU and with ``train.device=cuda:N`` (every rank of the machine shares GPU N, which
+nccl does not allow).
 
 One run, split. ``env.num_envs`` = B stays the run's number of envs; rank r steps envs
 ``[r·b, (r + 1)·b)``, b = B / W (``envs.base.EnvShard``: seeded as those envs of the whole batch), and
@@ -95,10 +96,18 @@ class Distributed:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         owns = False
         if not dist.is_initialized():
-            cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-            if cuda:
+            gpu_per_rank = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+            if gpu_per_rank:
+                if local_rank >= torch.cuda.device_count():
+                    raise ConfigError(
+                        f"train.device=cuda gives each process of a machine its own GPU, but local rank {local_rank} "
+                        f"has none ({torch.cuda.device_count()} GPU(s)); start at most that many processes per "
+                        "machine, or share one GPU with train.device=cuda:0"
+                    )
                 torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+            elif device.startswith("cuda:"):  # every rank on this one GPU: nccl cannot, gloo can
+                torch.cuda.set_device(torch.device(device))
+            dist.init_process_group("nccl" if gpu_per_rank else "gloo", timeout=TIMEOUT)
             owns = True
         device_of_collectives = f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu"
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns, device_of_collectives)

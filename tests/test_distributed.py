@@ -4,8 +4,9 @@ by torch.distributed.run against one process, in float64.
 Equivalence: a 2-rank run with B/2 envs per rank ends with the parameters of a 1-process run with B
 envs on the same seed (max abs difference < 1e-9: the ranks' envs are the same envs, actions are drawn
 from the same generator stream, gradients and statistics are reduced over all envs; only the order of
-floating-point sums differs). td (on trace patterning) is compared too. PPO is compared with one minibatch: with M > 1 each minibatch takes B/(W·M)
-envs of each rank, so it differs from one process in which envs share a minibatch (documented).
+floating-point sums differs). td (on trace patterning) is compared too. PPO is compared with one
+minibatch: with M > 1 each minibatch takes B/(W·M) envs of each rank, so it differs from one process
+in which envs share a minibatch (documented).
 """
 
 from __future__ import annotations
