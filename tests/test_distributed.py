@@ -152,3 +152,19 @@ def test_rlmem_train_nproc_runs_the_ranks_through_torchrun(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = load_checkpoint(run_dir)
     assert checkpoint["world_size"] == 2 and checkpoint["global_step"] == 2 * 8 * B
+
+
+def test_an_error_inside_the_ranks_exits_2_with_its_message(tmp_path: Path) -> None:
+    # 2 envs per rank cannot form 4 minibatches: each rank refuses, and the launcher's status is theirs
+    done = rlmem("train", "--nproc", "2", *COMMON, "agent=ppo", "agent.num_minibatches=4", "train.total_steps=64",
+                 f"train.run_dir={tmp_path / 'run'}")
+    assert done.returncode == 2
+    assert "agent.num_minibatches=4 must divide env.num_envs=2" in done.stderr
+    assert "2 envs per process" in done.stderr
+
+
+def test_bench_distributed_prints_steps_per_second() -> None:
+    done = rlmem("bench", "distributed", "--nproc", "1", *COMMON, "agent.unroll_length=8", "train.total_steps=64")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert len(rows) == 1 and rows[0][0] == "1" and float(rows[0][1].replace(",", "")) > 0
