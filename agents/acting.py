@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from agents.base import all_finite, check_memory_state
-from agents.networks import ActorCritic, ActorCriticOutput
+from agents.networks import ActorCritic, ActorCriticOutput, Categorical, DiagGaussian, Distribution
+from envs.base import EnvShard
 from rlmem.errors import TrainingDiverged
 from rlmem.memory import State
 
@@ -71,10 +72,32 @@ class ActingInputs:
             setattr(self, f.name, state[f.name].to(getattr(self, f.name).device))
 
 
-def sample_action(out: ActorCriticOutput, generator: torch.Generator) -> Tensor:
+def sample_action(out: ActorCriticOutput, generator: torch.Generator, shard: EnvShard | None = None) -> Tensor:
     """A sample of ``out.dist`` [1, B, *act_shape]; TrainingDiverged where the policy's output is not
-    finite, naming the memory state entry that caused it where one did (one host synchronisation)."""
+    finite, naming the memory state entry that caused it where one did (one host synchronisation).
+
+    ``shard``: these B envs are rows ``shard.rows`` of a batch of ``shard.total`` (data-parallel
+    training): the sample is drawn for the whole batch, with the other rows' distributions filled in,
+    and these rows kept, so that each env's action and the generator's stream are those of one process
+    stepping every env (both samplers draw their noise by shape and use it row by row)."""
     if not all_finite(out.dist.parameters()):
         check_memory_state(out.state)
         raise TrainingDiverged("policy output")
-    return out.dist.sample(generator)
+    if shard is None or shard.size == shard.total:
+        return out.dist.sample(generator)
+    return padded_distribution(out.dist, shard).sample(generator)[:, shard.rows]
+
+
+def padded_distribution(dist: Distribution, shard: EnvShard) -> Distribution:
+    """``dist`` [1, b, ...] as rows ``shard.rows`` of a distribution over ``shard.total`` envs whose
+    other rows are uniform (categorical) or standard normal (Gaussian)."""
+    def pad(rows: Tensor) -> Tensor:
+        full = rows.new_zeros(rows.shape[0], shard.total, *rows.shape[2:])
+        full[:, shard.rows] = rows
+        return full
+
+    if isinstance(dist, Categorical):
+        padded = Categorical.__new__(Categorical)  # the logits are normalised already: keep them bit for bit
+        padded.logits = pad(dist.logits)
+        return padded
+    return DiagGaussian(pad(dist.mean), pad(dist.log_std))

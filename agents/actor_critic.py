@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from agents.base import register_learner
+from agents.distributed import global_count, normalize
 from agents.on_policy import WindowLearner, loss_terms
 from agents.options import check_choice, check_number, check_options
 from agents.returns import bootstrap_truncation, explained_variance, gae, vtrace
@@ -117,8 +118,8 @@ class ActorCriticLearner(WindowLearner):
                 targets, advantages = vtrace(rewards, values.detach(), rollout.bootstrap_value, rollout.done,
                                              log_probs.detach() - rollout.log_probs, opt.gamma,
                                              opt.vtrace_rho_clip, opt.vtrace_c_clip)
-            if opt.normalize_advantages and advantages.numel() > 1:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            if opt.normalize_advantages and global_count(advantages) > 1:
+                advantages = normalize(advantages)  # over every process's envs
 
         policy_loss = -reduce(advantages * log_probs)
         value_loss = 0.5 * reduce((values - targets).pow(2))

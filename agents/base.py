@@ -176,7 +176,12 @@ class Learner:
         self.env = env
         self.device = torch.device(device)
         self.num_envs = env.num_envs
+        # The run's envs, every process's together (data-parallel training: this learner steps a shard).
+        self.run_envs = env.num_envs if env.shard is None else env.shard.total
         self.gradient_hooks: list[GradientHook] = []
+        # Whether the update direction sums over envs rather than averaging them: workers that split the
+        # envs between them then add up their directions instead of averaging them (agents.distributed).
+        self.gradients_sum_over_envs = False
         self.max_grad_norm = math.inf  # clip the update direction's global L2 norm to this
 
     def iteration(self) -> IterationResult:

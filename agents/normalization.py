@@ -8,6 +8,7 @@ count c, mean m and M = Σ(x − m)²,
 
 ``NormalizedObservation`` turns raw vector observations into (x − m) / √(Var + ε) inside the network,
 so that acting, replaying and evaluating all see the same statistics; the learner updates them.
+Samples are rows of the run's envs: in data-parallel training every process merges all of them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
+from agents.distributed import gather_envs
 from agents.networks import ObservationFloat
 from rlmem.errors import ConfigError
 
@@ -33,7 +35,9 @@ class RunningMeanStd(nn.Module):
 
     @torch.no_grad()
     def update(self, samples: Tensor) -> None:
-        samples = samples.to(torch.float64)
+        """Merge ``samples`` [n, *shape], one row per env; with the envs split across processes, every
+        process's rows (``agents.distributed.gather_envs``), so that the statistics are the run's."""
+        samples = gather_envs(samples).to(torch.float64)
         n = samples.shape[0]
         batch_mean = samples.mean(0)
         total = self.count + n

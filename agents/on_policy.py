@@ -49,7 +49,8 @@ class WindowLearner(Learner):
         check_action_space(env.single_action_space, self.name)
         super().__init__(options, env, device)
         self.steps_per_iteration = options.unroll_length * env.num_envs
-        self.num_iterations = max(1, int(total_steps) // self.steps_per_iteration)
+        # total_steps counts the run's steps: those of every process's envs
+        self.num_iterations = max(1, int(total_steps) // (options.unroll_length * self.run_envs))
         if options.max_grad_norm > 0:
             self.max_grad_norm = options.max_grad_norm
         with seeded(seed):

@@ -33,11 +33,12 @@ import torch
 from torch import Tensor
 
 from agents.base import ModelOptions, register_learner
+from agents.distributed import all_mean, global_count, normalize
 from agents.on_policy import WindowLearner, loss_terms
 from agents.options import check_options
 from agents.returns import bootstrap_truncation, explained_variance, gae
 from agents.rollout import Rollout
-from envs.base import VecEnv
+from envs.base import EnvShard, VecEnv
 from rlmem.errors import ConfigError
 from rlmem.memory import State
 
@@ -70,9 +71,20 @@ class PPOOptions:
                       flags=["anneal_lr", "clip_value_loss", "normalize_advantages"])
 
 
-def env_minibatches(num_envs: int, num_minibatches: int, generator: torch.Generator) -> list[Tensor]:
-    """A random partition of the envs into ``num_minibatches`` index tensors of num_envs / M envs each."""
-    order = torch.randperm(num_envs, generator=generator, device=generator.device)
+def env_minibatches(num_envs: int, num_minibatches: int, generator: torch.Generator,
+                    shard: EnvShard | None = None) -> list[Tensor]:
+    """A random partition of the envs into ``num_minibatches`` index tensors of num_envs / M envs each.
+
+    ``shard``: these envs are part of a larger batch split across processes. The permutation is drawn
+    over the whole batch (so the generator's stream is that of one process) and each minibatch takes
+    this part's envs in its order: every process contributes num_envs / M envs to each minibatch, as in
+    data-parallel PPO, so the minibatches hold the same numbers of envs as in one process, though
+    (for M > 1) not the same envs."""
+    if shard is None or shard.size == shard.total:
+        order = torch.randperm(num_envs, generator=generator, device=generator.device)
+    else:
+        whole = torch.randperm(shard.total, generator=generator, device=generator.device)
+        order = whole[(whole >= shard.offset) & (whole < shard.offset + shard.size)] - shard.offset
     return list(order.view(num_minibatches, num_envs // num_minibatches))
 
 
@@ -100,6 +112,8 @@ class PPOLearner(WindowLearner):
             raise ConfigError(
                 f"agent.num_minibatches={M} must divide env.num_envs={B} (a minibatch is whole sequences of "
                 f"B / M envs); valid choices: {', '.join(divisors)}"
+                + ("" if env.shard is None else f" (env.num_envs={env.shard.total} split across processes: "
+                   f"{B} envs per process)")
             )
         super().__init__(options, env, memory, model, device, seed, total_steps)
 
@@ -140,8 +154,8 @@ class PPOLearner(WindowLearner):
             old_approx_kl = (-log_ratio).mean()
             approx_kl = ((ratio - 1) - log_ratio).mean()
             clipfrac = ((ratio - 1.0).abs() > opt.clip_coef).float().mean()
-        if opt.normalize_advantages and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        if opt.normalize_advantages and global_count(advantages) > 1:
+            advantages = normalize(advantages)  # over the minibatch's envs of every process
 
         clipped_ratio = ratio.clamp(1 - opt.clip_coef, 1 + opt.clip_coef)
         policy_loss = torch.max(-advantages * ratio, -advantages * clipped_ratio).mean()
@@ -166,12 +180,12 @@ class PPOLearner(WindowLearner):
 
         epochs, clipfracs = 0, []
         for _ in range(opt.update_epochs):
-            for envs in env_minibatches(self.num_envs, opt.num_minibatches, self.generator):
+            for envs in env_minibatches(self.num_envs, opt.num_minibatches, self.generator, self.env.shard):
                 terms = self.loss(rollout.select_envs(envs), advantages[:, envs], returns[:, envs])
                 grad_norm = self.optimizer_step(terms.total, loss_terms(terms))
                 clipfracs.append(terms.clipfrac)
             epochs += 1
-            if opt.target_kl > 0 and float(terms.approx_kl) > opt.target_kl:
+            if opt.target_kl > 0 and float(all_mean(terms.approx_kl)) > opt.target_kl:  # every process stops alike
                 break
 
         metrics = {

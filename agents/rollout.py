@@ -28,7 +28,7 @@ from agents.acting import ActingInputs, sample_action
 from agents.base import load_attributes, save_attributes
 from agents.networks import ActorCritic
 from agents.runner import EnvGroup, EnvRunner
-from envs.base import VecEnv
+from envs.base import EnvShard, VecEnv
 from rlmem.memory import State, cat_states, clone_state, select_state
 
 _acting_threads = 0  # see set_acting_threads
@@ -223,12 +223,20 @@ class RolloutCollector:
         window.obs[t, rows], window.reset[t, rows] = inputs.obs, inputs.reset
         window.prev_actions[t, rows], window.prev_rewards[t, rows] = inputs.prev_action, inputs.prev_reward
         out = net.step(*inputs.before(cursor.state))
-        sample = sample_action(out, self.generator)  # [1, Bg, *act_shape]
+        sample = sample_action(out, self.generator, self._sampling_shard(rows))  # [1, Bg, *act_shape]
         action = sample[0]
         window.actions[t, rows], window.log_probs[t, rows] = action, out.dist.log_prob(sample)[0]
         window.values[t, rows] = out.value[0]
         cursor.state, cursor.action = out.state, action
         self.runner.send(group, net.env_action(action))
+
+    def _sampling_shard(self, rows: slice) -> EnvShard | None:
+        """The rows ``rows`` of this env in the whole batch of a data-parallel run (None: one process)."""
+        shard = self.env.shard
+        if shard is None or rows == slice(None):
+            return shard
+        start, stop, _ = rows.indices(self.num_envs)
+        return EnvShard(shard.offset + start, stop - start, shard.total)
 
     def _record(self, t: int, group: EnvGroup, cursor: _Cursor, window: _Window) -> None:
         """Collect ``group``'s step t and store its outcome; the group's next inputs follow from it."""

@@ -181,6 +181,7 @@ class StreamACLearner(Learner):
         check_action_space(env.single_action_space, "stream_ac")
         check_online_core(memory)
         super().__init__(options, env, device)
+        self.gradients_sum_over_envs = options.env_update == "sum"
         B = self.num_envs
         self.total_steps = int(total_steps)
 
@@ -233,7 +234,7 @@ class StreamACLearner(Learner):
         # forward then runs the cell only, and the vmapped one advances the sensitivities).
         with torch.set_grad_enabled(not self.vmap_gradients):
             out = net.step(*self.inputs.before(self.memory_state))
-        action = sample_action(out, self.generator)[0]  # [B, *act_shape]
+        action = sample_action(out, self.generator, self.env.shard)[0]  # [B, *act_shape]
         entropy, value = out.dist.entropy()[0].detach(), out.value[0].detach()
 
         next_obs, reward, terminated, truncated, info = self.env.step(net.env_action(action).to(self.env.device))

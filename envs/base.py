@@ -24,12 +24,22 @@ VecEnv has working defaults, so a source needs none of this to meet the contract
 * ``split(parts)`` rebuilds the env as independent groups of consecutive envs (VecEnvs themselves)
   that can step at different times; the env itself then steps all its groups. The default returns
   ``[self]``: the env cannot be split.
+
+Optional, for data-parallel training (a run's envs split across processes):
+
+* ``take_shard(EnvShard(offset, total))`` makes this env of ``num_envs`` envs the envs
+  ``[offset, offset + num_envs)`` of a run of ``total`` envs, so that whatever the number of shards its
+  envs are the same envs as in one process: a source that seeds env ``j`` with ``seed + j`` (gymnasium,
+  ale-py) seeds with ``seed + offset + j``; a built-in task, which draws each step's randomness for the
+  whole batch from one generator, draws it for all ``total`` envs and keeps its own rows. Call it before
+  the first ``reset``. The default refuses (``EnvError``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -45,6 +55,19 @@ class EnvError(ConfigError):
 
 
 StepResult = tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class EnvShard:
+    """Envs ``[offset, offset + size)`` of a run of ``total`` envs (one process's part of the batch)."""
+
+    offset: int
+    size: int
+    total: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
 
 
 class VecEnv:
@@ -135,6 +158,13 @@ class VecEnv:
         release()
         self._group = group
         return group.parts
+
+    #: The part of a larger batch this env is (``take_shard``); None: the whole batch.
+    shard: EnvShard | None = None
+
+    def take_shard(self, shard: EnvShard) -> None:
+        """Be the envs ``shard.rows`` of a batch of ``shard.total`` (see the module docstring)."""
+        raise EnvError(f"{type(self).__name__} cannot be split across processes (it has no per-env seeds)")
 
     # Exact resume. Sources that can snapshot their state (the built-in tasks) override these; the
     # others return None and the training loop resets them on resume.

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, StepResult, VecEnv
+from envs.base import EnvError, EnvShard, StepResult, VecEnv
 
 
 def check_actions(actions: Any, space: gym.Space, num_envs: int) -> Tensor:
@@ -141,6 +141,11 @@ class LibraryVecEnv(VecEnv):
             self._seeded = True
         return seed
 
+    def take_shard(self, shard: EnvShard) -> None:
+        """Env ``j`` is seeded with ``seed + shard.offset + j``, as env ``shard.offset + j`` of the whole batch."""
+        self.shard = shard
+        self._seed += shard.offset
+
     def describe(self) -> str:
         """What the env is, for messages: ``"atari env (pong)"``."""
         return f"{type(self).__name__} env"
@@ -176,6 +181,8 @@ class LibraryVecEnv(VecEnv):
     def reset(self, seed: int | None = None) -> Tensor:
         self._check_open()
         self._check_idle()
+        if seed is not None and self.shard is not None:
+            seed += self.shard.offset
         if self._group is not None:
             return self._group.reset(seed)
         return self._reset_library(seed)

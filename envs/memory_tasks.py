@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, StepResult, VecEnv
+from envs.base import EnvError, EnvShard, StepResult, VecEnv
 from envs.common import EpisodeTracker, check_actions
 from envs.registry import EnvOptions, register_env
 
@@ -90,6 +90,8 @@ class MemoryTask(VecEnv):
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        # Random draws are made for this many envs and these rows kept (``take_shard``).
+        self.drawn_envs, self.drawn_rows = self.num_envs, slice(None)
         self.single_action_space = gym.spaces.Discrete(self.num_actions)
         low, high = self._observation_bounds()
         self.single_observation_space = gym.spaces.Box(low, high, (self.observation_size,), dtype=np.float32)
@@ -124,7 +126,17 @@ class MemoryTask(VecEnv):
     # Helpers ----------------------------------------------------------------------------------------
 
     def _randint(self, high: int, *shape: int) -> Tensor:
-        return torch.randint(high, (self.num_envs, *shape), generator=self.generator, device=self.device)
+        return torch.randint(high, (self.drawn_envs, *shape), generator=self.generator,
+                             device=self.device)[self.drawn_rows]
+
+    def _randn(self, *shape: int) -> Tensor:
+        return torch.randn(self.drawn_envs, *shape, generator=self.generator, device=self.device)[self.drawn_rows]
+
+    def take_shard(self, shard: EnvShard) -> None:
+        """Draw every step's randomness for all ``shard.total`` envs and keep rows ``shard.rows``, so that
+        these envs are those of the whole batch from the same seed."""
+        self.shard = shard
+        self.drawn_envs, self.drawn_rows = shard.total, shard.rows
 
     def _one_hot(self, index: Tensor, size: int) -> Tensor:
         return torch.nn.functional.one_hot(index, size).to(torch.float32)
@@ -227,7 +239,7 @@ class CueRecall(MemoryTask):
         obs[:, :C] = self._one_hot(self.cue, C) * (t == 0)[:, None]
         if self.options.noise > 0:
             # Drawn for every env at every observation, so the stream does not depend on who is blank.
-            noise = torch.randn(self.num_envs, C, generator=self.generator, device=self.device)
+            noise = self._randn(C)
             blank = (t >= 1) & (t <= L)
             obs[:, :C] += noise * self.options.noise * blank[:, None]
         obs[:, C] = (t == L + 1).float()

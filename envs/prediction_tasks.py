@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, StepResult, VecEnv
+from envs.base import EnvError, EnvShard, StepResult, VecEnv
 from envs.registry import EnvOptions, register_env
 
 # The neglected tail of the true return (trials beyond the queue) is below this.
@@ -142,6 +142,8 @@ class _TraceTask(VecEnv):
         self._seed = seed
         self._generator = torch.Generator(self.device)
         self._blocks: list[tuple[int, torch.Generator]] | None = None  # a stack: (envs, generator) per task
+        # Random draws are made for this many envs and these rows kept (``take_shard``).
+        self._drawn_envs, self._drawn_rows = self.num_envs, slice(None)
         self._closed = False
         self._started = False
 
@@ -166,9 +168,10 @@ class _TraceTask(VecEnv):
     # Random draws (all from the env's own generator)
 
     def _sample(self, draw: Callable[[tuple[int, int], torch.Generator], Tensor], columns: int) -> Tensor:
-        """[B, columns] drawn from the env's generator, or in a stack one block per task's generator."""
+        """[B, columns] drawn from the env's generator (for every stream of the whole batch, this shard's
+        rows kept), or in a stack one block per task's generator."""
         if self._blocks is None:
-            return draw((self.num_envs, columns), self._generator)
+            return draw((self._drawn_envs, columns), self._generator)[self._drawn_rows]
         return torch.cat([draw((rows, columns), generator) for rows, generator in self._blocks])
 
     def _uniform_int(self, low: int, high: int, columns: int) -> Tensor:
@@ -177,6 +180,12 @@ class _TraceTask(VecEnv):
 
     def _uniform(self, columns: int) -> Tensor:
         return self._sample(lambda shape, g: torch.rand(shape, generator=g, device=self.device), columns)
+
+    def take_shard(self, shard: EnvShard) -> None:
+        """Draw the randomness of all ``shard.total`` streams and keep rows ``shard.rows``: these streams
+        are those of the whole batch from the same seed."""
+        self.shard = shard
+        self._drawn_envs, self._drawn_rows = shard.total, shard.rows
 
     def _draw_trials(self, count: int) -> tuple[Tensor, Tensor, Tensor]:
         """ISI [B, count], trial length ISI + ITI [B, count] and pattern index [B, count]."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from envs.base import EnvError, VecEnv
+from envs.base import EnvError, EnvShard, VecEnv
 from rlmem.registry import Entry, Registry
 
 
@@ -61,10 +61,18 @@ def env_options(spec: Mapping[str, Any]) -> Any:
     return entry.options(**values)
 
 
-def make_env(spec: Mapping[str, Any], device: torch.device | str = "cpu", seed: int = 0) -> VecEnv:
-    """Build a VecEnv from ``{"name": ..., "num_envs": ..., <env options>}``; it is reset by the caller."""
+def make_env(spec: Mapping[str, Any], device: torch.device | str = "cpu", seed: int = 0,
+             shard: EnvShard | None = None) -> VecEnv:
+    """Build a VecEnv from ``{"name": ..., "num_envs": ..., <env options>}``; it is reset by the caller.
+    ``shard``: the env is that part of a larger batch (``VecEnv.take_shard``; ``num_envs`` = its size)."""
     options = env_options(spec)
     env = env_entry(str(spec["name"])).cls(options, device=torch.device(device), seed=seed)
+    if shard is not None:
+        try:
+            env.take_shard(shard)
+        except BaseException:
+            env.close()
+            raise
     env.overlap = None if options.overlap == "auto" else options.overlap
     return env
 

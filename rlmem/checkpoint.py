@@ -10,6 +10,10 @@ A checkpoint is one dict with the keys of ``CHECKPOINT_KEYS``::
     rng          the global generators: python, numpy, torch (and cuda)
     config       the resolved run config (``RunConfig.to_dict()``)
 
+A run of W > 1 data-parallel ranks (``rlmem.distributed``) saves rank 0's learner, env and rng in
+those keys and adds ``world_size`` (W) and ``ranks``: ``[{"learner", "env", "rng"}, ...]`` of ranks
+1..W−1 (each rank's envs, memory state and sensitivities are its own).
+
 **Plain data.** Everything in it is a tensor or a plain container or scalar (dict, list, tuple, str,
 bytes, int, float, bool, None), so that it loads with ``torch.load(..., weights_only=True)``: opening a
 run dir that someone else wrote never unpickles a class, so it cannot run code. Numpy values (numpy's

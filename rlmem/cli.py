@@ -14,16 +14,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch.distributed.run as torchrun
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 import envs
 from agents.base import LEARNERS
 from kernels.loader import build_command
 from rlmem import config as cfg
+from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from rlmem.distributed import check_divides
 from rlmem.errors import ConfigError, TrainingDiverged
 from rlmem.evaluation import DEFAULT_EPISODES, DEFAULT_PREDICTION_STEPS, EVAL_SEED, EpisodeScores, evaluate_saved
 from rlmem.memory import CORES
 from rlmem.plot import GROUPINGS, plot_runs, summarize_runs, summary_table
-from rlmem.train import resume_config, train
+from rlmem.train import rank_checkpoints, resume_config, train
 
 BENCHES = {
     "envs": ("rlmem.bench.envs", "environment steps/s: raw library vs rlmem VecEnv vs rollout with a policy"),
@@ -34,6 +38,7 @@ BENCHES = {
     "robustness": ("rlmem.bench.robustness", "return of trained runs vs observation noise σ (grouped by seed)"),
     "trace_patterning": ("rlmem.bench.trace_patterning", "CCN paper's prediction benchmark: CCN vs BPTT vs RTRL cores"),
     "popgym": ("rlmem.bench.popgym", "memory cores on POPGym tasks by recurrent PPO: MMER table and learning curves"),
+    "distributed": ("rlmem.bench.distributed", "env steps/s of one data-parallel run on 1, 2, ... processes (scaling)"),
     "stream_ac": ("rlmem.bench.stream_ac", "stream_ac env steps/s: per-env gradients by vmap vs batched backward"),
     "population": ("rlmem.bench.population", "learner steps/s of P members in one process vs one process each"),
 }
@@ -56,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("args", nargs="*", help="CONFIG file, group choices (memory=lstm) and dotted overrides")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="data-parallel on this machine: N processes through torch.distributed.run (torchrun), "
+                       "each stepping env.num_envs / N envs (one GPU each with train.device=cuda)")
 
     ev = sub.add_parser(
         "eval",
@@ -120,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
+    if ns.nproc is not None:
+        return _launch_train(ns)
     if ns.resume:
         train(resume_config(Path(ns.resume), ns.args), resume=True)
         return 0
@@ -127,6 +137,29 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     config_path = args.pop(0) if args and "=" not in args[0] else None
     config = cfg.load(config_path, args)
     train(config)
+    return 0
+
+
+def _launch_train(ns: argparse.Namespace) -> int:
+    """``rlmem train --nproc N ...``: check the config here (one message, before any process starts),
+    then start N ranks of ``rlmem train ...`` through torch.distributed.run on this machine."""
+    if ns.nproc < 1:
+        raise ConfigError(f"--nproc must be a positive integer, got {ns.nproc}")
+    args = list(ns.args)
+    if ns.resume:
+        config = resume_config(Path(ns.resume), args)
+        rank_checkpoints(load_checkpoint(Path(ns.resume)), ns.nproc, Path(ns.resume) / CHECKPOINT_NAME)
+        args = ["--resume", ns.resume, *args]
+    else:
+        config_path = args[0] if args and "=" not in args[0] else None
+        config = cfg.load(config_path, args[1:] if config_path is not None else args)
+    check_divides(int(config.env.get("num_envs", 1)), ns.nproc)
+    launcher = torchrun.get_args_parser().parse_args(
+        ["--standalone", "--nproc_per_node", str(ns.nproc), "-m", "rlmem", "train", *args])
+    try:
+        torchrun.run(launcher)
+    except ChildFailedError as err:  # the ranks printed their own messages
+        return max((failure.exitcode for failure in err.failures.values()), default=1) or 1
     return 0
 
 

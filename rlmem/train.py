@@ -20,6 +20,7 @@ probabilities and (``save_checkpoint``) for a non-finite checkpoint entry. The r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import signal
@@ -39,10 +40,11 @@ from agents.base import LEARNERS
 from agents.population import POPULATIONS
 from agents.rollout import set_acting_threads
 from envs import env_device, make_env
-from envs.base import EnvError
+from envs.base import EnvError, EnvShard
 from rlmem import config as cfg
 from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from rlmem.config import RunConfig
+from rlmem.distributed import Distributed, check_divides, launched_world_size
 from rlmem.errors import ConfigError, TrainingDiverged
 
 
@@ -71,8 +73,10 @@ def run_dir_of(config: RunConfig) -> Path:
     return Path("runs") / (config.train.name or default_run_name(config))
 
 
-def build(config: RunConfig, env_overrides: dict[str, Any] | None = None, seed: int | None = None):
-    """Create the environment and the learner that a config describes. Returns (env, learner, device)."""
+def build(config: RunConfig, env_overrides: dict[str, Any] | None = None, seed: int | None = None,
+          shard: EnvShard | None = None):
+    """Create the environment and the learner that a config describes. Returns (env, learner, device).
+    ``shard``: build only these envs of the run's ``env.num_envs`` (one rank of a data-parallel run)."""
     device = resolve_device(config.train.device)
     seed = config.train.seed if seed is None else seed
     if config.train.torch_threads:
@@ -80,7 +84,9 @@ def build(config: RunConfig, env_overrides: dict[str, Any] | None = None, seed: 
     set_acting_threads(config.train.acting_threads)
     seed_everything(seed)
     spec = {**config.env, **(env_overrides or {})}
-    env = make_env(spec, device=env_device(str(spec["name"]), device), seed=seed)
+    if shard is not None:
+        spec["num_envs"] = shard.size
+    env = make_env(spec, device=env_device(str(spec["name"]), device), seed=seed, shard=shard)
     try:
         learner = LEARNERS.get(config.agent["name"]).cls(
             config.agent_options(),
@@ -230,25 +236,81 @@ def run_iteration(learner: Any) -> Any:
 def train(config: RunConfig, resume: bool = False, log=print) -> Path:
     """Train as ``config`` says (or continue the run in ``train.run_dir``); return the run dir.
 
+    Launched by torchrun (``rlmem.distributed``), this process trains its rank's share of the run and
+    only rank 0 writes the run dir and logs.
+
     Raises ``RunDiverged`` (a ``TrainingDiverged``) when a loss, gradient, parameter, memory state,
     metric or checkpoint entry stops being finite; the last good checkpoint stays.
     """
     if cfg.is_population(config):
+        if launched_world_size() > 1:
+            raise ConfigError("train.population trains every member in one process; start it without torchrun "
+                              "or --nproc (a population and data-parallel ranks do not combine)")
         return train_population(config, resume, log)
+    ranks = Distributed.from_environment(config.train.device)
+    try:
+        return _train(config, resume, log if ranks.is_main else _silent, ranks)
+    finally:
+        ranks.close()
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+class _NoWriter:
+    """The event writer of ranks other than 0, which write nothing."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_text(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def rank_checkpoints(checkpoint: dict[str, Any], world_size: int, path: Path) -> list[dict[str, Any]]:
+    """One checkpoint per rank of a run of ``world_size`` ranks: rank 0's is the file's own entries,
+    rank r's has its ``learner``, ``env`` and ``rng`` from the file's ``ranks`` list. A checkpoint of
+    another number of ranks raises ``ConfigError``: each rank's envs and memory state are its own."""
+    saved = int(checkpoint.get("world_size", 1))
+    if saved != world_size:
+        raise ConfigError(
+            f"checkpoint {path} was saved by a run of {saved} process(es) and this run has {world_size}; "
+            f"a run resumes only with the world size it was saved with (each process keeps its own envs' "
+            f"memory state): resume with {saved} process(es)"
+        )
+    others = checkpoint.get("ranks", [])
+    return [checkpoint, *({**checkpoint, **part} for part in others)]
+
+
+def _train(config: RunConfig, resume: bool, log, ranks: Distributed) -> Path:
     run_dir = run_dir_of(config)
+    if ranks.active:
+        check_divides(int(config.env.get("num_envs", 1)), ranks.world_size)
+
+    def prepare_run_dir() -> None:
+        if not resume and (run_dir / CHECKPOINT_NAME).exists():
+            raise ConfigError(
+                f"run dir {run_dir} already holds a run; continue it with `rlmem train --resume {run_dir}` "
+                "or choose another train.run_dir / train.name"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / "config.yaml").write_text(config.to_yaml())
+
     checkpoint = None
     if resume:
-        checkpoint = load_checkpoint(run_dir)
-    elif (run_dir / CHECKPOINT_NAME).exists():
-        raise ConfigError(
-            f"run dir {run_dir} already holds a run; continue it with `rlmem train --resume {run_dir}` "
-            "or choose another train.run_dir / train.name"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / "config.yaml").write_text(config.to_yaml())
+        checkpoint = ranks.scatter_states(
+            lambda: rank_checkpoints(load_checkpoint(run_dir), ranks.world_size, run_dir / CHECKPOINT_NAME))
+    ranks.on_main(prepare_run_dir)
 
-    env, learner, _device = build(config)
+    rank_config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, device=ranks.device(config.train.device)))
+    env, learner, _device = build(rank_config, shard=ranks.shard(int(config.env.get("num_envs", 1))))
+    ranks.prepare(learner)
     global_step = 0
     iteration = 0
     last_checkpoint: tuple[Path, int] | None = None  # (path, step) of the last good checkpoint
@@ -264,25 +326,27 @@ def train(config: RunConfig, resume: bool = False, log=print) -> Path:
 
     def save() -> None:
         nonlocal last_checkpoint
-        path = save_checkpoint(
-            run_dir,
-            {
-                "learner": learner.state_dict(),
+        # Every rank's own part (its envs' memory state, sensitivities, env state, generators), on rank 0.
+        parts = ranks.gather_states({"learner": learner.state_dict(), "env": env.state_dict(), "rng": _capture_rng()})
+        if parts is not None:
+            payload = {
+                **parts[0],
                 "network": learner.network.state_dict(),
-                "env": env.state_dict(),
                 "global_step": global_step,
                 "iteration": iteration,
-                "rng": _capture_rng(),
                 "config": config.to_dict(),
-            },
-        )
-        last_checkpoint = (path, global_step)
+            }
+            if ranks.active:
+                payload.update(world_size=ranks.world_size, ranks=parts[1:])
+            save_checkpoint(run_dir, payload)
+        last_checkpoint = (run_dir / CHECKPOINT_NAME, global_step)
 
     # A resumed run drops what the interrupted one logged after its checkpoint (a killed process logs on
     # past it): the writer opens with a SessionLog START at purge_step, and TensorBoard discards every
     # event read before it whose step is >= purge_step. The checkpoint's own step was logged before it
     # was saved, so that step stays.
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=None if checkpoint is None else global_step + 1)
+    writer = _NoWriter() if not ranks.is_main else SummaryWriter(
+        log_dir=str(run_dir), purge_step=None if checkpoint is None else global_step + 1)
     if checkpoint is None:
         writer.add_text("hyperparameters", "```yaml\n" + config.to_yaml() + "\n```", 0)
     log(f"run dir: {run_dir}")
@@ -291,13 +355,14 @@ def train(config: RunConfig, resume: bool = False, log=print) -> Path:
     recent = EpisodeWindow.create()
     total = config.train.total_steps
     next_checkpoint = (global_step // config.train.checkpoint_every + 1) * config.train.checkpoint_every
-    bar = tqdm(total=total, initial=global_step, unit="step", disable=not config.train.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=global_step, unit="step", disable=not (config.train.progress and ranks.is_main),
+               dynamic_ncols=True)
     started, started_step = time.perf_counter(), global_step
     stopped_early = False
     try:
         with _StopRequest() as stop:
             while global_step < total:
-                result = run_iteration(learner)
+                result = ranks.global_result(run_iteration(learner))
                 iteration += 1
                 global_step += result.env_steps
                 check_finite_metrics(result.metrics)
@@ -310,7 +375,7 @@ def train(config: RunConfig, resume: bool = False, log=print) -> Path:
                 if global_step >= next_checkpoint:
                     save()
                     next_checkpoint += config.train.checkpoint_every
-                if stop.requested:
+                if ranks.any_rank(stop.requested):
                     stopped_early = True
                     break
         save()
