@@ -66,6 +66,7 @@ def test_impala_cnn_structure():
 
 @pytest.mark.parametrize("name", ["nature_cnn", "impala"])
 def test_conv_encoders_give_the_values_and_gradients_of_the_plain_layout(name):
+    torch.manual_seed(0)
     space = gym.spaces.Box(0, 255, (3, 64, 64), np.uint8)
     encoder = make_encoder(name, space, 32, 1)
     conv = encoder[1]
@@ -85,7 +86,8 @@ def test_conv_encoders_give_the_values_and_gradients_of_the_plain_layout(name):
         grads = torch.autograd.grad(out.square().sum(), list(encoder.parameters()))
         expected_grads = torch.autograd.grad(expected.square().sum(), list(plain.parameters()))
         for g, e in zip(grads, expected_grads, strict=True):
-            torch.testing.assert_close(g, e)
+            # float32 sums over 10^4 terms in another order: agreement to 1e-4 relative
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
 def test_mlp_encoder_layers_and_discrete_one_hot():
