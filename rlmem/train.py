@@ -26,7 +26,7 @@ import random
 import signal
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,7 +167,7 @@ def resume_config(run_dir: Path, args: Sequence[str] = ()) -> RunConfig:
         if choice not in (saved.choices.get(group), getattr(saved, group)["name"]):
             raise _resume_refusal(run_dir, f"{group}={choice}", f"{group}={getattr(saved, group)['name']}")
     config = cfg.load_saved(run_dir, dotted)
-    before, after = _dotted_items(saved.to_dict()), _dotted_items(config.to_dict())
+    before, after = cfg.dotted_keys(saved.to_dict()), cfg.dotted_keys(config.to_dict())
     for key, value in after.items():
         if key.split(".", 1)[0] != "choices" and key not in RESUMABLE_OPTIONS and before.get(key) != value:
             raise _resume_refusal(run_dir, f"{key}={value}", f"{key}={before.get(key)}")
@@ -180,16 +180,6 @@ def _resume_refusal(run_dir: Path, asked: str, saved: str) -> ConfigError:
         f"with --resume only {', '.join(RESUMABLE_OPTIONS)} may change (they do not change what the run learns); "
         f"{asked} would make the continuation differ from the run in {run_dir} ({saved}): start a new run instead"
     )
-
-
-def _dotted_items(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    items: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            items.update(_dotted_items(value, f"{prefix}{key}."))
-        else:
-            items[f"{prefix}{key}"] = value
-    return items
 
 
 class RunDiverged(TrainingDiverged):
@@ -231,6 +221,54 @@ def run_iteration(learner: Any) -> Any:
         if NON_FINITE_PROBABILITIES in str(err):
             raise TrainingDiverged("action probabilities") from err
         raise
+
+
+def run_iterations(config: RunConfig, iterate: Callable[[], Sequence[Any]], writers: Sequence[Any],
+                   save: Callable[[int, int], tuple[Path, int]], global_step: int, iteration: int,
+                   last_checkpoint: tuple[Path, int] | None, any_rank: Callable[[bool], bool] = bool,
+                   show_progress: bool = True) -> tuple[int, bool]:
+    """The loop every run shares: ``iterate()`` (one ``IterationResult`` per writer: one run, or a
+    population's members) until ``train.total_steps``, each result checked finite and logged to its
+    writer, ``save(global_step, iteration)`` every ``train.checkpoint_every`` env steps and at the end.
+    The first Ctrl-C (on any rank) finishes the iteration, saves and stops. Returns (the env step
+    reached, whether it stopped early); a non-finite quantity raises ``RunDiverged`` naming the last
+    good checkpoint, and nothing is saved after it."""
+    recent = EpisodeWindow.create()
+    total, every = config.train.total_steps, config.train.checkpoint_every
+    next_checkpoint = (global_step // every + 1) * every
+    bar = tqdm(total=total, initial=global_step, unit="step", disable=not (config.train.progress and show_progress),
+               dynamic_ncols=True)
+    started, started_step = time.perf_counter(), global_step
+    stopped_early = False
+    try:
+        with _StopRequest() as stop:
+            while global_step < total:
+                results = iterate()
+                iteration += 1
+                global_step += results[0].env_steps
+                sps = (global_step - started_step) / max(time.perf_counter() - started, 1e-9)
+                for writer, result in zip(writers, results, strict=True):
+                    check_finite_metrics(result.metrics)
+                    _log_iteration(writer, result, global_step, sps)
+                    recent.returns.extend(result.episode_returns)
+                bar.update(results[0].env_steps)
+                mean_return = recent.mean()
+                shown_return = "-" if mean_return is None else f"{mean_return:.3g}"
+                bar.set_postfix(sps=f"{sps * len(results):,.0f}", ret=shown_return)
+                if global_step >= next_checkpoint:
+                    last_checkpoint = save(global_step, iteration)
+                    next_checkpoint += every
+                if any_rank(stop.requested):
+                    stopped_early = True
+                    break
+        save(global_step, iteration)
+    except TrainingDiverged as err:
+        raise RunDiverged(err.quantity, global_step, last_checkpoint) from None
+    finally:
+        bar.close()
+        for writer in writers:
+            writer.close()
+    return global_step, stopped_early
 
 
 def train(config: RunConfig, resume: bool = False, log=print) -> Path:
@@ -324,8 +362,7 @@ def _train(config: RunConfig, resume: bool, log, ranks: Distributed) -> Path:
         iteration = checkpoint["iteration"]
         last_checkpoint = (run_dir / CHECKPOINT_NAME, global_step)
 
-    def save() -> None:
-        nonlocal last_checkpoint
+    def save(global_step: int, iteration: int) -> tuple[Path, int]:
         # Every rank's own part (its envs' memory state, sensitivities, env state, generators), on rank 0.
         parts = ranks.gather_states({"learner": learner.state_dict(), "env": env.state_dict(), "rng": _capture_rng()})
         if parts is not None:
@@ -339,7 +376,7 @@ def _train(config: RunConfig, resume: bool, log, ranks: Distributed) -> Path:
             if ranks.active:
                 payload.update(world_size=ranks.world_size, ranks=parts[1:])
             save_checkpoint(run_dir, payload)
-        last_checkpoint = (run_dir / CHECKPOINT_NAME, global_step)
+        return run_dir / CHECKPOINT_NAME, global_step
 
     # A resumed run drops what the interrupted one logged after its checkpoint (a killed process logs on
     # past it): the writer opens with a SessionLog START at purge_step, and TensorBoard discards every
@@ -352,38 +389,11 @@ def _train(config: RunConfig, resume: bool, log, ranks: Distributed) -> Path:
     log(f"run dir: {run_dir}")
     log(f"watch it: tensorboard --logdir {run_dir.parent}")
 
-    recent = EpisodeWindow.create()
-    total = config.train.total_steps
-    next_checkpoint = (global_step // config.train.checkpoint_every + 1) * config.train.checkpoint_every
-    bar = tqdm(total=total, initial=global_step, unit="step", disable=not (config.train.progress and ranks.is_main),
-               dynamic_ncols=True)
-    started, started_step = time.perf_counter(), global_step
-    stopped_early = False
     try:
-        with _StopRequest() as stop:
-            while global_step < total:
-                result = ranks.global_result(run_iteration(learner))
-                iteration += 1
-                global_step += result.env_steps
-                check_finite_metrics(result.metrics)
-                sps = (global_step - started_step) / max(time.perf_counter() - started, 1e-9)
-                _log_iteration(writer, result, global_step, sps)
-                recent.returns.extend(result.episode_returns)
-                bar.update(result.env_steps)
-                mean_return = recent.mean()
-                bar.set_postfix(sps=f"{sps:,.0f}", ret="-" if mean_return is None else f"{mean_return:.3g}")
-                if global_step >= next_checkpoint:
-                    save()
-                    next_checkpoint += config.train.checkpoint_every
-                if ranks.any_rank(stop.requested):
-                    stopped_early = True
-                    break
-        save()
-    except TrainingDiverged as err:
-        raise RunDiverged(err.quantity, global_step, last_checkpoint) from None
+        global_step, stopped_early = run_iterations(
+            config, lambda: [ranks.global_result(run_iteration(learner))], [writer], save, global_step, iteration,
+            last_checkpoint, any_rank=ranks.any_rank, show_progress=ranks.is_main)
     finally:
-        bar.close()
-        writer.close()
         env.close()
     if stopped_early:
         log(f"stopped at step {global_step}; continue with: rlmem train --resume {run_dir}")
@@ -395,11 +405,19 @@ def _train(config: RunConfig, resume: bool, log, ranks: Distributed) -> Path:
 def restore(checkpoint: dict[str, Any], learner: Any, env: Any, path: Path) -> None:
     """Load a checkpoint's learner, env and global RNG states; a checkpoint that does not fit the run's
     learner or env (another run's file) raises ``ConfigError`` naming ``path``."""
-    try:
+    with checkpoint_must_fit(path):
         learner.load_state_dict(checkpoint["learner"])
         if checkpoint["env"] is not None:
             env.load_state_dict(checkpoint["env"])
         _restore_rng(checkpoint["rng"])
+
+
+@contextlib.contextmanager
+def checkpoint_must_fit(path: Path) -> Iterator[None]:
+    """Loading checkpoint ``path`` into a run: what does not fit the run's learner or env (another run's
+    file) becomes one ``ConfigError`` naming the file."""
+    try:
+        yield
     except EnvError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
@@ -473,8 +491,7 @@ def train_population(config: RunConfig, resume: bool = False, log=print) -> Path
         global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
         last_checkpoint = (run_dir / CHECKPOINT_NAME, global_step)
 
-    def save() -> None:
-        nonlocal last_checkpoint
+    def save(global_step: int, iteration: int) -> tuple[Path, int]:
         learner_state = population.state_dict()  # writes every member's slice back into it first
         path = save_checkpoint(
             run_dir,
@@ -489,7 +506,7 @@ def train_population(config: RunConfig, resume: bool = False, log=print) -> Path
                 "config": config.to_dict(),
             },
         )
-        last_checkpoint = (path, global_step)
+        return path, global_step
 
     purge_step = None if checkpoint is None else global_step + 1
     writers = [SummaryWriter(log_dir=str(d), purge_step=purge_step) for d in member_dirs]
@@ -499,36 +516,10 @@ def train_population(config: RunConfig, resume: bool = False, log=print) -> Path
     log(f"run dir: {run_dir} ({len(members)} members)")
     log(f"watch it: tensorboard --logdir {run_dir / 'members'}")
 
-    total = config.train.total_steps
-    next_checkpoint = (global_step // config.train.checkpoint_every + 1) * config.train.checkpoint_every
-    bar = tqdm(total=total, initial=global_step, unit="step", disable=not config.train.progress, dynamic_ncols=True)
-    started, started_step = time.perf_counter(), global_step
-    stopped_early = False
     try:
-        with _StopRequest() as stop:
-            while global_step < total:
-                results = run_iteration(population)
-                iteration += 1
-                global_step += results[0].env_steps
-                sps = (global_step - started_step) / max(time.perf_counter() - started, 1e-9)
-                for writer, result in zip(writers, results):
-                    check_finite_metrics(result.metrics)
-                    _log_iteration(writer, result, global_step, sps)
-                bar.update(results[0].env_steps)
-                bar.set_postfix(member_sps=f"{sps * len(results):,.0f}")
-                if global_step >= next_checkpoint:
-                    save()
-                    next_checkpoint += config.train.checkpoint_every
-                if stop.requested:
-                    stopped_early = True
-                    break
-        save()
-    except TrainingDiverged as err:
-        raise RunDiverged(err.quantity, global_step, last_checkpoint) from None
+        global_step, stopped_early = run_iterations(config, lambda: run_iteration(population), writers, save,
+                                                    global_step, iteration, last_checkpoint)
     finally:
-        bar.close()
-        for writer in writers:
-            writer.close()
         for env in envs:
             env.close()
     if stopped_early:
@@ -541,7 +532,7 @@ def train_population(config: RunConfig, resume: bool = False, log=print) -> Path
 def restore_population(checkpoint: dict[str, Any], population: Any, envs: dict[str, Any], path: Path) -> None:
     """``restore`` for a population: every member's learner and env (``envs`` by member name), and the
     global RNG states."""
-    try:
+    with checkpoint_must_fit(path):
         if sorted(checkpoint["env"]) != sorted(envs):
             raise ValueError(f"members saved: {', '.join(checkpoint['env'])}; members now: {', '.join(envs)}")
         for name, env in envs.items():
@@ -549,13 +540,6 @@ def restore_population(checkpoint: dict[str, Any], population: Any, envs: dict[s
                 env.load_state_dict(checkpoint["env"][name])
         population.load_state_dict(checkpoint["learner"])  # after the envs: it stacks their streams
         _restore_rng(checkpoint["rng"])
-    except EnvError:
-        raise
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-        detail = (str(err).splitlines() or [""])[0]
-        raise ConfigError(
-            f"checkpoint {path} does not fit the run's config.yaml ({type(err).__name__}: {detail})"
-        ) from None
 
 
 def _capture_rng() -> dict[str, Any]:
