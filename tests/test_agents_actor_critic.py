@@ -20,14 +20,7 @@ from envs.base import VecEnv
 from rlmem.errors import ConfigError
 from rlmem.memory import CoreOptions, MemoryCore, register_core
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------

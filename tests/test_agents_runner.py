@@ -23,14 +23,7 @@ from agents.runner import EnvRunner, overlap_helps
 from envs import EnvError, make_env
 from envs.base import VecEnv, VecEnvGroup, split_bounds, threads_per_group
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one intra-op thread is faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,14 +5,12 @@ cores and changed settings with one message and exit status 2 before any run sta
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import rlmem.train
 from rlmem.bench.popgym import windowed_means
 from rlmem.cli import main
 
@@ -74,28 +72,14 @@ def test_study_skips_finished_runs_resumes_unfinished_ones_and_writes_the_table(
     assert checkpoint_step(out / RUN_DIRS[2]) == 1024
 
 
-def test_ctrl_c_stops_the_study_and_the_same_command_resumes_the_interrupted_run(tmp_path: Path, monkeypatch,
-                                                                                 capsys):
+def test_ctrl_c_stops_the_study_and_the_same_command_resumes_the_interrupted_run(
+    tmp_path: Path, monkeypatch, interrupt_at, capsys
+):
     pytest.importorskip("matplotlib")
     out = tmp_path / "popgym"
     study = ["bench", "popgym", "--tasks", TASKS[1], "--cores", "gru", "--seeds", "2", "--steps", "512",
              "--window", "256", *SMALL, "--out", str(out)]
-    original_build = rlmem.train.build
-
-    def interrupting_build(*args, **kwargs):  # Ctrl-C during the first run's 4th update (64 env steps each)
-        env, learner, device = original_build(*args, **kwargs)
-        iteration, calls = learner.iteration, []
-
-        def interrupted_iteration():
-            calls.append(1)
-            if len(calls) == 4:
-                signal.raise_signal(signal.SIGINT)
-            return iteration()
-
-        learner.iteration = interrupted_iteration
-        return env, learner, device
-
-    monkeypatch.setattr(rlmem.train, "build", interrupting_build)
+    interrupt_at(4)  # Ctrl-C during the first run's 4th update (64 env steps each)
     assert main(study) == 0
     monkeypatch.undo()
     printed = capsys.readouterr().out

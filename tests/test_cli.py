@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import rlmem.train
 from rlmem.checkpoint import load_checkpoint
 from rlmem.cli import main
 from rlmem.plot import read_scalars
@@ -60,27 +58,12 @@ def test_train_writes_config_checkpoint_and_the_standard_tags(tmp_path: Path, ca
     assert steps[-1] == 640
 
 
-def test_ctrl_c_checkpoints_and_resume_reproduces_the_uninterrupted_run(tmp_path: Path, monkeypatch):
+def test_ctrl_c_checkpoints_and_resume_reproduces_the_uninterrupted_run(tmp_path: Path, monkeypatch, interrupt_at):
     straight, split = tmp_path / "straight", tmp_path / "split"
     _train(straight, 256)
 
     # the split run is interrupted by Ctrl-C during its 4th iteration (4 envs x 8 steps each)
-    original_build = rlmem.train.build
-
-    def interrupting_build(*args, **kwargs):
-        env, learner, device = original_build(*args, **kwargs)
-        iteration, calls = learner.iteration, []
-
-        def interrupted_iteration():
-            calls.append(1)
-            if len(calls) == 4:
-                signal.raise_signal(signal.SIGINT)
-            return iteration()
-
-        learner.iteration = interrupted_iteration
-        return env, learner, device
-
-    monkeypatch.setattr(rlmem.train, "build", interrupting_build)
+    interrupt_at(4)
     _train(split, 256)
     monkeypatch.undo()
     first = load_checkpoint(split)

@@ -4,13 +4,11 @@ options --resume accepts, evaluation of every learner, and runs that diverge."""
 from __future__ import annotations
 
 import math
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-import rlmem.train
 from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from rlmem.cli import main
 from rlmem.errors import TrainingDiverged
@@ -35,26 +33,6 @@ def _train(run_dir: Path, learner: str, steps: int, *extra: str) -> int:
     return main(["train", *config, *args, *COMMON, f"train.total_steps={steps}", f"train.run_dir={run_dir}", *extra])
 
 
-def _interrupt_at(monkeypatch, call: int) -> None:
-    """Ctrl-C during the learner's ``call``-th iteration."""
-    original_build = rlmem.train.build
-
-    def interrupting_build(*args, **kwargs):
-        env, learner, device = original_build(*args, **kwargs)
-        iteration, calls = learner.iteration, []
-
-        def interrupted_iteration():
-            calls.append(1)
-            if len(calls) == call:
-                signal.raise_signal(signal.SIGINT)
-            return iteration()
-
-        learner.iteration = interrupted_iteration
-        return env, learner, device
-
-    monkeypatch.setattr(rlmem.train, "build", interrupting_build)
-
-
 def _assert_equal(a, b, path: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), f"{path} differs after resume"
@@ -73,12 +51,13 @@ def _assert_equal(a, b, path: str = "") -> None:
 
 
 @pytest.mark.parametrize("learner", sorted(LEARNERS))
-def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path: Path, monkeypatch, learner: str):
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path: Path, monkeypatch, interrupt_at,
+                                                              learner: str):
     per_iteration = LEARNERS[learner][1]
     total = 4 * per_iteration
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _train(straight, learner, total) == 0
-    _interrupt_at(monkeypatch, 3)
+    interrupt_at(3)
     assert _train(split, learner, total) == 0
     monkeypatch.undo()
     assert load_checkpoint(split)["global_step"] == 3 * per_iteration
@@ -211,25 +190,6 @@ def test_eval_of_a_policy_learner_reports_returns(tmp_path: Path, capsys, learne
 # Runs that diverge
 
 
-def _failing_build(monkeypatch, call: int, failure) -> None:
-    """The learner's ``call``-th iteration runs ``failure(result)`` (raise, or return a changed result)."""
-    original_build = rlmem.train.build
-
-    def build(*args, **kwargs):
-        env, learner, device = original_build(*args, **kwargs)
-        iteration, calls = learner.iteration, []
-
-        def failing_iteration():
-            calls.append(1)
-            result = iteration()
-            return failure(result) if len(calls) == call else result
-
-        learner.iteration = failing_iteration
-        return env, learner, device
-
-    monkeypatch.setattr(rlmem.train, "build", build)
-
-
 def _raise(error: BaseException):
     def failure(result):
         raise error
@@ -238,11 +198,11 @@ def _raise(error: BaseException):
 
 
 def test_a_diverging_learner_stops_the_run_with_one_message_and_keeps_the_last_good_checkpoint(
-    tmp_path: Path, monkeypatch, capsys
+    tmp_path: Path, monkeypatch, on_iteration, capsys
 ):
     run_dir = tmp_path / "run"
     # 32 env steps per iteration, a checkpoint every 64: the good checkpoint is at 64, the 3rd iteration diverges.
-    _failing_build(monkeypatch, 3, _raise(TrainingDiverged("gradient of core.weight")))
+    on_iteration(3, after=_raise(TrainingDiverged("gradient of core.weight")))
     assert _train(run_dir, "actor_critic", 256, "train.checkpoint_every=64") == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -252,16 +212,16 @@ def test_a_diverging_learner_stops_the_run_with_one_message_and_keeps_the_last_g
     assert load_checkpoint(run_dir)["global_step"] == 64
 
 
-def test_a_divergence_before_any_checkpoint_says_none_was_written(tmp_path: Path, monkeypatch, capsys):
+def test_a_divergence_before_any_checkpoint_says_none_was_written(tmp_path: Path, monkeypatch, on_iteration, capsys):
     run_dir = tmp_path / "run"
-    _failing_build(monkeypatch, 1, _raise(TrainingDiverged("memory state")))
+    on_iteration(1, after=_raise(TrainingDiverged("memory state")))
     assert _train(run_dir, "actor_critic", 256) == 2
     assert "no checkpoint was written yet" in capsys.readouterr().err
     assert not (run_dir / CHECKPOINT_NAME).exists()
 
 
 def test_non_finite_metrics_stop_the_run_but_an_undefined_explained_variance_does_not(
-    tmp_path: Path, monkeypatch, capsys
+    tmp_path: Path, monkeypatch, on_iteration, capsys
 ):
     def nan_metric(tag):
         def failure(result):
@@ -270,46 +230,34 @@ def test_non_finite_metrics_stop_the_run_but_an_undefined_explained_variance_doe
 
         return failure
 
-    _failing_build(monkeypatch, 2, nan_metric("losses/explained_variance"))
+    on_iteration(2, after=nan_metric("losses/explained_variance"))
     assert _train(tmp_path / "fine", "actor_critic", 96) == 0
     monkeypatch.undo()
-    _failing_build(monkeypatch, 2, nan_metric("losses/value_loss"))
+    on_iteration(2, after=nan_metric("losses/value_loss"))
     assert _train(tmp_path / "broken", "actor_critic", 96, "train.checkpoint_every=32") == 2
     err = capsys.readouterr().err
     assert "step 64: non-finite losses/value_loss" in err and "(step 32)" in err
 
 
 def test_sampling_from_non_finite_probabilities_is_a_divergence_other_errors_are_not(
-    tmp_path: Path, monkeypatch, capsys
+    tmp_path: Path, monkeypatch, on_iteration, capsys
 ):
     message = "probability tensor contains either `inf`, `nan` or element < 0"
-    _failing_build(monkeypatch, 1, _raise(RuntimeError(message)))
+    on_iteration(1, after=_raise(RuntimeError(message)))
     assert _train(tmp_path / "nan", "actor_critic", 64) == 2
     assert "non-finite action probabilities" in capsys.readouterr().err
     monkeypatch.undo()
-    _failing_build(monkeypatch, 1, _raise(RuntimeError("something else")))
+    on_iteration(1, after=_raise(RuntimeError("something else")))
     with pytest.raises(RuntimeError, match="something else"):
         _train(tmp_path / "other", "actor_critic", 64)
 
 
-def test_a_non_finite_learner_state_is_never_checkpointed(tmp_path: Path, monkeypatch, capsys):
-    original_build = rlmem.train.build
+def test_a_non_finite_learner_state_is_never_checkpointed(tmp_path: Path, monkeypatch, on_iteration, capsys):
+    def poison(learner) -> None:  # a parameter turns NaN and nothing in the learner notices
+        with torch.no_grad():
+            next(learner.network.parameters()).fill_(math.nan)
 
-    def build(*args, **kwargs):
-        env, learner, device = original_build(*args, **kwargs)
-        iteration, calls = learner.iteration, []
-
-        def poisoning_iteration():
-            calls.append(1)
-            if len(calls) == 2:  # a parameter turns NaN and nothing in the learner notices
-                with torch.no_grad():
-                    next(learner.network.parameters()).fill_(math.nan)
-            return iteration()
-
-        learner.iteration = poisoning_iteration
-        return env, learner, device
-
-    monkeypatch.setattr(rlmem.train, "build", build)
+    on_iteration(2, before=poison)
     run_dir = tmp_path / "run"
     code = _train(run_dir, "actor_critic", 128, "train.checkpoint_every=32")
     err = capsys.readouterr().err
