@@ -16,12 +16,14 @@ stored: the replay from the window's start state over all B envs reproduces the 
 Overlap needs a group's step to run in the background (ale-py ``send``/``recv``, gymnasium's
 ``AsyncVectorEnv``, ProcGen's ``act``/``observe``: ``VecEnv.steps_in_background``) and an env that can
 be split; elsewhere the runner keeps one group and steps the whole batch, which is the plain
-synchronous loop. It also costs something: the policy runs twice per step on half batches. It pays
-most where inference does not take CPU time from the emulators, i.e. with the policy on an
-accelerator, so that is the default (``overlap_helps``). On a CPU-only machine the policy and the
-emulators share the cores; each group's worker threads are then capped at its share of the cores
-(``envs.base.threads_per_group``), and Atari on two cores still gained from it (``rlmem bench envs``;
-``configs/env/atari.yaml`` turns it on). ``env.overlap`` (true, false, auto) or ``overlap=`` decides.
+synchronous loop. It also costs something: the policy runs twice per step on half batches. Where that
+costs compute in proportion to the batch (a policy on the CPU) the halves cost what the whole did, and
+the env's step is hidden: the default on the CPU (``overlap_helps``), where each group's worker threads
+are capped at its share of the cores (``envs.base.threads_per_group``). Where acting is bound by a fixed
+cost per call instead (a policy on a GPU, whose kernel launches and host synchronisation do not shrink
+with the batch), two calls per step cost twice one, more than the env step they hide: on a GPU the
+runner steps the whole batch (measured in ``docs/gpu.md``). ``env.overlap`` (true, false, auto) or
+``overlap=`` decides.
 When the policy runs on a CUDA device and the env on the CPU (where ``train.build`` puts every env whose
 library works on the host: ``VecEnv.steps_on_host``), step results travel through page-locked (pinned)
 host buffers, so that their copies to the device are asynchronous.
@@ -79,14 +81,15 @@ class PinnedStaging:
 
     def upload(self, **tensors: Tensor) -> dict[str, Tensor]:
         """Host tensors -> device tensors (float rewards as float32), through the pinned buffers."""
-        if self.copied is not None:
+        if self.copied is None:
+            self.copied = torch.cuda.Event()  # one event, recorded again each step (creating one costs a device query)
+        else:
             self.copied.synchronize()
         out = {}
         for name, tensor in tensors.items():
             buffer = self._buffer(name, tensor, torch.float32 if tensor.dtype.is_floating_point else None)
             buffer.copy_(tensor)
             out[name] = buffer.to(self.device, non_blocking=True)
-        self.copied = torch.cuda.Event()
         self.copied.record()
         return out
 
@@ -107,8 +110,8 @@ class EnvGroup:
 
 def overlap_helps(env: VecEnv, device: torch.device) -> bool:
     """The default of ``EnvRunner(overlap=None)``: overlap where the env steps in the background and
-    the policy runs on an accelerator (see the module docstring)."""
-    return bool(env.steps_in_background) and env.num_envs >= GROUPS and torch.device(device).type != "cpu"
+    the policy runs on the CPU (see the module docstring)."""
+    return bool(env.steps_in_background) and env.num_envs >= GROUPS and torch.device(device).type == "cpu"
 
 
 class EnvRunner:

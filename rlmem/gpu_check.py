@@ -6,20 +6,22 @@ machine whose Python has a CUDA build of torch (the optional extras, if any, put
 ==================  ==========================================================================  =======
 step                what it runs                                                                 limit
 ==================  ==========================================================================  =======
-device              device name, compute capability, memory; sets ``TORCH_CUDA_ARCH_LIST``        25 s
+device              device name, compute capability, memory; sets ``TORCH_CUDA_ARCH_LIST``        20 s
 kernels-build       ``rlmem kernels build`` (``kernels.loader.build_command``), that device only  120 s
-pytest-gpu          ``pytest -m gpu -q`` on the test files that carry the ``gpu`` marker          60 s
-bench-kernels       ``rlmem bench kernels --forms real,complex --repeats 5 --warmup 1``           40 s
+pytest-gpu          ``pytest -m gpu -q`` on the test files that carry the ``gpu`` marker          55 s
+bench-kernels       ``rlmem bench kernels --forms real,complex --repeats 5 --warmup 1``           25 s
 train-gru           ``rlmem train configs/atari_pong_gru.yaml train.device=cuda
-                    train.total_steps=20000 train.progress=false``; ``charts/SPS`` read back      45 s
+                    train.total_steps=20000 train.progress=false``; ``charts/SPS`` read back      35 s
                     from the run's event files
-train-elstm         the same with ``atari_pong_elstm.yaml``                                       45 s
-train-lru           the same with ``atari_pong_lru.yaml``                                         45 s
-bench-envs-atari    ``rlmem bench envs --sources atari --steps 100 --repeats 1``                  40 s
-bench-envs-procgen  ``rlmem bench envs --sources procgen --steps 100 --repeats 1``                25 s
+train-elstm         the same with ``atari_pong_elstm.yaml`` (grad rtrl)                           35 s
+train-lru           the same with ``atari_pong_lru.yaml``                                         35 s
+train-elstm-bptt    ``atari_pong_elstm.yaml memory.grad=bptt``: the same iteration by BPTT         35 s
+train-gru-envs64    ``atari_pong_gru.yaml env.num_envs=64``: the GPU's batch, not the CPU's         45 s
+bench-envs-atari    ``rlmem bench envs --sources atari --steps 100 --repeats 1``                  30 s
+bench-envs-procgen  ``rlmem bench envs --sources procgen --steps 100 --repeats 1``                15 s
 ==================  ==========================================================================  =======
 
-The limits sum to 445 s, inside the overall budget (``--budget``, 450 s by default, under 8 minutes):
+The limits sum to 450 s, inside the overall budget (``--budget``, 460 s by default, under 8 minutes):
 each step gets the smaller of its own limit and what is left of the budget, so a hang in one step costs
 that step's limit (and a 5 s grace after an interrupt) and no more, and the next step still runs.
 
@@ -37,6 +39,10 @@ step is a child process (``sys.executable``) in its own session, killed with its
 Everything the steps print goes to ``<out>/gpu_check.log`` under one header per step;
 ``<out>/summary.json`` holds the device and, per step, its command, limit, status, seconds, reason and
 the figures read from its output (SPS of the trainings, env steps/s, kernel speed-ups, test counts).
+``summary.json`` also judges the figures against the targets rlmem sets itself on a GPU (``TARGETS``):
+the fused window kernels at least 20x the engine's eager reference, the per-step kernel at least 70 % of
+a measured device-to-device copy's bandwidth, an elstm rtrl window and training iteration at most 1.5x
+the same in bptt, and Atari Pong with a GRU at 5,000 env steps/s or more.
 The exit status is 0 when every step ran or was skipped, 1 when any step failed or timed out, and 2 for
 a bad argument.
 """
@@ -62,9 +68,16 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path("runs/gpu-check")
-DEFAULT_BUDGET_S = 450.0
+DEFAULT_BUDGET_S = 460.0
 DEFAULT_TRAIN_STEPS = 20_000
-TRAIN_CORES = ("gru", "elstm", "lru")
+# The trainings: (step name suffix, configs/atari_pong_<core>.yaml, overrides beyond the common ones).
+TRAININGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("gru", "gru", ()),
+    ("elstm", "elstm", ()),
+    ("lru", "lru", ()),
+    ("elstm-bptt", "elstm", ("memory.grad=bptt",)),  # the same iteration by BPTT: the rtrl/bptt ratio
+    ("gru-envs64", "gru", ("env.num_envs=64",)),  # a batch sized for the GPU rather than the CPU
+)
 FIRST_PARTY = ("rlmem", "agents", "envs", "kernels")
 NO_CUDA = "no CUDA device"
 INTERRUPT_GRACE_S = 5.0
@@ -305,23 +318,41 @@ def read_pytest(output: str) -> tuple[dict[str, Any], tuple[str, str] | None]:
 
 
 def read_bench_kernels(output: str) -> tuple[dict[str, Any], tuple[str, str] | None]:
-    """Per row ("<form> <T> <direction>"): the speed-up over the reference and G element-updates/s."""
+    """Per row ("<form> <T> <direction>"): the speed-up over the engine's reference and over eager
+    stepping (None where not timed), G element-updates/s, and for the per-step rows the achieved
+    bandwidth as a fraction of the measured copy; the measured copy; the elstm window's times (ms)."""
     if "the CUDA kernels are unavailable here" in output:
         tool = missing_build_tool(output)
         return {}, ("skipped", tool) if tool else ("failed", "the CUDA kernels are unavailable")
     if "no CUDA device is available here" in output:
         return {}, ("skipped", NO_CUDA)
-    rows: dict[str, dict[str, float]] = {}
-    row = re.compile(r"^(\w+)\s+(\d+)\s+(\S.*?)\s+[\d.]+m\s.*?([\d.]+)x\s+(?:[\d.]+x|-)\s+([\d.]+)\s*$")
+    rows: dict[str, dict[str, float | None]] = {}
+    row = re.compile(r"^(\w+)\s+(\d+)\s+(\S.*?)\s+[\d.]+m\s.*?([\d.]+)x\s+(?:([\d.]+)x|-)\s+([\d.]+)\s*$")
+    bandwidth = re.compile(r"^\s+bandwidth\s+(\d+) GB/s = .*?(\d+)% of the measured copy")
+    core_row = re.compile(r"^\s+(rtrl|rtrl \(kernels off\)|bptt)\s+([\d.]+) ms\s+[\d.]+x bptt")
+    last_row = None
+    elstm_window_ms: dict[str, float] = {}
     for line in output.splitlines():
         match = row.match(line)
         if match:
-            form, T, direction, vs_ref, rate = match.groups()
-            rows[f"{form} T={T} {direction.strip()}"] = {"vs_reference": float(vs_ref), "G_per_s": float(rate)}
+            form, T, direction, vs_ref, vs_step, rate = match.groups()
+            last_row = rows[f"{form} T={T} {direction.strip()}"] = {
+                "vs_reference": float(vs_ref), "vs_stepwise": float(vs_step) if vs_step else None,
+                "G_per_s": float(rate)}
+            continue
+        match = bandwidth.match(line)
+        if match and last_row is not None:
+            last_row["GB_per_s"], last_row["of_copy"] = float(match.group(1)), int(match.group(2)) / 100
+            continue
+        match = core_row.match(line)
+        if match:
+            elstm_window_ms[match.group(1)] = float(match.group(2))
     copy = re.search(r"measured device-to-device copy (\d+) GB/s", output)
     figures: dict[str, Any] = {"rows": rows}
     if copy:
         figures["copy_GB_per_s"] = float(copy.group(1))
+    if elstm_window_ms:
+        figures["elstm_window_ms"] = elstm_window_ms
     return figures, None
 
 
@@ -414,20 +445,20 @@ def gpu_steps(out: Path, train_steps: int, tests_dir: Path = REPO_ROOT / "tests"
     steps = [
         Step("kernels-build", [python, "-c", KERNELS_BUILD_CODE], 120, requires=("torch",),
              read=read_kernels_build),
-        Step("pytest-gpu", [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *test_files], 60,
+        Step("pytest-gpu", [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *test_files], 55,
              requires=("pytest", "numpy"), read=read_tests, missing_is_skip=False,
              skip_reason="" if test_files else f"no runnable gpu-marked test files ({left_out or 'tests/ absent'})"),
         Step("bench-kernels", [python, "-c", BENCH_CODE.format(module="kernels"), "--forms", "real,complex",
-                               "--repeats", "5", "--warmup", "1"], 40, requires=("torch",), read=read_bench_kernels),
+                               "--repeats", "5", "--warmup", "1"], 25, requires=("torch",), read=read_bench_kernels),
     ]
-    for core in TRAIN_CORES:
-        run_dir = out / "train" / core
+    for name, core, overrides in TRAININGS:
+        run_dir = out / "train" / name
         steps.append(Step(
-            f"train-{core}",
+            f"train-{name}",
             [python, "-m", "rlmem.cli", "train", f"configs/atari_pong_{core}.yaml", "train.device=cuda",
-             f"train.total_steps={train_steps}", "train.progress=false", f"train.run_dir={run_dir}"],
-            45, requires=TRAIN_MODULES, read=train_reader(run_dir)))
-    for source, limit, package in (("atari", 40, "ale_py"), ("procgen", 25, "procgen")):
+             f"train.total_steps={train_steps}", "train.progress=false", f"train.run_dir={run_dir}", *overrides],
+            45 if name == "gru-envs64" else 35, requires=TRAIN_MODULES, read=train_reader(run_dir)))
+    for source, limit, package in (("atari", 30, "ale_py"), ("procgen", 15, "procgen")):
         steps.append(Step(
             f"bench-envs-{source}",
             [python, "-c", BENCH_CODE.format(module="envs"), "--sources", source, "--steps", "100",
@@ -454,16 +485,65 @@ def device_info() -> dict[str, Any]:
 
 
 def device_step() -> Step:
-    return Step("device", [sys.executable, "-m", "rlmem.gpu_check", "--device-info"], 25, requires=("torch",),
+    return Step("device", [sys.executable, "-m", "rlmem.gpu_check", "--device-info"], 20, requires=("torch",),
                 needs_cuda=False, read=read_device)
 
 
-STEP_NAMES = ("device", "kernels-build", "pytest-gpu", "bench-kernels", *(f"train-{c}" for c in TRAIN_CORES),
+STEP_NAMES = ("device", "kernels-build", "pytest-gpu", "bench-kernels", *(f"train-{name}" for name, _, _ in TRAININGS),
               "bench-envs-atari", "bench-envs-procgen")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Summary and entry point
+
+
+# ----------------------------------------------------------------------------------------------------
+# Targets: what the figures are judged against
+
+# name: (comparison, threshold, what it is)
+TARGETS: dict[str, tuple[str, float, str]] = {
+    "window_kernels_vs_reference": (">=", 20.0, "fused window kernels (T > 1) over the engine's eager reference, "
+                                                 "the smallest ratio of all forms and directions"),
+    "step_kernel_of_copy": (">=", 0.70, "per-step kernel's bandwidth over a measured device-to-device copy's, "
+                                        "the smallest of all forms"),
+    "elstm_window_rtrl_over_bptt": ("<=", 1.5, "elstm window forward + backward, time rtrl / time bptt"),
+    "elstm_training_rtrl_over_bptt": ("<=", 1.5, "elstm Pong training iteration, time rtrl / time bptt "
+                                                 "(median SPS of bptt over rtrl)"),
+    "pong_gru_sps": (">=", 5000.0, "Atari Pong GRU training, env steps/s (median over the run's second "
+                                   "half, the best of the GRU trainings)"),
+}
+
+
+def target_values(results: Sequence[StepResult]) -> dict[str, float | None]:
+    """The value of each target from the steps' figures (None where the steps that give it did not run)."""
+    by_name = {r.name: r.figures for r in results if r.status == "ok"}
+    kernels = by_name.get("bench-kernels", {})
+    rows = kernels.get("rows", {})
+    windows = [r["vs_reference"] for key, r in rows.items() if key.split()[1] != "T=1"]
+    steps = [r["of_copy"] for r in rows.values() if "of_copy" in r]
+    window_ms = kernels.get("elstm_window_ms", {})
+    sps = {name: figures.get("SPS_median") for name, figures in by_name.items() if name.startswith("train-")}
+    gru = [value for name, value in sps.items() if name.startswith("train-gru") and value]
+    return {
+        "window_kernels_vs_reference": min(windows) if windows else None,
+        "step_kernel_of_copy": min(steps) if steps else None,
+        "elstm_window_rtrl_over_bptt": (window_ms["rtrl"] / window_ms["bptt"]
+                                        if {"rtrl", "bptt"} <= set(window_ms) else None),
+        "elstm_training_rtrl_over_bptt": (sps["train-elstm-bptt"] / sps["train-elstm"]
+                                          if sps.get("train-elstm") and sps.get("train-elstm-bptt") else None),
+        "pong_gru_sps": max(gru) if gru else None,
+    }
+
+
+def judge_targets(results: Sequence[StepResult]) -> dict[str, dict[str, Any]]:
+    """Per target: its value, the threshold, whether it is met (None when not measured) and what it is."""
+    judged = {}
+    for name, value in target_values(results).items():
+        comparison, threshold, what = TARGETS[name]
+        met = None if value is None else (value >= threshold if comparison == ">=" else value <= threshold)
+        judged[name] = {"value": None if value is None else round(value, 3), "target": f"{comparison} {threshold:g}",
+                        "met": met, "what": what}
+    return judged
 
 
 def write_summary(path: Path, device: dict[str, Any], results: Sequence[StepResult], budget_s: float) -> dict:
@@ -476,6 +556,7 @@ def write_summary(path: Path, device: dict[str, Any], results: Sequence[StepResu
         "ok": all(r.status in ("ok", "skipped") for r in results),
         "counts": {status: sum(r.status == status for r in results) for status in STATUSES},
         "steps": [asdict(r) for r in results],
+        "targets": judge_targets(results),
     }
     path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
@@ -500,6 +581,16 @@ def summary_table(results: Sequence[StepResult]) -> str:
         else:
             note = ""
         lines.append(f"{r.name:<20} {r.status:<8} {r.seconds:5.1f}/{r.limit_s:<5.0f}  {note}")
+    return "\n".join(lines)
+
+
+def targets_table(targets: dict[str, dict[str, Any]]) -> str:
+    """One line per target: value, threshold, met / missed / not measured."""
+    lines = [f"{'target':<32} {'value':>10} {'wanted':>9}  verdict", "-" * 64]
+    for name, t in targets.items():
+        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        value = "-" if t["value"] is None else f"{t['value']:,.3g}" if t["value"] < 1000 else f"{t['value']:,.0f}"
+        lines.append(f"{name:<32} {value:>10} {t['target']:>9}  {verdict}")
     return "\n".join(lines)
 
 
@@ -575,6 +666,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The children import the repository's packages, whatever the working folder.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # Where site-packages is read-only (a bare GPU image), every step would compile torch's modules
+    # again (about 7 s a process): cache the byte code under the output folder instead.
+    env.setdefault("PYTHONPYCACHEPREFIX", str(out / "pycache"))
     runner = StepRunner(log_path, ns.budget, cuda=False, env=with_pip_ninja(env))
     device: dict[str, Any] = {}
     interrupted = False
@@ -588,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = write_summary(out / "summary.json", device, runner.results, ns.budget)
     print()
     print(summary_table(runner.results))
+    print()
+    print(targets_table(summary["targets"]))
     print(f"\nlog: {log_path}\nsummary: {out / 'summary.json'}")
     if interrupted:
         return 130

@@ -191,14 +191,16 @@ def test_split_bounds_and_group_merging():
 
 def test_overlap_default_and_fallbacks():
     cpu = torch.device("cpu")
-    assert not overlap_helps(Recall(), cpu)  # on a CPU the policy would take the emulators' cores
-    assert overlap_helps(Recall(), torch.device("cuda"))  # (only the rule; nothing runs on CUDA here)
-    assert not overlap_helps(Recall(num_envs=1), torch.device("cuda"))
+    # On a CPU the halves cost what the whole batch did; on a GPU two calls per step cost twice one.
+    assert overlap_helps(Recall(), cpu)
+    assert not overlap_helps(Recall(), torch.device("cuda"))  # (only the rule; nothing runs on CUDA here)
+    assert not overlap_helps(Recall(num_envs=1), cpu)
     background_off = Recall()
     background_off.steps_in_background = False
-    assert not overlap_helps(background_off, torch.device("cuda"))
+    assert not overlap_helps(background_off, cpu)
 
-    assert not EnvRunner(Recall(), cpu).overlap
+    assert EnvRunner(Recall(), cpu).overlap
+    assert not EnvRunner(Recall(), cpu, overlap=False).overlap
     assert EnvRunner(Recall(), cpu, overlap=True).overlap
     assert not EnvRunner(Unsplittable(), cpu, overlap=True).overlap  # cannot split: one group
     assert not EnvRunner(Recall(num_envs=1), cpu, overlap=True).overlap

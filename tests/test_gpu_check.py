@@ -59,11 +59,13 @@ def test_the_steps_fit_in_the_budget_and_eight_minutes(tmp_path):
     # the budget, one interrupt grace and the check's own start fit in 8 minutes
     assert gpu_check.DEFAULT_BUDGET_S + gpu_check.INTERRUPT_GRACE_S + 10 < 8 * 60
     trainings = [s for s in steps if s.name.startswith("train-")]
-    assert [s.command[4] for s in trainings] == [f"configs/atari_pong_{c}.yaml" for c in ("gru", "elstm", "lru")]
+    assert [s.command[4] for s in trainings] == [f"configs/atari_pong_{c}.yaml"
+                                                 for c in ("gru", "elstm", "lru", "elstm", "gru")]
     for step in trainings:
         assert "train.device=cuda" in step.command and "train.total_steps=1000" in step.command
         assert "train.progress=false" in step.command
         assert f"train.run_dir={tmp_path / 'train' / step.name[6:]}" in step.command
+    assert trainings[3].command[-1] == "memory.grad=bptt" and trainings[4].command[-1] == "env.num_envs=64"
     for config in {s.command[4] for s in trainings}:
         assert (gpu_check.REPO_ROOT / config).is_file()
 
@@ -220,13 +222,48 @@ def test_read_bench_kernels_rows():
            f"{12.0:6.1f}x {90.0:7.1f}x {345.6:8.1f}")
     no_step = (f"{'complex':8s} {1:4d} {'step + gradient':20s} {ms(1e-5)} {ms(8e-6)} {ms(3e-5)} {'-':>10s} "
                f"{3.0:6.1f}x {'-':>8s} {12.5:8.1f}")
+    bandwidth = f"{'':13s} {'bandwidth':20s} {3100:9.0f} GB/s = 65% of peak, 81% of the measured copy (kernel time)"
+    core = ("\nelstm window, forward + backward (B=64, N=256, D=256, T=32):\n"
+            f"  {'rtrl':20s} {2.5:9.3f} ms   {1.25:6.2f}x bptt\n"
+            f"  {'rtrl (kernels off)':20s} {9.0:9.3f} ms   {4.5:6.2f}x bptt\n"
+            f"  {'bptt':20s} {2.0:9.3f} ms   {1.0:6.2f}x bptt\n")
     output = "H200: memory bandwidth peak 4800 GB/s ...; measured device-to-device copy 3900 GB/s\nheader\n"
-    figures, verdict = gpu_check.read_bench_kernels(output + row + "\n" + no_step + "\n")
+    figures, verdict = gpu_check.read_bench_kernels(output + row + "\n" + no_step + "\n" + bandwidth + core)
     assert verdict is None and figures["copy_GB_per_s"] == 3900.0
-    assert figures["rows"] == {"real T=32 window forward": {"vs_reference": 12.0, "G_per_s": 345.6},
-                               "complex T=1 step + gradient": {"vs_reference": 3.0, "G_per_s": 12.5}}
+    assert figures["rows"] == {
+        "real T=32 window forward": {"vs_reference": 12.0, "vs_stepwise": 90.0, "G_per_s": 345.6},
+        "complex T=1 step + gradient": {"vs_reference": 3.0, "vs_stepwise": None, "G_per_s": 12.5,
+                                        "GB_per_s": 3100.0, "of_copy": 0.81}}
+    assert figures["elstm_window_ms"] == {"rtrl": 2.5, "rtrl (kernels off)": 9.0, "bptt": 2.0}
     unavailable = "rlmem bench kernels: the CUDA kernels are unavailable here: the build failed: error"
     assert gpu_check.read_bench_kernels(unavailable)[1] == ("failed", "the CUDA kernels are unavailable")
+
+
+def test_targets_are_judged_from_the_figures():
+    rows = {"real T=32 forward (3)": {"vs_reference": 25.0}, "complex T=32 backward (4)": {"vs_reference": 18.0},
+            "real T=1 forward (3)": {"vs_reference": 2.0},
+            "real T=1 per-step + gradient": {"vs_reference": 3.0, "of_copy": 0.81},
+            "complex T=1 per-step + gradient": {"vs_reference": 3.0, "of_copy": 0.74}}
+    results = [
+        StepResult("bench-kernels", "", 40, "ok", 20.0,
+                   figures={"rows": rows, "elstm_window_ms": {"rtrl": 3.0, "bptt": 2.0}}),
+        StepResult("train-gru", "", 35, "ok", 20.0, figures={"SPS_median": 4000.0}),
+        StepResult("train-gru-envs64", "", 35, "ok", 20.0, figures={"SPS_median": 9000.0}),
+        StepResult("train-elstm", "", 35, "ok", 20.0, figures={"SPS_median": 3000.0}),
+        StepResult("train-elstm-bptt", "", 35, "failed", 2.0, figures={"SPS_median": 1.0}),
+    ]
+    targets = gpu_check.judge_targets(results)
+    assert set(targets) == set(gpu_check.TARGETS)
+    assert targets["window_kernels_vs_reference"] == {  # T = 1 rows are not windows
+        "value": 18.0, "target": ">= 20", "met": False, "what": gpu_check.TARGETS["window_kernels_vs_reference"][2]}
+    assert targets["step_kernel_of_copy"]["value"] == 0.74 and targets["step_kernel_of_copy"]["met"] is True
+    assert targets["elstm_window_rtrl_over_bptt"]["value"] == 1.5 and targets["elstm_window_rtrl_over_bptt"]["met"]
+    # a failed step's figures are not used
+    assert targets["elstm_training_rtrl_over_bptt"] == {**targets["elstm_training_rtrl_over_bptt"],
+                                                        "value": None, "met": None}
+    assert targets["pong_gru_sps"]["value"] == 9000.0 and targets["pong_gru_sps"]["met"] is True
+    table = gpu_check.targets_table(targets)
+    assert "MISSED" in table and "not measured" in table and "9,000" in table
 
 
 def test_read_bench_envs_row():
@@ -268,7 +305,8 @@ def test_summary_json_shape(tmp_path):
     written = gpu_check.write_summary(tmp_path / "summary.json", {"available": True}, results, 450.0)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == written
-    assert set(summary) == {"device", "budget_s", "seconds", "ok", "counts", "steps"}
+    assert set(summary) == {"device", "budget_s", "seconds", "ok", "counts", "steps", "targets"}
+    assert summary["targets"]["pong_gru_sps"]["value"] == 2400.0
     assert summary["ok"] is False and summary["seconds"] == 93.5
     assert summary["counts"] == {"ok": 2, "failed": 0, "timeout": 1, "skipped": 1}
     assert [set(step) for step in summary["steps"]] == [
@@ -336,7 +374,8 @@ def test_the_check_with_a_pretend_gpu(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     show_env = ("import os, sys; "
-                "print('arch', os.environ.get('TORCH_CUDA_ARCH_LIST'), 'kernels', os.environ.get('RLMEM_KERNELS'))")
+                "print('arch', os.environ.get('TORCH_CUDA_ARCH_LIST'), 'kernels', os.environ.get('RLMEM_KERNELS'), "
+                "'pycache', os.environ.get('PYTHONPYCACHEPREFIX'))")
     steps = [
         Step("kernels-build", [PYTHON, "-c", show_env + "; sys.exit(1)"], 20),
         Step("train-gru", [PYTHON, "-c", show_env], 20),
@@ -347,7 +386,8 @@ def test_the_check_with_a_pretend_gpu(tmp_path, monkeypatch, capsys):
     assert gpu_check.main(["--out", str(out)]) == 130
     assert not lock.exists() and not old_run.exists()
     log = (out / "gpu_check.log").read_text()
-    assert "arch 9.0 kernels None" in log and "arch 9.0 kernels 0" in log and "never" not in log.splitlines()
+    assert f"arch 9.0 kernels None pycache {out / 'pycache'}" in log and "arch 9.0 kernels 0" in log
+    assert "never" not in log.splitlines()
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["name"], s["status"]) for s in summary["steps"]] == [
         ("device", "ok"), ("kernels-build", "failed"), ("train-gru", "ok")]

@@ -293,10 +293,14 @@ def make_window(form: str, k: int, shape: Shape, device: torch.device, seed: int
 
 
 def assert_matches(got: Tensor, want: Tensor, what: str) -> None:
+    """``got`` (kernels, any device) against ``want`` (reference, any device), compared on the host; the
+    failure message keeps torch's own account of the mismatch (how many elements, the largest error)."""
+    want = want.detach().cpu()
     got = got.detach().cpu().to(want.dtype)
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     scale = float(want.abs().max()) if want.numel() else 0.0
-    torch.testing.assert_close(got, want, rtol=RTOL, atol=SCALE_TOL * max(scale, 1e-30), msg=what)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=SCALE_TOL * max(scale, 1e-30),
+                               msg=lambda message: f"{what}: {message}")
 
 
 def shapes_for(device: torch.device) -> list[Shape]:
