@@ -206,23 +206,6 @@ def check_finite_metrics(metrics: dict[str, float]) -> None:
             raise TrainingDiverged(tag)
 
 
-# torch.multinomial's message when sampling from non-finite action probabilities: the learners' acting
-# path fails there before any of their own finiteness checks can run.
-NON_FINITE_PROBABILITIES = "probability tensor contains either `inf`, `nan` or element < 0"
-
-
-def run_iteration(learner: Any) -> Any:
-    """``learner.iteration()``, with sampling from non-finite action probabilities as ``TrainingDiverged``."""
-    try:
-        return learner.iteration()
-    except TrainingDiverged:
-        raise
-    except RuntimeError as err:
-        if NON_FINITE_PROBABILITIES in str(err):
-            raise TrainingDiverged("action probabilities") from err
-        raise
-
-
 def run_iterations(config: RunConfig, iterate: Callable[[], Sequence[Any]], writers: Sequence[Any],
                    save: Callable[[int, int], tuple[Path, int]], global_step: int, iteration: int,
                    last_checkpoint: tuple[Path, int] | None, any_rank: Callable[[bool], bool] = bool,
@@ -391,7 +374,7 @@ def _train(config: RunConfig, resume: bool, log, ranks: Distributed) -> Path:
 
     try:
         global_step, stopped_early = run_iterations(
-            config, lambda: [ranks.global_result(run_iteration(learner))], [writer], save, global_step, iteration,
+            config, lambda: [ranks.global_result(learner.iteration())], [writer], save, global_step, iteration,
             last_checkpoint, any_rank=ranks.any_rank, show_progress=ranks.is_main)
     finally:
         env.close()
@@ -517,7 +500,7 @@ def train_population(config: RunConfig, resume: bool = False, log=print) -> Path
     log(f"watch it: tensorboard --logdir {run_dir / 'members'}")
 
     try:
-        global_step, stopped_early = run_iterations(config, lambda: run_iteration(population), writers, save,
+        global_step, stopped_early = run_iterations(config, population.iteration, writers, save,
                                                     global_step, iteration, last_checkpoint)
     finally:
         for env in envs:

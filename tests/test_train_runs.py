@@ -239,13 +239,27 @@ def test_non_finite_metrics_stop_the_run_but_an_undefined_explained_variance_doe
     assert "step 64: non-finite losses/value_loss" in err and "(step 32)" in err
 
 
-def test_sampling_from_non_finite_probabilities_is_a_divergence_other_errors_are_not(
+def test_a_non_finite_policy_stops_the_run_before_sampling_other_errors_propagate(
     tmp_path: Path, monkeypatch, on_iteration, capsys
 ):
-    message = "probability tensor contains either `inf`, `nan` or element < 0"
-    on_iteration(1, after=_raise(RuntimeError(message)))
-    assert _train(tmp_path / "nan", "actor_critic", 64) == 2
-    assert "non-finite action probabilities" in capsys.readouterr().err
+    """A policy whose output is NaN ends the run with one message (sample_action checks before
+    torch.multinomial, whose own error, or a device-side assert on a GPU, would come first otherwise);
+    an error that is not a divergence is not turned into one."""
+    sampled_after_poisoning = []
+
+    def poison_policy(learner):
+        original = torch.multinomial
+        monkeypatch.setattr(torch, "multinomial",
+                            lambda *a, **k: sampled_after_poisoning.append(1) or original(*a, **k))
+        with torch.no_grad():
+            for parameter in learner.network.policy.parameters():
+                parameter.fill_(math.nan)
+
+    on_iteration(2, before=poison_policy)
+    assert _train(tmp_path / "nan", "actor_critic", 64, "train.checkpoint_every=16") == 2
+    err = capsys.readouterr().err
+    assert "step 32: non-finite policy output" in err and "(step 32)" in err
+    assert sampled_after_poisoning == []
     monkeypatch.undo()
     on_iteration(1, after=_raise(RuntimeError("something else")))
     with pytest.raises(RuntimeError, match="something else"):
