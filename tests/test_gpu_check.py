@@ -240,7 +240,9 @@ def test_read_bench_kernels_rows():
 
 
 def test_targets_are_judged_from_the_figures():
-    rows = {"real T=32 forward (3)": {"vs_reference": 25.0}, "complex T=32 backward (4)": {"vs_reference": 18.0},
+    rows = {"real T=32 forward (3)": {"vs_reference": 25.0, "vs_stepwise": 40.0},
+            "complex T=32 forward (3)": {"vs_reference": 21.0, "vs_stepwise": 22.0},
+            "complex T=32 backward (4)": {"vs_reference": 18.0, "vs_stepwise": None},
             "real T=1 forward (3)": {"vs_reference": 2.0},
             "real T=1 per-step + gradient": {"vs_reference": 3.0, "of_copy": 0.81},
             "complex T=1 per-step + gradient": {"vs_reference": 3.0, "of_copy": 0.74}}
@@ -256,6 +258,8 @@ def test_targets_are_judged_from_the_figures():
     assert set(targets) == set(gpu_check.TARGETS)
     assert targets["window_kernels_vs_reference"] == {  # T = 1 rows are not windows
         "value": 18.0, "target": ">= 20", "met": False, "what": gpu_check.TARGETS["window_kernels_vs_reference"][2]}
+    assert targets["window_kernels_vs_eager_stepping"]["value"] == 22.0
+    assert targets["window_kernels_vs_eager_stepping"]["met"] is True
     assert targets["step_kernel_of_copy"]["value"] == 0.74 and targets["step_kernel_of_copy"]["met"] is True
     assert targets["elstm_window_rtrl_over_bptt"]["value"] == 1.5 and targets["elstm_window_rtrl_over_bptt"]["met"]
     # a failed step's figures are not used
