@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlmem.bench.popgym import windowed_means
+from rlmem.bench.popgym import find_config, plan_runs, windowed_means
 from rlmem.cli import main
 
 pytest.importorskip("popgym")
@@ -108,6 +108,20 @@ def test_unknown_task_or_core_is_one_message_and_exit_2_before_any_run(tmp_path:
     captured = capsys.readouterr()
     assert message in captured.err and len(captured.err.strip().splitlines()) == 1
     assert "start" not in captured.out and not out.exists()
+
+
+def test_a_core_option_is_checked_with_each_core_not_with_the_default_core(tmp_path: Path, capsys):
+    """``--set memory.chrono_horizon=8`` is an eLSTM option (the config's own core, the GRU, has none):
+    the study of eLSTMs plans with it; a GRU beside it is one message naming that core."""
+    extra = ["memory.chrono_horizon=8"]
+    runs = plan_runs(find_config(None), TASKS[:1], ["elstm:rtrl"], 1, 64, tmp_path, extra)
+    assert [run.core for run in runs] == ["elstm:rtrl"] and "memory.chrono_horizon=8" in runs[0].overrides
+    out = tmp_path / "popgym"
+    assert main(["bench", "popgym", "--tasks", TASKS[0], "--cores", "elstm:rtrl,gru", "--steps", "64",
+                 "--set", "memory.chrono_horizon=8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--cores 'gru': " in err and "chrono_horizon" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_mmer_is_the_best_mean_over_a_window_of_env_steps():

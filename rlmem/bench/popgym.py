@@ -122,8 +122,10 @@ def resolve_core(config_file: Path, task: str, core: str, extra: Sequence[str]) 
 
 
 def check_task(config_file: Path, task: str, extra: Sequence[str]) -> None:
+    """Check a task with the options that do not depend on the core (``memory.*`` options are checked
+    with each core, by ``resolve_core``: a core's own options are unknown to the config's default core)."""
     try:
-        cfg.load(str(config_file), [f"env.id={task}", *extra])
+        cfg.load(str(config_file), [f"env.id={task}", *(o for o in extra if not o.startswith("memory."))])
     except ConfigError as err:
         raise ConfigError(f"--tasks {task!r}: {err}") from None
 
