@@ -132,3 +132,16 @@ def test_a_saved_run_with_a_renamed_option_still_loads(tmp_path: Path):
     assert "lam:" in text
     (tmp_path / "config.yaml").write_text(text)
     assert cfg.load_saved(tmp_path).agent["trace_lambda"] == config.agent["trace_lambda"]
+
+
+def test_a_saved_config_loads_back_equal_for_every_shipped_config(tmp_path: Path):
+    """``config.yaml`` (written by PyYAML from plain data) resolves back to the same config, for every
+    experiment file and a population grid (a nested mapping in ``train``)."""
+    paths = [str(path) for path in sorted((REPO / "configs").glob("*.yaml"))]
+    cases = [(path, []) for path in paths] + [
+        (str(REPO / "configs" / "trace_patterning_ccn.yaml"),
+         ["train.population=3", "train.population_grid={agent.lr: [0.003, 0.01]}", "agent.lr=1.0e-5"])]
+    for path, args in cases:
+        config = cfg.load(path, args)
+        (tmp_path / "config.yaml").write_text(config.to_yaml())
+        assert cfg.load_saved(tmp_path).to_dict() == config.to_dict(), path
