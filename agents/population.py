@@ -92,6 +92,36 @@ def _info_rows(info: Any, rows: slice) -> Any:
     return info[rows] if isinstance(info, Tensor) and info.dim() > 0 else info
 
 
+class MemberInfos:
+    """The members' env infos after one step: one info per member, or the info of one stacked env whose
+    tensors hold member p's envs in rows p·B..(p+1)·B, split into the members' own only when one is
+    asked for (most steps need none of it: splitting every key of every member cost 7 % of a step)."""
+
+    def __init__(self, size: int, num_envs: int, stacked: dict[str, Any] | None = None,
+                 members: list[dict[str, Any]] | None = None) -> None:
+        self.size, self.num_envs = size, num_envs
+        self.stacked, self.members = stacked, members
+
+    def __getitem__(self, p: int) -> dict[str, Any]:
+        if self.members is None:
+            B = self.num_envs
+            self.members = [_info_rows(self.stacked, slice(q * B, (q + 1) * B)) for q in range(self.size)]
+        return self.members[p]
+
+    def tensor(self, key: str) -> Tensor | None:
+        """``key`` of every member as one tensor [P, B, ...]; None where a member does not report it."""
+        if self.stacked is not None:
+            value = self.stacked.get(key)
+            return None if value is None else value.view(self.size, self.num_envs, *value.shape[1:])
+        values = [info.get(key) for info in self.members or []]
+        return None if not values or any(v is None for v in values) else torch.stack(values)
+
+    def episode_ended(self) -> bool:
+        """Whether any member's episode ended at this step."""
+        infos = [self.stacked] if self.stacked is not None else self.members or []
+        return any(info.get("episode") is not None and bool(info["episode"]["done"].any()) for info in infos)
+
+
 def stack_states(states: Sequence[State]) -> State:
     return {k: torch.stack([s[k] for s in states]) for k in states[0]}
 
@@ -312,20 +342,17 @@ class TDPopulation(Population):
         for param, s in zip(self.flat_params, step.split(self.sizes, dim=1)):
             param.add_(s.view_as(param))
 
-    def env_step(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[dict[str, Any]]]:
-        """Every member's env step: obs [P, B, ...], reward, terminated, truncated [P, B], and the infos
-        per member."""
+    def env_step(self) -> tuple[Tensor, Tensor, Tensor, Tensor, MemberInfos]:
+        """Every member's env step: obs [P, B, ...], reward, terminated, truncated [P, B], and the infos."""
         P, B = self.size, self.num_envs
         if self.stacked_env is None:
             steps = [m.env.step(None) for m in self.members]
             stacked = [torch.stack([s[k] for s in steps]).to(self.device) for k in range(4)]
-            return (*stacked, [s[4] for s in steps])  # type: ignore[return-value]
+            return (*stacked, MemberInfos(P, B, members=[s[4] for s in steps]))  # type: ignore[return-value]
         obs, reward, terminated, truncated, info = self.stacked_env.step(None)
-        rows = [slice(p * B, (p + 1) * B) for p in range(P)]
-        infos = [_info_rows(info, r) for r in rows]
         obs, reward, terminated, truncated = (t.to(self.device).view(P, B, *t.shape[1:])
                                               for t in (obs, reward, terminated, truncated))
-        return obs, reward, terminated, truncated, infos
+        return obs, reward, terminated, truncated, MemberInfos(P, B, stacked=info)
 
     def step(self, sums: dict[str, Tensor], episodes: list[tuple[list[float], list[int]]]) -> None:
         obs, reward, terminated, truncated, infos = self.env_step()
@@ -335,8 +362,8 @@ class TDPopulation(Population):
 
         bootstrap = value * (~terminated).to(value.dtype)
         if truncated.any():
-            final_obs = torch.stack([info["final_obs"] if "final_obs" in info else o.cpu()
-                                     for info, o in zip(infos, obs)]).to(self.device)
+            final_obs = torch.stack([infos[p]["final_obs"] if "final_obs" in infos[p] else o.cpu()
+                                     for p, o in enumerate(obs)]).to(self.device)
             with torch.no_grad():
                 final_values, _ = self.forward(*self.window_tensors(last_obs=final_obs))
             bootstrap = torch.where(truncated & ~terminated, final_values[:, -1], bootstrap)
@@ -348,11 +375,13 @@ class TDPopulation(Population):
 
         sums["losses/td_error"] += td_error.pow(2).mean(1)
         sums["charts/value"] += value.mean(1)
-        if self.reports_prediction_error and "true_return" in infos[0]:
-            true_return = torch.stack([info["true_return"] for info in infos]).to(self.device, value.dtype)
-            sums["charts/prediction_error"] += (value - true_return).pow(2).mean(1)
-        for (returns, lengths), info in zip(episodes, infos):
-            episode = info.get("episode")
+        true_return = infos.tensor("true_return") if self.reports_prediction_error else None
+        if true_return is not None:
+            sums["charts/prediction_error"] += (value - true_return.to(self.device, value.dtype)).pow(2).mean(1)
+        if not infos.episode_ended():
+            return
+        for p, (returns, lengths) in enumerate(episodes):
+            episode = infos[p].get("episode")
             if episode is not None and bool(episode["done"].any()):
                 finished = episode["done"].nonzero().flatten()
                 returns.extend(episode["return"][finished].tolist())
