@@ -7,8 +7,8 @@ machine whose Python has a CUDA build of torch (the optional extras, if any, put
 step                what it runs                                                                 limit
 ==================  ==========================================================================  =======
 device              device name, compute capability, memory; sets ``TORCH_CUDA_ARCH_LIST``        20 s
-kernels-build       ``rlmem kernels build`` (``kernels.loader.build_command``), that device only  120 s
-pytest-gpu          ``pytest -m gpu -q`` on the test files that carry the ``gpu`` marker          55 s
+kernels-build       ``rlmem kernels build`` (``kernels.loader.build_command``), that device only  105 s
+pytest-gpu          ``pytest -m gpu -q`` (``-n 4`` with pytest-xdist) on the files with the marker 70 s
 bench-kernels       ``rlmem bench kernels --forms real,complex --repeats 5 --warmup 1``           25 s
 train-gru           ``rlmem train configs/atari_pong_gru.yaml train.device=cuda
                     train.total_steps=20000 train.progress=false``; ``charts/SPS`` read back      35 s
@@ -410,7 +410,8 @@ def train_reader(run_dir: Path) -> Callable[[str], tuple[dict[str, Any], tuple[s
 # The steps
 
 
-GPU_MARKER = re.compile(r"^\s*@pytest\.mark\.gpu\b|marks=pytest\.mark\.gpu\b|^pytestmark\b.*\bgpu\b", re.MULTILINE)
+GPU_MARKER = re.compile(r"^\s*@pytest\.mark\.gpu\b|marks=\[?\s*pytest\.mark\.gpu\b|^pytestmark\b.*\bgpu\b",
+                        re.MULTILINE)
 
 
 def gpu_test_files(tests_dir: Path) -> tuple[list[str], dict[str, str]]:
@@ -443,10 +444,13 @@ def gpu_steps(out: Path, train_steps: int, tests_dir: Path = REPO_ROOT / "tests"
             figures["left_out"] = left_out
         return figures, verdict
 
+    # pytest-xdist, where present, runs the GPU tests in 4 processes sharing the device
+    parallel = ["-n", "4"] if module_available("xdist") else []
     steps = [
-        Step("kernels-build", [python, "-c", KERNELS_BUILD_CODE], 120, requires=("torch",),
+        Step("kernels-build", [python, "-c", KERNELS_BUILD_CODE], 105, requires=("torch",),
              read=read_kernels_build),
-        Step("pytest-gpu", [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *test_files], 55,
+        Step("pytest-gpu",
+             [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *parallel, *test_files], 70,
              requires=("pytest", "numpy"), read=read_tests, missing_is_skip=False,
              skip_reason="" if test_files else f"no runnable gpu-marked test files ({left_out or 'tests/ absent'})"),
         Step("bench-kernels", [python, "-c", BENCH_CODE.format(module="kernels"), "--forms", "real,complex",

@@ -172,6 +172,7 @@ def test_gpu_test_files_leave_out_files_with_missing_imports(tmp_path):
     assert left_out == {str(tmp_path / "test_b.py"): "no_such_module_for_the_check missing"}
     chosen, _ = gpu_check.gpu_test_files(gpu_check.REPO_ROOT / "tests")
     assert "tests/test_kernels_parity.py" in chosen and "tests/test_gpu_check.py" not in chosen
+    assert "tests/test_learners_on_device.py" in chosen  # the gpu mark on a parameter (pytest.param marks)
 
 
 def test_stale_build_locks_are_found(tmp_path):
