@@ -8,7 +8,7 @@ step                what it runs                                                
 ==================  ==========================================================================  =======
 device              device name, compute capability, memory; sets ``TORCH_CUDA_ARCH_LIST``        20 s
 kernels-build       ``rlmem kernels build`` (``kernels.loader.build_command``), that device only  105 s
-pytest-gpu          ``pytest -m gpu -q`` (``-n 4`` with pytest-xdist) on the files with the marker 70 s
+pytest-gpu          ``pytest -m gpu -q`` (``-n 4`` with pytest-xdist) on the files with the marker 60 s
 bench-kernels       ``rlmem bench kernels --forms real,complex --repeats 5 --warmup 1``           25 s
 train-gru           ``rlmem train configs/atari_pong_gru.yaml train.device=cuda
                     train.total_steps=20000 train.progress=false``; ``charts/SPS`` read back      35 s
@@ -17,11 +17,12 @@ train-elstm         the same with ``atari_pong_elstm.yaml`` (grad rtrl)         
 train-lru           the same with ``atari_pong_lru.yaml``                                         35 s
 train-elstm-bptt    ``atari_pong_elstm.yaml memory.grad=bptt``: the same iteration by BPTT         35 s
 train-gru-envs64    ``atari_pong_gru.yaml env.num_envs=64``: the GPU's batch, not the CPU's         45 s
+bench-population    ``rlmem bench population --members 1,256 --methods elstm,ccn --device cuda``  20 s
 bench-envs-atari    ``rlmem bench envs --sources atari --steps 100 --repeats 1``                  30 s
 bench-envs-procgen  ``rlmem bench envs --sources procgen --steps 100 --repeats 1``                15 s
 ==================  ==========================================================================  =======
 
-The limits sum to 450 s, inside the overall budget (``--budget``, 460 s by default, under 8 minutes):
+The limits sum to 460 s, inside the overall budget (``--budget``, 460 s by default, under 8 minutes):
 each step gets the smaller of its own limit and what is left of the budget, so a hang in one step costs
 that step's limit (and a 5 s grace after an interrupt) and no more, and the next step still runs.
 
@@ -379,6 +380,16 @@ def bench_envs_reader(source: str) -> Callable[[str], tuple[dict[str, Any], tupl
     return read
 
 
+def read_bench_population(output: str) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """Per method and population size: the alone rate, the member-steps/s and the speed-up."""
+    rows = {}
+    for method, size, alone, members, speedup in re.findall(r"^\s*(\w+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)x\s*$",
+                                                           output, flags=re.MULTILINE):
+        rows[f"{method} P={size}"] = {"alone_steps_per_s": float(alone), "member_steps_per_s": float(members),
+                                      "speedup": float(speedup)}
+    return ({"rows": rows}, None) if rows else ({}, ("failed", "no rows in the table"))
+
+
 def read_sps(run_dir: Path) -> dict[str, Any]:
     """``charts/SPS`` of a run from its TensorBoard event files: the last value, the median over the
     second half of the run (past start-up and compilation), the number of points and the last step."""
@@ -450,7 +461,7 @@ def gpu_steps(out: Path, train_steps: int, tests_dir: Path = REPO_ROOT / "tests"
         Step("kernels-build", [python, "-c", KERNELS_BUILD_CODE], 105, requires=("torch",),
              read=read_kernels_build),
         Step("pytest-gpu",
-             [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *parallel, *test_files], 70,
+             [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *parallel, *test_files], 60,
              requires=("pytest", "numpy"), read=read_tests, missing_is_skip=False,
              skip_reason="" if test_files else f"no runnable gpu-marked test files ({left_out or 'tests/ absent'})"),
         Step("bench-kernels", [python, "-c", BENCH_CODE.format(module="kernels"), "--forms", "real,complex",
@@ -463,6 +474,11 @@ def gpu_steps(out: Path, train_steps: int, tests_dir: Path = REPO_ROOT / "tests"
             [python, "-m", "rlmem.cli", "train", f"configs/atari_pong_{core}.yaml", "train.device=cuda",
              f"train.total_steps={train_steps}", "train.progress=false", f"train.run_dir={run_dir}", *overrides],
             45 if name == "gru-envs64" else 35, requires=TRAIN_MODULES, read=train_reader(run_dir)))
+    steps.append(Step(
+        "bench-population",
+        [python, "-c", BENCH_CODE.format(module="population"), "--members", "1,256", "--methods", "elstm,ccn",
+         "--steps", "10", "--repeats", "1", "--device", "cuda"],
+        20, requires=("numpy", "omegaconf", "gymnasium", "tensorboard"), read=read_bench_population))
     for source, limit, package in (("atari", 30, "ale_py"), ("procgen", 15, "procgen")):
         steps.append(Step(
             f"bench-envs-{source}",
@@ -495,6 +511,7 @@ def device_step() -> Step:
 
 
 STEP_NAMES = ("device", "kernels-build", "pytest-gpu", "bench-kernels", *(f"train-{name}" for name, _, _ in TRAININGS),
+              "bench-population",
               "bench-envs-atari", "bench-envs-procgen")
 
 
@@ -584,6 +601,9 @@ def summary_table(results: Sequence[StepResult]) -> str:
             note = f"{d['name']}, sm_{d['capability'][0]}{d['capability'][1]}, {d['memory_gib']} GiB"
         elif r.name.startswith("bench-envs") and r.figures:
             note = ", ".join(f"{k} {v:,.0f}" for k, v in r.figures.items() if isinstance(v, float))
+        elif r.name == "bench-population" and r.figures.get("rows"):
+            note = ", ".join(f"{k} {v['member_steps_per_s']:,.0f}/s ({v['speedup']:.1f}x)"
+                             for k, v in r.figures["rows"].items() if not k.endswith("P=1"))
         elif r.name == "pytest-gpu":
             note = ", ".join(f"{v} {k}" for k, v in r.figures.items() if isinstance(v, int))
             note += "".join(f"; left out {Path(f).name} ({why})" for f, why in r.figures.get("left_out", {}).items())

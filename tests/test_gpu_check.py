@@ -398,3 +398,14 @@ def test_the_check_with_a_pretend_gpu(tmp_path, monkeypatch, capsys):
         ("device", "ok"), ("kernels-build", "failed"), ("train-gru", "ok")]
     assert summary["device"]["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert "interrupted" in capsys.readouterr().out
+
+
+def test_read_bench_population_from_the_real_table(capsys):
+    assert rlmem_main(["bench", "population", "--members", "1,2", "--methods", "columnar", "--steps", "2",
+                       "--repeats", "1"]) == 0
+    figures, verdict = gpu_check.read_bench_population(capsys.readouterr().out)
+    assert verdict is None and set(figures["rows"]) == {"columnar P=1", "columnar P=2"}
+    assert all(row["member_steps_per_s"] > 0 and row["speedup"] > 0 for row in figures["rows"].values())
+    assert gpu_check.read_bench_population("Traceback ...")[1] == ("failed", "no rows in the table")
+    table = gpu_check.summary_table([StepResult("bench-population", "", 20, "ok", 5.0, figures=figures)])
+    assert "columnar P=2" in table and "columnar P=1" not in table

@@ -273,6 +273,9 @@ def test_bench_population_reports_member_steps_against_one_learner_alone(tmp_pat
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["members"]) for r in rows] == [("columnar", 1), ("columnar", 2), ("lstm_tbptt15", 1),
                                                            ("lstm_tbptt15", 2)]
-    assert all(r["speedup"] > 0 for r in rows)
+    assert all(r["speedup"] > 0 for r in rows) and json.loads(out.read_text())["device"] == "cpu"
     assert main(["bench", "population", "--methods", "gru"]) == 2
     assert "unknown method 'gru'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "population", "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err

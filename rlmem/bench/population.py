@@ -16,6 +16,7 @@ update.
 Example::
 
     rlmem bench population --members 1,8,32,128 --methods elstm,lru,ccn,lstm_tbptt15
+    rlmem bench population --members 1,256,1024 --methods elstm,ccn --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -43,14 +44,15 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"comma-separated methods of `rlmem bench trace_patterning` ({', '.join(METHODS)})")
     parser.add_argument("--steps", type=int, default=40, help="learner steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is shown)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where the learners run (both ways)")
     parser.add_argument("--out", type=Path, help="also write the table as JSON here")
     return parser
 
 
-def _learners(name: str, seeds: range, steps: int) -> list[Any]:
+def _learners(name: str, seeds: range, steps: int, device: str) -> list[Any]:
     """Ordinary ``td`` learners of method ``name``, one per seed, built as their runs would build them."""
     protocol = Protocol("trace_patterning", steps=10**8, log_every=steps, num_envs=1)
-    built = [build(run_config(METHODS[name], seed, protocol, Path("unused"))) for seed in seeds]
+    built = [build(run_config(METHODS[name], seed, protocol, Path("unused"), device)) for seed in seeds]
     return [learner for _, learner, _ in built]
 
 
@@ -63,19 +65,22 @@ def run(argv: list[str]) -> None:
         raise ConfigError(f"unknown method {unknown[0]!r}; valid choices: {', '.join(METHODS)}")
     if args.steps <= 0 or args.repeats <= 0:
         raise ConfigError("--steps and --repeats must be positive")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device is available here")
     torch.set_num_threads(1)
     print(f"td on trace_patterning, one stream per member, {args.steps} steps per repeat, median of "
-          f"{args.repeats}, 1 CPU thread")
+          f"{args.repeats}, 1 CPU thread, learners on {device}")
     table = Table(Column("method", 13), Column("P", 4), Column("alone steps/s", 14),
                   Column("population member-steps/s", 27), Column("speed-up", 9))
     table.header(rule=False)
     rows = []
     for name in methods:
         for size in args.members:
-            alone = _learners(name, range(1), args.steps)[0]
-            population = POPULATIONS["td"](_learners(name, range(size), args.steps))
+            alone = _learners(name, range(1), args.steps, args.device)[0]
+            population = POPULATIONS["td"](_learners(name, range(size), args.steps, args.device))
             seconds = alternating_seconds({"alone": alone.iteration, "population": population.iteration},
-                                          torch.device("cpu"), args.repeats)
+                                          device, args.repeats)
             alone_rate = args.steps / statistics.median(seconds["alone"])
             member_rate = size * args.steps / statistics.median(seconds["population"])
             rows.append({"method": name, "members": size, "alone_steps_per_s": alone_rate,
@@ -84,4 +89,5 @@ def run(argv: list[str]) -> None:
             for learner in [alone, *population.members]:
                 learner.env.close()
     if args.out is not None:
-        write_json(args.out, {"steps": args.steps, "repeats": args.repeats, "rows": rows}, indent=1)
+        write_json(args.out, {"steps": args.steps, "repeats": args.repeats, "device": str(device), "rows": rows},
+                   indent=1)

@@ -163,7 +163,7 @@ class Protocol:
         return self.log_every // self.num_envs
 
 
-def run_config(method: Method, seed: int, protocol: Protocol, run_dir: Path) -> Any:
+def run_config(method: Method, seed: int, protocol: Protocol, run_dir: Path, device: str = "cpu") -> Any:
     """The resolved ``rlmem train`` config of one run (``rlmem.config.RunConfig``): the method's core
     and step size on the protocol's task, one curve point per training iteration, a checkpoint only at
     the end. The memory and env sections are complete (every option stated), so no group file can
@@ -179,7 +179,7 @@ def run_config(method: Method, seed: int, protocol: Protocol, run_dir: Path) -> 
         "agent": {"lr": method.lr, "unroll_length": method.unroll_length,
                   "steps_per_iteration": protocol.updates_per_point},
         "model": {"encoder": "identity"},
-        "train": {"total_steps": steps, "seed": seed, "run_dir": str(run_dir), "device": "cpu",
+        "train": {"total_steps": steps, "seed": seed, "run_dir": str(run_dir), "device": device,
                   "checkpoint_every": steps, "progress": False, "torch_threads": 1},
     })
 
