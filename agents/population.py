@@ -100,7 +100,7 @@ class MemberInfos:
     def __init__(self, size: int, num_envs: int, stacked: dict[str, Any] | None = None,
                  members: list[dict[str, Any]] | None = None) -> None:
         self.size, self.num_envs = size, num_envs
-        self.stacked, self.members = stacked, members
+        self.stacked, self.members = stacked, members  # one of the two
 
     def __getitem__(self, p: int) -> dict[str, Any]:
         if self.members is None:
@@ -113,12 +113,12 @@ class MemberInfos:
         if self.stacked is not None:
             value = self.stacked.get(key)
             return None if value is None else value.view(self.size, self.num_envs, *value.shape[1:])
-        values = [info.get(key) for info in self.members or []]
-        return None if not values or any(v is None for v in values) else torch.stack(values)
+        values = [info.get(key) for info in self.members]
+        return None if any(v is None for v in values) else torch.stack(values)
 
     def episode_ended(self) -> bool:
         """Whether any member's episode ended at this step."""
-        infos = [self.stacked] if self.stacked is not None else self.members or []
+        infos = self.members if self.stacked is None else [self.stacked]
         return any(info.get("episode") is not None and bool(info["episode"]["done"].any()) for info in infos)
 
 

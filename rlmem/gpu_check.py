@@ -72,13 +72,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path("runs/gpu-check")
 DEFAULT_BUDGET_S = 460.0
 DEFAULT_TRAIN_STEPS = 20_000
-# The trainings: (step name suffix, configs/atari_pong_<core>.yaml, overrides beyond the common ones).
-TRAININGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("gru", "gru", ()),
-    ("elstm", "elstm", ()),
-    ("lru", "lru", ()),
-    ("elstm-bptt", "elstm", ("memory.grad=bptt",)),  # the same iteration by BPTT: the rtrl/bptt ratio
-    ("gru-envs64", "gru", ("env.num_envs=64",)),  # a batch sized for the GPU rather than the CPU
+# The trainings: (step name suffix, configs/atari_pong_<core>.yaml, overrides beyond the common ones,
+# limit in seconds).
+TRAININGS: tuple[tuple[str, str, tuple[str, ...], float], ...] = (
+    ("gru", "gru", (), 35),
+    ("elstm", "elstm", (), 35),
+    ("lru", "lru", (), 35),
+    ("elstm-bptt", "elstm", ("memory.grad=bptt",), 35),  # the same iteration by BPTT: the rtrl/bptt ratio
+    ("gru-envs64", "gru", ("env.num_envs=64",), 45),  # a batch sized for the GPU; 64 emulators take longer to build
 )
 FIRST_PARTY = ("rlmem", "agents", "envs", "kernels")
 NO_CUDA = "no CUDA device"
@@ -467,13 +468,13 @@ def gpu_steps(out: Path, train_steps: int, tests_dir: Path = REPO_ROOT / "tests"
         Step("bench-kernels", [python, "-c", BENCH_CODE.format(module="kernels"), "--forms", "real,complex",
                                "--repeats", "5", "--warmup", "1"], 25, requires=("torch",), read=read_bench_kernels),
     ]
-    for name, core, overrides in TRAININGS:
+    for name, core, overrides, limit in TRAININGS:
         run_dir = out / "train" / name
         steps.append(Step(
             f"train-{name}",
             [python, "-m", "rlmem.cli", "train", f"configs/atari_pong_{core}.yaml", "train.device=cuda",
              f"train.total_steps={train_steps}", "train.progress=false", f"train.run_dir={run_dir}", *overrides],
-            45 if name == "gru-envs64" else 35, requires=TRAIN_MODULES, read=train_reader(run_dir)))
+            limit, requires=TRAIN_MODULES, read=train_reader(run_dir)))
     steps.append(Step(
         "bench-population",
         [python, "-c", BENCH_CODE.format(module="population"), "--members", "1,256", "--methods", "elstm,ccn",
@@ -510,7 +511,7 @@ def device_step() -> Step:
                 needs_cuda=False, read=read_device)
 
 
-STEP_NAMES = ("device", "kernels-build", "pytest-gpu", "bench-kernels", *(f"train-{name}" for name, _, _ in TRAININGS),
+STEP_NAMES = ("device", "kernels-build", "pytest-gpu", "bench-kernels", *(f"train-{t[0]}" for t in TRAININGS),
               "bench-population",
               "bench-envs-atari", "bench-envs-procgen")
 
