@@ -56,7 +56,7 @@ class TrainOptions:
     run_dir: str | None = None  # default: runs/<name>
     name: str | None = None  # default: <env>_<memory>_<agent>_s<seed>
     checkpoint_every: int = 50_000  # environment steps between checkpoints (also at the end and on Ctrl-C)
-    progress: bool = True  # console progress bar
+    progress: bool = True  # console progress bar (drawn only when stderr is a terminal)
     # Small recurrent nets act fastest on one intra-op thread (more threads spin against the envs and
     # each other); raise it for CNN encoders on CPU. 0 keeps PyTorch's default.
     torch_threads: int = 1

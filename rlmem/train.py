@@ -219,8 +219,9 @@ def run_iterations(config: RunConfig, iterate: Callable[[], Sequence[Any]], writ
     recent = EpisodeWindow.create()
     total, every = config.train.total_steps, config.train.checkpoint_every
     next_checkpoint = (global_step // every + 1) * every
-    bar = tqdm(total=total, initial=global_step, unit="step", disable=not (config.train.progress and show_progress),
-               dynamic_ncols=True)
+    # disable=None: tqdm draws only on a terminal, so a log file of a background run stays readable
+    bar = tqdm(total=total, initial=global_step, unit="step",
+               disable=None if config.train.progress and show_progress else True, dynamic_ncols=True)
     started, started_step = time.perf_counter(), global_step
     stopped_early = False
     try:

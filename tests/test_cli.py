@@ -245,3 +245,11 @@ def test_bench_stream_ac_times_both_gradient_paths_and_checks_they_agree(capsys)
     with pytest.raises(SystemExit) as exited:  # argparse: usage, one message, exit status 2
         main(["bench", "stream_ac", "--envs", "0"])
     assert exited.value.code == 2
+
+
+def test_the_progress_bar_stays_out_of_a_log_file(tmp_path: Path, capsys):
+    # train.progress defaults to true; with stderr not a terminal (a background run's log) nothing is drawn
+    assert main(["train", *[a for a in SMALL if not a.startswith("train.progress")], "train.total_steps=128",
+                 f"train.run_dir={tmp_path / 'run'}"]) == 0
+    err = capsys.readouterr().err
+    assert "step/s" not in err and "\r" not in err
