@@ -40,13 +40,18 @@ chosen so that what they could add is below ``1e-10`` (``RETURN_TOLERANCE``).
 
 There are no episodes: ``terminated`` and ``truncated`` are always False and ``info["episode"]``
 never reports one. ``state_dict()`` / ``load_state_dict()`` snapshot everything, including the
-random generator, so a resumed stream continues exactly.
+random streams' counters, so a resumed stream continues exactly.
+
+**Randomness.** Every env draws from its own counter-based stream (``envs.streams``: SplitMix64 from a
+key that hashes the seed and the env's index in the run's whole batch), the same number of values at
+every step, so each env's stream is a pure function of the seed and its index: a shard of a batch
+(``take_shard``) computes exactly its rows of the whole batch's streams.
 
 **Stacks.** ``stack(tasks)`` steps several tasks (of one kind and options, each seeded on its own) as
-one env of all their envs: each task's block of envs draws from that task's own generator, with the
-draws it would make alone, so every block's stream is its task's stream exactly, at the cost of one
-step (populations of learners step their members' streams this way). ``unstack_into(tasks)`` writes
-the blocks' state back into the tasks, whose ``state_dict`` then holds it.
+one env of all their envs: each block keeps its task's streams, so every block's stream is its task's
+stream exactly, and one step of tensor ops serves them all (populations of learners step their
+members' streams this way). ``unstack_into(tasks)`` writes the blocks' state back into the tasks,
+whose ``state_dict`` then holds it.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +70,7 @@ from torch import Tensor
 
 from envs.base import EnvError, EnvShard, StepResult, VecEnv
 from envs.registry import EnvOptions, register_env
+from envs.streams import CounterStreams
 
 # The neglected tail of the true return (trials beyond the queue) is below this.
 RETURN_TOLERANCE = 1e-10
@@ -140,10 +146,9 @@ class _TraceTask(VecEnv):
         self.distractor_probs = 1.0 / (10.0 * torch.arange(1, options.num_distractors + 1, device=self.device))
         self.queued_trials = self._queue_length(options)
         self._seed = seed
-        self._generator = torch.Generator(self.device)
-        self._blocks: list[tuple[int, torch.Generator]] | None = None  # a stack: (envs, generator) per task
-        # Random draws are made for this many envs and these rows kept (``take_shard``).
-        self._drawn_envs, self._drawn_rows = self.num_envs, slice(None)
+        self._env_indices = torch.arange(self.num_envs, device=self.device)  # in the run's whole batch
+        self._streams = CounterStreams.seeded(seed, self._env_indices)
+        self._stacked = False
         self._closed = False
         self._started = False
 
@@ -165,27 +170,19 @@ class _TraceTask(VecEnv):
         return queued
 
     # ----------------------------------------------------------------------------------------------
-    # Random draws (all from the env's own generator)
-
-    def _sample(self, draw: Callable[[tuple[int, int], torch.Generator], Tensor], columns: int) -> Tensor:
-        """[B, columns] drawn from the env's generator (for every stream of the whole batch, this shard's
-        rows kept), or in a stack one block per task's generator."""
-        if self._blocks is None:
-            return draw((self._drawn_envs, columns), self._generator)[self._drawn_rows]
-        return torch.cat([draw((rows, columns), generator) for rows, generator in self._blocks])
+    # Random draws (each env from its own stream)
 
     def _uniform_int(self, low: int, high: int, columns: int) -> Tensor:
-        return self._sample(lambda shape, g: torch.randint(low, high + 1, shape, generator=g, device=self.device),
-                            columns)
+        return self._streams.integers(low, high, columns)
 
     def _uniform(self, columns: int) -> Tensor:
-        return self._sample(lambda shape, g: torch.rand(shape, generator=g, device=self.device), columns)
+        return self._streams.uniform(columns)
 
     def take_shard(self, shard: EnvShard) -> None:
-        """Draw the randomness of all ``shard.total`` streams and keep rows ``shard.rows``: these streams
-        are those of the whole batch from the same seed."""
+        """Make these envs rows ``shard.rows`` of a batch of ``shard.total``: their streams are those rows'
+        streams of the whole batch from the same seed."""
         self.shard = shard
-        self._drawn_envs, self._drawn_rows = shard.total, shard.rows
+        self._env_indices = torch.arange(shard.offset, shard.offset + shard.size, device=self.device)
 
     def _draw_trials(self, count: int) -> tuple[Tensor, Tensor, Tensor]:
         """ISI [B, count], trial length ISI + ITI [B, count] and pattern index [B, count]."""
@@ -205,11 +202,11 @@ class _TraceTask(VecEnv):
 
     def reset(self, seed: int | None = None) -> Tensor:
         self._check_open()
-        if self._blocks is not None:
+        if self._stacked:
             raise EnvError(f"a stack of {self.name} tasks is not reset: reset its tasks and stack them again")
         if seed is not None:
             self._seed = int(seed)
-        self._generator.manual_seed(self._seed)
+        self._streams = CounterStreams.seeded(self._seed, self._env_indices)
         self._valid = self._draw_valid_patterns()
         self._isi, self._length, self._pattern = self._draw_trials(self.queued_trials)
         self._trial_step = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
@@ -281,24 +278,26 @@ class _TraceTask(VecEnv):
 
     @classmethod
     def stack(cls, tasks: Sequence[_TraceTask]) -> _TraceTask:
-        """One env of all ``tasks``' envs, in order; each block draws from its task's own generator."""
+        """One env of all ``tasks``' envs, in order; each block keeps its task's streams."""
         first = tasks[0]
         for task in tasks:
             if type(task) is not type(first) or task.options != first.options or not task._started:
                 raise EnvError(f"only started {first.name} tasks with the same options stack")
         stacked = copy.copy(first)
         stacked.num_envs = sum(task.num_envs for task in tasks)
-        stacked._blocks = [(task.num_envs, task._generator) for task in tasks]
+        stacked._stacked = True
+        stacked._streams = CounterStreams.cat([task._streams for task in tasks])
         for name in cls.STREAM_STATE:
             setattr(stacked, name, torch.cat([getattr(task, name) for task in tasks]))
         return stacked
 
     def unstack_into(self, tasks: Sequence[_TraceTask]) -> None:
-        """Write each block's stream state back into its task (their generators are the blocks' own)."""
+        """Write each block's stream state back into its task."""
         start = 0
         for task in tasks:
             for name in self.STREAM_STATE:
                 setattr(task, name, getattr(self, name)[start : start + task.num_envs].clone())
+            task._streams = self._streams.rows(slice(start, start + task.num_envs))
             start += task.num_envs
 
     def _check_open(self) -> None:
@@ -318,7 +317,8 @@ class _TraceTask(VecEnv):
         return {
             "started": True,
             "seed": self._seed,
-            "generator": self._generator.get_state(),
+            "stream_keys": self._streams.keys.clone(),
+            "stream_counters": self._streams.counters.clone(),
             "valid": self._valid.clone(),
             "isi": self._isi.clone(),
             "length": self._length.clone(),
@@ -332,6 +332,11 @@ class _TraceTask(VecEnv):
         if not state["started"]:
             self._started = False
             return
+        if "stream_counters" not in state:
+            raise EnvError(
+                f"saved {self.name} state comes from an earlier rlmem, whose random streams were torch "
+                "generators; the streams are counter-based now, so the run cannot continue exactly: start it again"
+            )
         valid = state["valid"]
         if tuple(valid.shape) != (self.num_envs, self.num_patterns) or state["isi"].shape[1] != self.queued_trials:
             raise EnvError(
@@ -339,7 +344,7 @@ class _TraceTask(VecEnv):
                 f"{state['isi'].shape[1]} queued trials, this env has num_envs={self.num_envs} and "
                 f"{self.queued_trials} (set env.num_envs and the timing options as in the saved run)"
             )
-        self._generator.set_state(state["generator"])
+        self._streams = CounterStreams(state["stream_keys"].to(self.device), state["stream_counters"].to(self.device))
         self._valid = valid.to(self.device)
         self._isi = state["isi"].to(self.device)
         self._length = state["length"].to(self.device)

@@ -158,6 +158,11 @@ def test_seeded_streams_and_exact_resume():
 
     with pytest.raises(EnvError, match=re.escape("num_envs=3")):
         make_env({**spec, "num_envs": 3}).load_state_dict(saved)
+    # a state saved when the streams were torch generators cannot continue exactly: one clear message
+    earlier = {k: v for k, v in saved.items() if not k.startswith("stream_")}
+    earlier["generator"] = torch.Generator().get_state()
+    with pytest.raises(EnvError, match=r"earlier rlmem.*start it again"):
+        make_env(spec).load_state_dict(earlier)
 
 
 def test_user_errors_name_the_problem():
@@ -216,3 +221,14 @@ def test_a_stack_of_tasks_steps_each_task_stream_exactly(name: str):
         assert torch.equal(env.step(None)[0], task.step(None)[0])
     with pytest.raises(EnvError, match="is not reset"):
         stacked.reset()
+
+
+def test_a_shard_steps_its_rows_of_the_whole_batch():
+    from envs.base import EnvShard
+
+    spec = {"name": "trace_patterning", "num_envs": 6, "isi_min": 3, "isi_max": 5, "iti_min": 4, "iti_max": 6}
+    whole = make_env(spec, seed=4)
+    shard = make_env({**spec, "num_envs": 2}, seed=4, shard=EnvShard(offset=3, size=2, total=6))
+    assert torch.equal(whole.reset()[3:5], shard.reset())
+    for _ in range(30):
+        assert torch.equal(whole.step(None)[0][3:5], shard.step(None)[0])
