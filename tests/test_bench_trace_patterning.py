@@ -115,6 +115,8 @@ def test_summary_reports_mean_stderr_and_median_over_seeds():
         (["--set", "columnar.normalizer_decay=2"], "memory.normalizer_decay must be a number in [0, 1]"),
         (["--set", "ccn.steps_per_stage=5"], "the stage length follows from --steps"),
         (["--set", "columnar=1"], "expected METHOD.KEY=VALUE"),
+        (["--lr-factors", "0.3,x"], "expected comma-separated numbers"),
+        (["--lr-factors", "0,1"], "expected positive numbers"),
     ],
 )
 def test_bench_bad_arguments_exit_2(argv, message, tmp_path: Path, capsys):
@@ -168,3 +170,71 @@ def test_population_runs_give_each_seed_the_curve_of_its_own_run(tmp_path: Path,
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "population"), "--population", "--seeds", "4"]) == 0
     assert "reusing 6 finished run(s)" in capsys.readouterr().out
+
+
+def test_a_step_size_sweep_is_one_population_per_method_and_reports_each_at_its_best(tmp_path: Path, capsys):
+    pytest.importorskip("matplotlib")
+    argv = ["bench", "trace_patterning", "--steps", "200", "--log-every", "100", "--window", "100",
+            "--methods", "columnar", "--seeds", "2"]
+    out = tmp_path / "sweep"
+    assert main([*argv, "--lr-factors", "0.5,2", "--population", "--out", str(out)]) == 0
+    assert "the step-size sweep" in capsys.readouterr().out
+    assert [p.name.rsplit("-", 1)[0] for p in (out / "train").iterdir()] == ["columnar-sweep-seeds0-1"]
+    (table,) = out.glob("results-columnar-*.json")  # a sweep is not the comparison at the bench's settings
+    record = json.loads(table.read_text())
+    runs = [r for r in record["runs"] if r["method"] == "columnar"]
+    assert sorted((r["lr"], r["seed"]) for r in runs) == [(0.005, 0), (0.005, 1), (0.02, 0), (0.02, 1)]
+    assert [(row["method"], row["lr"]) for row in record["sweep"]] == [("columnar", 0.005), ("columnar", 0.02),
+                                                                      ("zero", 0.0)]
+    best = record["summary"][0]
+    assert best["final_error"] == min(row["final_error"] for row in record["sweep"][:2])
+    assert [row["method"] for row in record["summary"]] == ["columnar", "zero"]
+
+    # Every member's curve is the one its own run gives at that step size.
+    assert main([*argv, "--lr", "columnar=0.02", "--out", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone" / next(p.name for p in (tmp_path / "alone").glob("results-*.json")))
+                       .read_text())["runs"]
+    for expected in (r for r in alone if r["method"] == "columnar"):
+        got = next(r for r in runs if (r["lr"], r["seed"]) == (0.02, expected["seed"]))
+        assert got["curve"] == pytest.approx(expected["curve"], rel=1e-4, abs=1e-7)
+    capsys.readouterr()
+    assert main([*argv, "--lr-factors", "0.5,2", "--population", "--out", str(out)]) == 0
+    assert "reusing 6 finished run(s)" in capsys.readouterr().out
+
+
+def test_the_jobs_of_a_sweep_group_into_populations():
+    from rlmem.bench.trace_patterning import METHODS, ZERO, Protocol, population_jobs, swept
+
+    protocol = Protocol("trace_patterning", steps=200, log_every=100, num_envs=1)
+    slow, fast = swept(METHODS["elstm"], 0.5), swept(METHODS["elstm"], 2.0)
+    full = [("elstm", m, seed, protocol) for m in (slow, fast) for seed in range(3)] + [("zero", ZERO, 0, protocol)]
+    assert population_jobs(full) == [("zero", ZERO, 0, protocol), ("elstm", (slow, fast), [0, 1, 2], protocol)]
+    # seed 1 of the slow step size is saved already: each step size's consecutive seeds on their own
+    partial = [job for job in full if (job[1], job[2]) != (slow, 1)]
+    assert population_jobs(partial) == [("zero", ZERO, 0, protocol), ("elstm", slow, 0, protocol),
+                                        ("elstm", slow, 2, protocol), ("elstm", (fast,), [0, 1, 2], protocol)]
+
+
+def test_an_interrupted_population_continues_from_its_checkpoint(tmp_path: Path):
+    from rlmem.bench.trace_patterning import METHODS, Protocol, run_config, run_population, swept
+    from rlmem.train import train
+
+    methods = (swept(METHODS["columnar"], 0.5), METHODS["columnar"])
+    protocol = Protocol("trace_patterning", steps=400, log_every=100, num_envs=1)
+    whole = run_population("columnar", methods, [0, 1], protocol, tmp_path / "whole")
+
+    # the same population, stopped at 200 steps (as Ctrl-C leaves it: a checkpoint), then the bench's job
+    config = run_config(methods[0], 0, protocol, tmp_path / "stopped")
+    config.train.population, config.train.population_grid = 2, {"agent.lr": [m.lr for m in methods]}
+    config.train.total_steps = 200
+    train(config, log=lambda message: None)
+    first_events = sorted((tmp_path / "stopped" / "members").rglob("events.out.tfevents*"))
+    continued = run_population("columnar", methods, [0, 1], protocol, tmp_path / "stopped")
+    assert first_events and all(path.exists() for path in first_events)  # continued there, not started again
+    assert [(r["lr"], r["seed"]) for r in continued] == [(r["lr"], r["seed"]) for r in whole]
+    for expected, got in zip(whole, continued):
+        assert len(got["curve"]) == 4 and got["curve"] == pytest.approx(expected["curve"], rel=1e-6, abs=1e-9)
+
+    # a run dir of other learners (here one step size) is replaced, not continued
+    replaced = run_population("columnar", methods[:1], [0, 1], protocol, tmp_path / "stopped")
+    assert not any(path.exists() for path in first_events) and len(replaced) == 2

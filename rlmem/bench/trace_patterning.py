@@ -47,10 +47,17 @@ run it would be alone up to rounding, about 10x the runs per CPU core at 32 memb
 run dir ``OUT/train/<method>-seeds<first>-<last>-<digest>`` whose ``members/member_s<seed>``
 sub-runs hold each seed's curve; every seed's result is saved as its own run, as without it.
 
+``--lr-factors 0.3,1,3`` sweeps the step size: every method runs at each multiple of its own step size,
+the table reports each method at its best (the lowest mean final error over seeds) and a second table
+the whole sweep; with ``--population`` a method's step sizes and seeds are one population (its
+``train.population_grid``), so a sweep of 10 seeds × 3 step sizes is one process per method.
+
 The full comparison takes CPU-hours, so every finished run is saved at once under ``OUT/runs/`` and a
 later call with the same settings (steps, streams, curve spacing, step size) reuses it instead of
 running it again: an interrupted benchmark resumes where it stopped, and more seeds or methods can be
-added to an existing one. ``--no-reuse`` runs everything afresh; ``--saved-only`` runs nothing and
+added to an existing one. A training run stopped part way (Ctrl-C, or the machine going away) keeps its
+checkpoint (every ``CHECKPOINT_EVERY`` steps) in ``OUT/train/``, and the next call continues it there.
+``--no-reuse`` runs everything afresh; ``--saved-only`` runs nothing and
 summarises the runs saved so far (while the study is still running elsewhere, say). ``--lr METHOD=LR`` and
 ``--set METHOD.KEY=VALUE`` (a core option, e.g. ``columnar.normalizer_decay=0.9999``) vary a method; both
 are part of the settings a saved run must match, and of its file name (``<method>-seed<s>-<digest>.json``),
@@ -79,16 +86,17 @@ from typing import Any
 import envs
 from envs import make_env
 from rlmem.bench.measure import Column, Table, write_json
-from rlmem.checkpoint import load_checkpoint
-from rlmem.config import member_name, population_members, read_dotted, resolve
+from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from rlmem.config import RunConfig, is_population, load_saved, member_name, population_members, read_dotted, resolve
 from rlmem.errors import ConfigError
 from rlmem.memory import core_options
 from rlmem.plot import read_scalars
-from rlmem.train import build, train
+from rlmem.train import RESUMABLE_OPTIONS, build, train
 
 GAMMA = 0.9
 TASKS = ("trace_patterning", "trace_conditioning")
 LAM = 0.99
+CHECKPOINT_EVERY = 100_000  # env steps between a run's checkpoints (it resumes from the last one)
 
 
 @dataclass(frozen=True)
@@ -163,15 +171,22 @@ class Protocol:
         return self.log_every // self.num_envs
 
 
-def run_config(method: Method, seed: int, protocol: Protocol, run_dir: Path, device: str = "cpu") -> Any:
-    """The resolved ``rlmem train`` config of one run (``rlmem.config.RunConfig``): the method's core
-    and step size on the protocol's task, one curve point per training iteration, a checkpoint only at
-    the end. The memory and env sections are complete (every option stated), so no group file can
-    change them; the learner's λ, optimiser and its constants are the ``td`` group file's (the paper's)."""
+def swept(method: Method, factor: float) -> Method:
+    """The method at ``factor`` times its step size, to 6 significant digits (0.3 × 0.001 is 0.0003)."""
+    return dataclasses.replace(method, lr=float(f"{method.lr * factor:.6g}"))
+
+
+def run_config(method: Method, seed: int, protocol: Protocol, run_dir: Path, device: str = "cpu") -> RunConfig:
+    """The resolved ``rlmem train`` config of one run: the method's core and step size on the
+    protocol's task, one curve point per training iteration, a checkpoint every ``CHECKPOINT_EVERY``
+    steps (whole curve points) and at the end. The memory and env sections are complete (every option
+    stated), so no group file can change them; the learner's λ, optimiser and its constants are the
+    ``td`` group file's (the paper's)."""
     spec = memory_spec(method, protocol.steps)
     memory = {"name": spec["name"], **dataclasses.asdict(core_options(spec))}
     env = dataclasses.asdict(envs.env_options({"name": protocol.task, "num_envs": protocol.num_envs, "gamma": GAMMA}))
     steps = protocol.points * protocol.log_every  # whole curve points
+    checkpoint_every = min(steps, max(1, CHECKPOINT_EVERY // protocol.log_every) * protocol.log_every)
     return resolve({
         "defaults": {"memory": spec["name"], "env": protocol.task, "agent": "td"},
         "memory": memory,
@@ -180,8 +195,39 @@ def run_config(method: Method, seed: int, protocol: Protocol, run_dir: Path, dev
                   "steps_per_iteration": protocol.updates_per_point},
         "model": {"encoder": "identity"},
         "train": {"total_steps": steps, "seed": seed, "run_dir": str(run_dir), "device": device,
-                  "checkpoint_every": steps, "progress": False, "torch_threads": 1},
+                  "checkpoint_every": checkpoint_every, "progress": False, "torch_threads": 1},
     })
+
+
+def _learning_settings(config: RunConfig) -> list[dict[str, Any]]:
+    """What each learner of a run is (every member's config), without what a resume may change."""
+    ignored = {key.split(".", 1)[1] for key in RESUMABLE_OPTIONS if key.startswith("train.")} | {"run_dir", "name"}
+    settings = []
+    for learner in population_members(config) if is_population(config) else [config]:
+        values = learner.to_dict()
+        values["train"] = {k: v for k, v in values["train"].items() if k not in ignored}
+        settings.append(json.loads(json.dumps(values)))
+    return settings
+
+
+def train_or_continue(config: RunConfig) -> None:
+    """Train ``config`` into its run dir. A run dir holding an interrupted run of the same learners (its
+    checkpoint's members are ours, up to the options a resume may change) is continued from that
+    checkpoint, so a study of hours survives being stopped, and one that has finished is left as it is;
+    anything else there is replaced."""
+    run_dir = Path(config.train.run_dir)
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        try:
+            same = _learning_settings(load_saved(run_dir)) == _learning_settings(config)
+        except ConfigError:
+            same = False
+        if same:
+            if load_checkpoint(run_dir)["global_step"] < config.train.total_steps:
+                train(config, resume=True, log=lambda message: None)
+            return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    train(config, log=lambda message: None)
 
 
 def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: Path) -> dict[str, Any]:
@@ -190,9 +236,7 @@ def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: P
     streams together) as the loop logged it (``charts/prediction_error``), its speed (the loop's final
     ``charts/SPS``) and, from the final checkpoint, the ``MACs/step`` estimate."""
     config = run_config(method, seed, protocol, run_dir)
-    if run_dir.exists():  # an interrupted or replaced run of the bench: its own directory, started afresh
-        shutil.rmtree(run_dir)
-    train(config, log=lambda message: None)
+    train_or_continue(config)
     _, curve = read_scalars(run_dir, "charts/prediction_error")
     _, env_steps_per_second = read_scalars(run_dir, "charts/SPS")
     env, learner, _ = build(config)
@@ -204,6 +248,7 @@ def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: P
         env.close()
     return {
         "method": name,
+        "lr": method.lr,
         "seed": seed,
         "curve": curve.tolist(),
         "ms_per_step": 1e3 * protocol.num_envs / float(env_steps_per_second[-1]),  # per update
@@ -212,20 +257,25 @@ def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: P
     }
 
 
-def run_population(name: str, method: Method, seeds: Sequence[int], protocol: Protocol,
+def run_population(name: str, methods: Sequence[Method], seeds: Sequence[int], protocol: Protocol,
                    run_dir: Path) -> list[dict[str, Any]]:
-    """``run_one`` for consecutive ``seeds`` at once: one population (``train.population``) trained into
-    ``run_dir``; each member's result read from its sub-run and from its state in the final checkpoint.
-    ``ms_per_step`` is the population's time per step divided by its members (a member's share)."""
-    config = run_config(method, seeds[0], protocol, run_dir)
+    """``run_one`` for consecutive ``seeds`` of each of ``methods`` (one method at several step sizes) at
+    once: one population (``train.population``, the step sizes as its ``train.population_grid``) trained
+    into ``run_dir``, or continued there; each member's result read from its sub-run and from its state
+    in the final checkpoint. ``ms_per_step`` is the population's time per step divided by its members
+    (a member's share)."""
+    config = run_config(methods[0], seeds[0], protocol, run_dir)
     config.train.population = len(seeds)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    train(config, log=lambda message: None)
+    if len(methods) > 1:
+        config.train.population_grid = {"agent.lr": [m.lr for m in methods]}
+    train_or_continue(config)
     checkpoint = load_checkpoint(run_dir)
+    members = population_members(config)
+    by_lr = {m.lr: m for m in methods}
     results = []
-    for member, saved in zip(population_members(config), checkpoint["learner"]["members"]):
-        member_dir = run_dir / "members" / member_name(member, {})
+    for member, saved in zip(members, checkpoint["learner"]["members"]):
+        method = by_lr[member.agent["lr"]]
+        member_dir = run_dir / "members" / member_name(member, config.train.population_grid)
         _, curve = read_scalars(member_dir, "charts/prediction_error")
         _, population_steps_per_second = read_scalars(member_dir, "charts/SPS")
         env, learner, _ = build(member)
@@ -237,32 +287,48 @@ def run_population(name: str, method: Method, seeds: Sequence[int], protocol: Pr
             env.close()
         results.append({
             "method": name,
+            "lr": method.lr,
             "seed": member.train.seed,
             "curve": curve.tolist(),
-            "ms_per_step": 1e3 * protocol.num_envs / float(population_steps_per_second[-1]) / len(seeds),
+            "ms_per_step": 1e3 * protocol.num_envs / float(population_steps_per_second[-1]) / len(members),
             "macs_per_step": macs,
             "params": params,
         })
     return results
 
 
+def _consecutive_runs(seeds: Sequence[int]) -> list[list[int]]:
+    """Sorted ``seeds`` cut into runs of consecutive seeds (a population's seeds are seed..seed+P−1)."""
+    return [[seed for _, seed in run]
+            for _, run in itertools.groupby(enumerate(sorted(seeds)), key=lambda item: item[1] - item[0])]
+
+
 def population_jobs(pending: Sequence[tuple]) -> list[tuple]:
-    """Pending (name, method, seed, protocol) jobs as populations: each method's consecutive seeds
-    together, ``(name, method, seeds, protocol)``; the V = 0 reference and a lone seed stay one job per seed."""
+    """Pending (name, method, seed, protocol) jobs as populations ``(name, methods, seeds, protocol)``:
+    each method's step sizes and consecutive seeds together when every step size still needs the same
+    seeds (a full grid: one population), else each step size's consecutive seeds; the V = 0 reference
+    and a lone (step size, seed) stay ordinary one-seed jobs."""
     jobs: list[tuple] = []
-    by_method: dict[str, list[tuple]] = {}
+    by_method: dict[str, dict[float, list[tuple]]] = {}
     for job in pending:
         if job[0] == "zero":
             jobs.append(job)
         else:
-            by_method.setdefault(job[0], []).append(job)
-    for name, method_jobs in by_method.items():
-        seeds = sorted(job[2] for job in method_jobs)
-        # runs of consecutive seeds (a population's seeds are seed..seed+P−1)
-        for _, run in itertools.groupby(enumerate(seeds), key=lambda item: item[1] - item[0]):
-            consecutive = [seed for _, seed in run]
-            seeds_or_seed = consecutive if len(consecutive) > 1 else consecutive[0]  # one seed: an ordinary run
-            jobs.append((name, method_jobs[0][1], seeds_or_seed, method_jobs[0][3]))
+            by_method.setdefault(job[0], {}).setdefault(job[1].lr, []).append(job)
+    for name, by_lr in by_method.items():
+        seeds_per_lr = {lr: sorted(job[2] for job in lr_jobs) for lr, lr_jobs in by_lr.items()}
+        methods = tuple(lr_jobs[0][1] for lr_jobs in by_lr.values())
+        protocol = next(iter(by_lr.values()))[0][3]
+        seeds = next(iter(seeds_per_lr.values()))
+        if len(methods) > 1 and all(s == seeds for s in seeds_per_lr.values()) and len(_consecutive_runs(seeds)) == 1:
+            jobs.append((name, methods, seeds, protocol))
+            continue
+        for method in methods:
+            for consecutive in _consecutive_runs(seeds_per_lr[method.lr]):
+                if len(consecutive) > 1:
+                    jobs.append((name, (method,), consecutive, protocol))
+                else:  # one seed: an ordinary run
+                    jobs.append((name, method, consecutive[0], protocol))
     return jobs
 
 
@@ -281,15 +347,18 @@ def zero_prediction_curve(seed: int, protocol: Protocol) -> list[float]:
     return curve
 
 
-def run_job(name: str, method: Method, seed: int | list[int], protocol: Protocol,
+def run_job(name: str, method: Method | tuple[Method, ...], seed: int | list[int], protocol: Protocol,
             run_dir: Path) -> list[dict[str, Any]]:
-    """One job of the comparison: a learner trained into ``run_dir``, a population of learners (``seed``
-    a list of consecutive seeds), or (``name == "zero"``) the V = 0 reference on the same stream (nothing
-    to train: it only steps the env). Returns the result of each seed."""
+    """One job of the comparison: a learner trained into ``run_dir``, a population of learners (``method``
+    a tuple of one method's step sizes, ``seed`` a list of consecutive seeds), or (``name == "zero"``) the
+    V = 0 reference on the same stream (nothing to train: it only steps the env). Returns the result of
+    each learner."""
     if isinstance(seed, list):
+        assert isinstance(method, tuple)
         return run_population(name, method, seed, protocol, run_dir)
+    assert isinstance(method, Method)
     if name == "zero":
-        return [{"method": "zero", "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
+        return [{"method": "zero", "lr": 0.0, "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
                  "curve": zero_prediction_curve(seed, protocol)}]
     return [run_one(name, method, seed, protocol, run_dir)]
 
@@ -333,16 +402,20 @@ def load_run(saved: Path, name: str, method: Method, seed: int, protocol: Protoc
 
 
 def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: int, window: int) -> list[dict]:
+    """One row per method and step size (in ``methods``' order, step sizes ascending): the final error
+    (mean over the last ``window`` steps of each run) over seeds."""
     last = max(1, window // log_every)
     rows = []
-    for name in methods:
-        runs = [r for r in results if r["method"] == name]
+    for name, lr in [(m, lr) for m in methods for lr in sorted({r.get("lr") for r in results if r["method"] == m},
+                                                                   key=lambda v: -1.0 if v is None else v)]:
+        runs = [r for r in results if r["method"] == name and r.get("lr") == lr]
         finals = [sum(r["curve"][-last:]) / len(r["curve"][-last:]) for r in runs]
         mean = sum(finals) / len(finals)
         stderr = math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1) / len(finals)) if len(finals) > 1 \
             else float("nan")
         rows.append({
             "method": name,
+            "lr": lr,
             "label": METHODS.get(name, ZERO).label,
             "final_error": mean,
             "stderr": stderr,
@@ -353,6 +426,17 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
             "ms_per_step": sum(r["ms_per_step"] for r in runs) / len(runs),
         })
     return rows
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Each method's row at its best step size (the lowest mean final error; a diverged one is never best)."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        score = (not math.isfinite(row["final_error"]), row["final_error"])
+        name = row["method"]
+        if name not in best or score < (not math.isfinite(best[name]["final_error"]), best[name]["final_error"]):
+            best[name] = row
+    return list(best.values())
 
 
 def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: Path, title: str) -> None:
@@ -372,7 +456,7 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
 
     fig, (curves, finals) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     for i, row in enumerate(rows):
-        runs = np.array([relative(r) for r in results if r["method"] == row["method"]])
+        runs = np.array([relative(r) for r in results if (r["method"], r.get("lr")) == (row["method"], row["lr"])])
         steps = log_every * np.arange(1, runs.shape[1] + 1)
         mean = runs.mean(0)
         stderr = runs.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
@@ -405,6 +489,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=5_000, help="steps per point of the learning curve")
     parser.add_argument("--workers", type=int, default=1, help="parallel runs (processes, one thread each)")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a step size")
+    parser.add_argument("--lr-factors", default="1", metavar="F[,F...]",
+                        help="step-size sweep: run every method at these multiples of its step size and report "
+                             "each at its best (with --population, one population per method)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="memory_options",
                         help="override an option of a method's memory core, e.g. columnar.normalizer_decay=0.9999")
     parser.add_argument("--task", default="trace_patterning",
@@ -434,16 +521,19 @@ def _with_memory_option(methods: dict[str, Method], item: str) -> tuple[str, Met
     return name, changed
 
 
-def output_files(out: Path, task: str, methods: Sequence[str], chosen: dict[str, Method]) -> tuple[Path, Path]:
+def output_files(out: Path, task: str, methods: Sequence[str], chosen: dict[str, Method],
+                 lr_factors: Sequence[float] = (1.0,)) -> tuple[Path, Path]:
     """Where a call's table and plot go: ``results.json`` and ``<task>.png`` for the whole comparison
-    at the bench's own settings; for a subset of methods or changed settings, files named after them
-    (``results-<methods>[-<digest>].json``), so that such a call into the study's OUT leaves its table
-    and plot alone."""
-    if list(methods) == list(METHODS) and all(chosen[m] == METHODS[m] for m in methods):
+    at the bench's own settings; for a subset of methods or changed settings (a sweep included), files
+    named after them (``results-<methods>[-<digest>].json``), so that such a call into the study's OUT
+    leaves its table and plot alone."""
+    changed: dict[str, Any] = {m: [chosen[m].lr, chosen[m].memory] for m in methods if chosen[m] != METHODS[m]}
+    if list(lr_factors) != [1.0]:
+        changed["lr_factors"] = list(lr_factors)
+    if list(methods) == list(METHODS) and not changed:
         return out / "results.json", out / f"{task}.png"
     tag = "+".join(methods)
-    if any(chosen[m] != METHODS[m] for m in methods):
-        changed = {m: [chosen[m].lr, chosen[m].memory] for m in methods if chosen[m] != METHODS[m]}
+    if changed:
         tag += "-" + _digest(changed, 8)
     return out / f"results-{tag}.json", out / f"{task}-{tag}.png"
 
@@ -477,14 +567,26 @@ def run(argv: list[str]) -> None:
     for item in args.memory_options:
         name, method = _with_memory_option(chosen, item)
         chosen[name] = method
+    try:
+        lr_factors = [float(f) for f in args.lr_factors.split(",") if f.strip()]
+    except ValueError:
+        raise ConfigError(f"--lr-factors {args.lr_factors!r}: expected comma-separated numbers") from None
+    if not lr_factors or any(not (math.isfinite(f) and f > 0) for f in lr_factors):
+        raise ConfigError(f"--lr-factors {args.lr_factors!r}: expected positive numbers")
+    # each method at every step size of the sweep (the same step size twice is one run)
+    variants = {name: list({v.lr: v for v in (swept(chosen[name], f) for f in lr_factors)}.values())
+                for name in methods}
 
     out = Path(args.out or f"runs/bench/{args.task}")
     saved = out / "runs"
     # The V = 0 reference steps the same streams, so it runs (and is saved) like a method.
     chosen["zero"] = ZERO
     protocol = Protocol(args.task, args.steps, args.log_every, args.num_envs)
-    jobs = [(name, chosen[name], seed, protocol) for seed in range(args.seeds) for name in [*methods, "zero"]]
-    print(f"{args.task}: {len(methods)} methods (and V = 0) x {args.seeds} seeds x {args.steps:,} steps "
+    variants["zero"] = [ZERO]
+    jobs = [(name, variant, seed, protocol) for seed in range(args.seeds) for name in [*methods, "zero"]
+            for variant in variants[name]]
+    sweep = f" x {len(lr_factors)} step sizes" if len(lr_factors) > 1 else ""
+    print(f"{args.task}: {len(methods)} methods (and V = 0) x {args.seeds} seeds{sweep} x {args.steps:,} steps "
           f"({args.num_envs} stream(s) per run), {args.workers} worker(s)", flush=True)
     results = []
     pending = []
@@ -493,7 +595,7 @@ def run(argv: list[str]) -> None:
         if earlier is None:
             pending.append(job)
         else:
-            results.append(earlier)
+            results.append({**earlier, "lr": job[1].lr})  # runs saved before sweeps did not record it
     if results:
         print(f"  reusing {len(results)} finished run(s) from {saved}", flush=True)
     if args.saved_only:
@@ -504,14 +606,19 @@ def run(argv: list[str]) -> None:
 
     def finished(job: tuple, job_results: list[dict[str, Any]]) -> None:
         for result in job_results:
-            save_run(saved, job[0], job[1], result["seed"], job[3], result)
+            method = job[1] if isinstance(job[1], Method) else next(m for m in job[1] if m.lr == result["lr"])
+            save_run(saved, job[0], method, result["seed"], job[3], result)
             results.append(result)
-            print(f"  done {job[0]} seed {result['seed']} ({len(results)}/{len(jobs)})", flush=True)
+            at = f" lr {result['lr']:g}" if len(variants[job[0]]) > 1 else ""
+            print(f"  done {job[0]}{at} seed {result['seed']} ({len(results)}/{len(jobs)})", flush=True)
 
     def run_dir(job: tuple) -> Path:
         name, method, seed, protocol = job
         if isinstance(seed, list):
-            return out / "train" / f"{name}-seeds{seed[0]}-{seed[-1]}-{_digest(_run_settings(method, protocol), 12)}"
+            seeds = f"seeds{seed[0]}-{seed[-1]}"
+            if len(method) == 1:
+                return out / "train" / f"{name}-{seeds}-{_digest(_run_settings(method[0], protocol), 12)}"
+            return out / "train" / f"{name}-sweep-{seeds}-{_digest([_run_settings(m, protocol) for m in method], 12)}"
         return out / "train" / run_name(*job)
 
     if args.population:
@@ -525,17 +632,24 @@ def run(argv: list[str]) -> None:
             futures = {pool.submit(run_job, *job, run_dir(job)): job for job in pending}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
-    order = {(name, seed): i for i, (name, _, seed, _) in enumerate(jobs)}
-    results.sort(key=lambda r: order[(r["method"], r["seed"])])
+    order = {(name, method.lr, seed): i for i, (name, method, seed, _) in enumerate(jobs)}
+    results.sort(key=lambda r: order[(r["method"], r["lr"], r["seed"])])
 
-    rows = summarise(results, [m for m in [*methods, "zero"] if any(r["method"] == m for r in results)],
-                     args.log_every, args.window)
+    sweep_rows = summarise(results, [m for m in [*methods, "zero"] if any(r["method"] == m for r in results)],
+                           args.log_every, args.window)
+    rows = best_rows(sweep_rows)
     out.mkdir(parents=True, exist_ok=True)
     settings = {**dataclasses.asdict(protocol), "seeds": args.seeds, "window": args.window,
                 "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}
-    table, figure = output_files(out, args.task, methods, chosen)
-    write_json(table, {"settings": settings, "summary": rows, "runs": results}, indent=1)
-    title = f"{args.task}, {args.steps:,} steps ({args.num_envs} stream(s) per run), {args.seeds} seeds"
+    if len(lr_factors) > 1:
+        settings["lr_factors"] = lr_factors
+    table, figure = output_files(out, args.task, methods, chosen, lr_factors)
+    record = {"settings": settings, "summary": rows, "runs": results}
+    if len(lr_factors) > 1:
+        record["sweep"] = sweep_rows
+    write_json(table, record, indent=1)
+    at_best = " (each method at its best step size)" if len(lr_factors) > 1 else ""
+    title = f"{args.task}, {args.steps:,} steps ({args.num_envs} stream(s) per run), {args.seeds} seeds{at_best}"
     plot(results, rows, args.log_every, figure, title)
 
     seeds = sorted({len(row["per_seed"]) for row in rows})
@@ -547,5 +661,16 @@ def run(argv: list[str]) -> None:
     for row in sorted(rows, key=lambda r: r["final_error"]):
         summary.row(row["label"], f"{row['final_error']:.5f}", f"{row['stderr']:.5f}", f"{row['median_error']:.5f}",
                     f"{row['macs_per_step']:,d}", f"{row['ms_per_step']:.2f}",
-                    chosen[row["method"]].lr if row["method"] != "zero" else "-")
+                    f"{row['lr']:g}" if row["method"] != "zero" else "-")
+    if len(lr_factors) > 1:
+        print(f"\nthe step-size sweep (factors {', '.join(f'{f:g}' for f in lr_factors)} of each method's step size; "
+              "* marks the best):")
+        sweep_table = Table(Column("method", 26, "<"), Column("lr", 9), Column("error", 10), Column("± s.e.", 9),
+                            Column("median", 9), Column("seeds", 6))
+        sweep_table.header()
+        for row in sweep_rows:
+            if row["method"] != "zero":
+                mark = "*" if any(row is best for best in rows) else ""
+                sweep_table.row(row["label"], f"{row['lr']:g}{mark}", f"{row['final_error']:.5f}",
+                                f"{row['stderr']:.5f}", f"{row['median_error']:.5f}", len(row["per_seed"]))
     print(f"\nwrote {table} and {figure}")
