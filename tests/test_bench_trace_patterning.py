@@ -238,3 +238,28 @@ def test_an_interrupted_population_continues_from_its_checkpoint(tmp_path: Path)
     # a run dir of other learners (here one step size) is replaced, not continued
     replaced = run_population("columnar", methods[:1], [0, 1], protocol, tmp_path / "stopped")
     assert not any(path.exists() for path in first_events) and len(replaced) == 2
+
+
+def test_a_run_stopped_part_way_stops_the_bench_and_is_continued_by_the_next_call(tmp_path: Path, monkeypatch,
+                                                                                  capsys):
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    import rlmem.bench.trace_patterning as bench
+
+    real_train = bench.train
+
+    def stopped_at_100(config, resume=False, log=print):  # as Ctrl-C leaves a run: saved at 100 of 200 steps
+        return real_train(dataclasses.replace(config, train=dataclasses.replace(config.train, total_steps=100)),
+                          resume, log)
+
+    argv = ["bench", "trace_patterning", *TINY, "--methods", "columnar", "--seeds", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(bench, "train", stopped_at_100)
+    assert main(argv) == 130
+    assert not list((tmp_path / "runs").glob("columnar-*.json"))  # the part run is not taken for a finished one
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "done columnar seed 0" in capsys.readouterr().out
+    (train_dir,) = (tmp_path / "train").iterdir()
+    assert len(list(train_dir.glob("events.out.tfevents*"))) == 2  # the stopped run's file and the continuation's

@@ -224,10 +224,19 @@ def train_or_continue(config: RunConfig) -> None:
         if same:
             if load_checkpoint(run_dir)["global_step"] < config.train.total_steps:
                 train(config, resume=True, log=lambda message: None)
+                _check_finished(run_dir, config)
             return
     if run_dir.exists():
         shutil.rmtree(run_dir)
     train(config, log=lambda message: None)
+    _check_finished(run_dir, config)
+
+
+def _check_finished(run_dir: Path, config: RunConfig) -> None:
+    """A run that Ctrl-C stopped returns from ``train`` with its checkpoint saved: the bench stops there
+    too, rather than taking the part run for a finished one."""
+    if load_checkpoint(run_dir)["global_step"] < config.train.total_steps:
+        raise KeyboardInterrupt
 
 
 def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: Path) -> dict[str, Any]:
