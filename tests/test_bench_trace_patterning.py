@@ -213,6 +213,14 @@ def test_the_jobs_of_a_sweep_group_into_populations():
     partial = [job for job in full if (job[1], job[2]) != (slow, 1)]
     assert population_jobs(partial) == [("zero", ZERO, 0, protocol), ("elstm", slow, 0, protocol),
                                         ("elstm", slow, 2, protocol), ("elstm", (fast,), [0, 1, 2], protocol)]
+    # V = 0's seeds step their streams together, with the curve each seed's stream gives alone
+    zeros = [("zero", ZERO, seed, protocol) for seed in (0, 1, 2, 5)]
+    assert population_jobs(zeros) == [("zero", ZERO, [0, 1, 2], protocol), ("zero", ZERO, 5, protocol)]
+    from rlmem.bench.trace_patterning import zero_prediction_curves
+
+    together = zero_prediction_curves([0, 1, 2], protocol)
+    assert together == [zero_prediction_curves([seed], protocol)[0] for seed in (0, 1, 2)]
+    assert len(together[0]) == 2 and together[0] != together[1]
 
 
 def test_an_interrupted_population_continues_from_its_checkpoint(tmp_path: Path):

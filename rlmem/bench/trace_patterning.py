@@ -315,15 +315,16 @@ def _consecutive_runs(seeds: Sequence[int]) -> list[list[int]]:
 def population_jobs(pending: Sequence[tuple]) -> list[tuple]:
     """Pending (name, method, seed, protocol) jobs as populations ``(name, methods, seeds, protocol)``:
     each method's step sizes and consecutive seeds together when every step size still needs the same
-    seeds (a full grid: one population), else each step size's consecutive seeds; the V = 0 reference
-    and a lone (step size, seed) stay ordinary one-seed jobs."""
+    seeds (a full grid: one population), else each step size's consecutive seeds. The V = 0 reference's
+    consecutive seeds step their streams together (``("zero", ZERO, seeds, protocol)``); a lone (step
+    size, seed) stays an ordinary one-seed job."""
     jobs: list[tuple] = []
     by_method: dict[str, dict[float, list[tuple]]] = {}
     for job in pending:
-        if job[0] == "zero":
-            jobs.append(job)
-        else:
-            by_method.setdefault(job[0], {}).setdefault(job[1].lr, []).append(job)
+        by_method.setdefault(job[0], {}).setdefault(job[1].lr, []).append(job)
+    for zero_jobs in by_method.pop("zero", {}).values():
+        for consecutive in _consecutive_runs([job[2] for job in zero_jobs]):
+            jobs.append(("zero", ZERO, consecutive if len(consecutive) > 1 else consecutive[0], zero_jobs[0][3]))
     for name, by_lr in by_method.items():
         seeds_per_lr = {lr: sorted(job[2] for job in lr_jobs) for lr, lr_jobs in by_lr.items()}
         methods = tuple(lr_jobs[0][1] for lr_jobs in by_lr.values())
@@ -341,19 +342,23 @@ def population_jobs(pending: Sequence[tuple]) -> list[tuple]:
     return jobs
 
 
-def zero_prediction_curve(seed: int, protocol: Protocol) -> list[float]:
-    """The learning curve of V = 0 on a run's stream (the mean of G²): the error with nothing learned."""
+def zero_prediction_curves(seeds: Sequence[int], protocol: Protocol) -> list[list[float]]:
+    """The learning curve of V = 0 on each seed's stream (the mean of G²): the error with nothing
+    learned. The seeds' envs step as one stack, each block exactly its seed's stream."""
     import torch
 
-    env = protocol.make_env(seed)
-    env.reset(seed=seed)
-    curve = []
+    tasks = [protocol.make_env(seed) for seed in seeds]
+    for task, seed in zip(tasks, seeds):
+        task.reset(seed=seed)
+    env = type(tasks[0]).stack(tasks)
+    curves: list[list[float]] = [[] for _ in seeds]
     for _ in range(protocol.points):
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros(len(seeds), dtype=torch.float64)
         for _ in range(protocol.updates_per_point):
-            total += env.step(None)[4]["true_return"].double().pow(2).mean()
-        curve.append(float(total) / protocol.updates_per_point)
-    return curve
+            total += env.step(None)[4]["true_return"].double().pow(2).view(len(seeds), -1).mean(1)
+        for curve, value in zip(curves, (total / protocol.updates_per_point).tolist()):
+            curve.append(value)
+    return curves
 
 
 def run_job(name: str, method: Method | tuple[Method, ...], seed: int | list[int], protocol: Protocol,
@@ -362,13 +367,14 @@ def run_job(name: str, method: Method | tuple[Method, ...], seed: int | list[int
     a tuple of one method's step sizes, ``seed`` a list of consecutive seeds), or (``name == "zero"``) the
     V = 0 reference on the same stream (nothing to train: it only steps the env). Returns the result of
     each learner."""
+    if name == "zero":
+        seeds = seed if isinstance(seed, list) else [seed]
+        return [{"method": "zero", "lr": 0.0, "seed": s, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
+                 "curve": curve} for s, curve in zip(seeds, zero_prediction_curves(seeds, protocol))]
     if isinstance(seed, list):
         assert isinstance(method, tuple)
         return run_population(name, method, seed, protocol, run_dir)
     assert isinstance(method, Method)
-    if name == "zero":
-        return [{"method": "zero", "lr": 0.0, "seed": seed, "macs_per_step": 0, "ms_per_step": 0.0, "params": 0,
-                 "curve": zero_prediction_curve(seed, protocol)}]
     return [run_one(name, method, seed, protocol, run_dir)]
 
 
@@ -623,6 +629,8 @@ def run(argv: list[str]) -> None:
 
     def run_dir(job: tuple) -> Path:
         name, method, seed, protocol = job
+        if name == "zero":  # nothing is trained
+            return out / "train" / "zero"
         if isinstance(seed, list):
             seeds = f"seeds{seed[0]}-{seed[-1]}"
             if len(method) == 1:
