@@ -172,12 +172,6 @@ class _TraceTask(VecEnv):
     # ----------------------------------------------------------------------------------------------
     # Random draws (each env from its own stream)
 
-    def _uniform_int(self, low: int, high: int, columns: int) -> Tensor:
-        return self._streams.integers(low, high, columns)
-
-    def _uniform(self, columns: int) -> Tensor:
-        return self._streams.uniform(columns)
-
     def take_shard(self, shard: EnvShard) -> None:
         """Make these envs rows ``shard.rows`` of a batch of ``shard.total``: their streams are those rows'
         streams of the whole batch from the same seed."""
@@ -186,14 +180,14 @@ class _TraceTask(VecEnv):
 
     def _draw_trials(self, count: int) -> tuple[Tensor, Tensor, Tensor]:
         """ISI [B, count], trial length ISI + ITI [B, count] and pattern index [B, count]."""
-        isi = self._uniform_int(self.options.isi_min, self.options.isi_max, count)
-        iti = self._uniform_int(self.options.iti_min, self.options.iti_max, count)
-        pattern = self._uniform_int(0, self.num_patterns - 1, count)
+        isi = self._streams.integers(self.options.isi_min, self.options.isi_max, count)
+        iti = self._streams.integers(self.options.iti_min, self.options.iti_max, count)
+        pattern = self._streams.integers(0, self.num_patterns - 1, count)
         return isi, isi + iti, pattern
 
     def _draw_valid_patterns(self) -> Tensor:
         """[B, P] bool: a uniformly random subset of ``num_valid`` patterns per env."""
-        scores = self._uniform(self.num_patterns)
+        scores = self._streams.uniform(self.num_patterns)
         ranks = scores.argsort(dim=1).argsort(dim=1)
         return ranks < self.num_valid
 
@@ -248,7 +242,7 @@ class _TraceTask(VecEnv):
         onset = (self._trial_step == 0).unsqueeze(1).float()
         cs = self.patterns[self._pattern[:, 0]] * onset
         us = (self._trial_step == self._isi[:, 0]) & self._is_valid(self._pattern[:, :1]).squeeze(1)
-        uniforms = self._uniform(self.options.num_distractors)
+        uniforms = self._streams.uniform(self.options.num_distractors)
         distractors = (uniforms < self.distractor_probs).float()
         return torch.cat([cs, us.float().unsqueeze(1), distractors], dim=1)
 
@@ -317,7 +311,6 @@ class _TraceTask(VecEnv):
         return {
             "started": True,
             "seed": self._seed,
-            "stream_keys": self._streams.keys.clone(),
             "stream_counters": self._streams.counters.clone(),
             "valid": self._valid.clone(),
             "isi": self._isi.clone(),
@@ -344,7 +337,8 @@ class _TraceTask(VecEnv):
                 f"{state['isi'].shape[1]} queued trials, this env has num_envs={self.num_envs} and "
                 f"{self.queued_trials} (set env.num_envs and the timing options as in the saved run)"
             )
-        self._streams = CounterStreams(state["stream_keys"].to(self.device), state["stream_counters"].to(self.device))
+        self._streams = CounterStreams.seeded(self._seed, self._env_indices)  # keys: seed and env indices
+        self._streams.counters = state["stream_counters"].to(self.device)
         self._valid = valid.to(self.device)
         self._isi = state["isi"].to(self.device)
         self._length = state["length"].to(self.device)

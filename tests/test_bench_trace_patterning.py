@@ -93,7 +93,7 @@ def test_summary_reports_mean_stderr_and_median_over_seeds():
     from rlmem.bench.trace_patterning import summarise
 
     def run(seed: int, curve: list[float]) -> dict:
-        return {"method": "lru", "seed": seed, "curve": curve, "macs_per_step": 10, "ms_per_step": 1.0}
+        return {"method": "lru", "lr": 0.001, "seed": seed, "curve": curve, "macs_per_step": 10, "ms_per_step": 1.0}
 
     # The final error averages the last `window` steps (2 points of 100); seed 2 diverges.
     results = [run(0, [9.0, 1.0, 1.0]), run(1, [9.0, 2.0, 2.0]), run(2, [9.0, 30.0, 30.0])]

@@ -70,6 +70,7 @@ run into the study's ``OUT`` leaves the study's table alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -210,33 +211,26 @@ def _learning_settings(config: RunConfig) -> list[dict[str, Any]]:
     return settings
 
 
-def train_or_continue(config: RunConfig) -> None:
-    """Train ``config`` into its run dir. A run dir holding an interrupted run of the same learners (its
-    checkpoint's members are ours, up to the options a resume may change) is continued from that
-    checkpoint, so a study of hours survives being stopped, and one that has finished is left as it is;
-    anything else there is replaced."""
+def train_or_continue(config: RunConfig) -> dict[str, Any]:
+    """Train ``config`` into its run dir and return its final checkpoint. A run dir holding an interrupted
+    run of the same learners (its checkpoint's members are ours, up to the options a resume may change)
+    is continued from that checkpoint, so a study of hours survives being stopped, and one that has
+    finished is left as it is; anything else there is replaced. A run that Ctrl-C stopped returns from
+    ``train`` with its checkpoint saved: the bench stops there too (KeyboardInterrupt), rather than take
+    the part run for a finished one."""
     run_dir = Path(config.train.run_dir)
+    same = False
     if (run_dir / CHECKPOINT_NAME).is_file():
-        try:
+        with contextlib.suppress(ConfigError):  # an unreadable run dir is replaced
             same = _learning_settings(load_saved(run_dir)) == _learning_settings(config)
-        except ConfigError:
-            same = False
-        if same:
-            if load_checkpoint(run_dir)["global_step"] < config.train.total_steps:
-                train(config, resume=True, log=lambda message: None)
-                _check_finished(run_dir, config)
-            return
-    if run_dir.exists():
+    if not same and run_dir.exists():
         shutil.rmtree(run_dir)
-    train(config, log=lambda message: None)
-    _check_finished(run_dir, config)
-
-
-def _check_finished(run_dir: Path, config: RunConfig) -> None:
-    """A run that Ctrl-C stopped returns from ``train`` with its checkpoint saved: the bench stops there
-    too, rather than taking the part run for a finished one."""
-    if load_checkpoint(run_dir)["global_step"] < config.train.total_steps:
+    if not same or load_checkpoint(run_dir)["global_step"] < config.train.total_steps:
+        train(config, resume=same, log=lambda message: None)
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint["global_step"] < config.train.total_steps:
         raise KeyboardInterrupt
+    return checkpoint
 
 
 def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: Path) -> dict[str, Any]:
@@ -245,12 +239,12 @@ def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: P
     streams together) as the loop logged it (``charts/prediction_error``), its speed (the loop's final
     ``charts/SPS``) and, from the final checkpoint, the ``MACs/step`` estimate."""
     config = run_config(method, seed, protocol, run_dir)
-    train_or_continue(config)
+    checkpoint = train_or_continue(config)
     _, curve = read_scalars(run_dir, "charts/prediction_error")
     _, env_steps_per_second = read_scalars(run_dir, "charts/SPS")
     env, learner, _ = build(config)
     try:
-        learner.load_state_dict(load_checkpoint(run_dir)["learner"])  # the core as it is at the end
+        learner.load_state_dict(checkpoint["learner"])  # the core as it is at the end
         macs = multiply_adds(learner.network.core, learner.state_after, method.unroll_length)
         params = sum(p.numel() for p in learner.network.parameters())
     finally:
@@ -277,8 +271,7 @@ def run_population(name: str, methods: Sequence[Method], seeds: Sequence[int], p
     config.train.population = len(seeds)
     if len(methods) > 1:
         config.train.population_grid = {"agent.lr": [m.lr for m in methods]}
-    train_or_continue(config)
-    checkpoint = load_checkpoint(run_dir)
+    checkpoint = train_or_continue(config)
     members = population_members(config)
     by_lr = {m.lr: m for m in methods}
     results = []
@@ -421,9 +414,8 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
     (mean over the last ``window`` steps of each run) over seeds."""
     last = max(1, window // log_every)
     rows = []
-    for name, lr in [(m, lr) for m in methods for lr in sorted({r.get("lr") for r in results if r["method"] == m},
-                                                                   key=lambda v: -1.0 if v is None else v)]:
-        runs = [r for r in results if r["method"] == name and r.get("lr") == lr]
+    for name, lr in [(m, lr) for m in methods for lr in sorted({r["lr"] for r in results if r["method"] == m})]:
+        runs = [r for r in results if r["method"] == name and r["lr"] == lr]
         finals = [sum(r["curve"][-last:]) / len(r["curve"][-last:]) for r in runs]
         mean = sum(finals) / len(finals)
         stderr = math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1) / len(finals)) if len(finals) > 1 \
@@ -445,12 +437,13 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
 
 def best_rows(rows: list[dict]) -> list[dict]:
     """Each method's row at its best step size (the lowest mean final error; a diverged one is never best)."""
+    def score(row: dict) -> tuple[bool, float]:
+        return not math.isfinite(row["final_error"]), row["final_error"]
+
     best: dict[str, dict] = {}
     for row in rows:
-        score = (not math.isfinite(row["final_error"]), row["final_error"])
-        name = row["method"]
-        if name not in best or score < (not math.isfinite(best[name]["final_error"]), best[name]["final_error"]):
-            best[name] = row
+        if row["method"] not in best or score(row) < score(best[row["method"]]):
+            best[row["method"]] = row
     return list(best.values())
 
 
@@ -471,7 +464,7 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
 
     fig, (curves, finals) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     for i, row in enumerate(rows):
-        runs = np.array([relative(r) for r in results if (r["method"], r.get("lr")) == (row["method"], row["lr"])])
+        runs = np.array([relative(r) for r in results if (r["method"], r["lr"]) == (row["method"], row["lr"])])
         steps = log_every * np.arange(1, runs.shape[1] + 1)
         mean = runs.mean(0)
         stderr = runs.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
