@@ -271,3 +271,44 @@ def test_a_run_stopped_part_way_stops_the_bench_and_is_continued_by_the_next_cal
     assert "done columnar seed 0" in capsys.readouterr().out
     (train_dir,) = (tmp_path / "train").iterdir()
     assert len(list(train_dir.glob("events.out.tfevents*"))) == 2  # the stopped run's file and the continuation's
+
+
+def test_a_stopped_population_is_continued_when_a_later_call_adds_seeds_and_step_sizes(tmp_path: Path,
+                                                                                       monkeypatch, capsys):
+    """Adding seeds or step sizes to a study must not fold a population stopped part way into a new, larger
+    one (starting hours of training again): it continues in its own directory, and only the added members
+    form new populations. Every member's curve is still the one its own run gives."""
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    import rlmem.bench.trace_patterning as bench
+
+    real_train = bench.train
+
+    def stopped_at_100(config, resume=False, log=print):
+        return real_train(dataclasses.replace(config, train=dataclasses.replace(config.train, total_steps=100)),
+                          resume, log)
+
+    argv = ["bench", "trace_patterning", *TINY, "--methods", "columnar", "--population", "--out", str(tmp_path)]
+    monkeypatch.setattr(bench, "train", stopped_at_100)
+    assert main([*argv, "--seeds", "2", "--lr-factors", "0.5,2"]) == 130
+    (stopped,) = (tmp_path / "train").iterdir()
+    first_events = sorted(stopped.rglob("events.out.tfevents*"))
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    assert main([*argv, "--seeds", "3", "--lr-factors", "0.5,1,2"]) == 0
+    assert "reusing 2 finished run(s)" in capsys.readouterr().out  # V = 0 on seeds 0 and 1; no learner
+    assert first_events and all(path.exists() for path in first_events)  # continued where it stopped
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "train").iterdir()) == [
+        "columnar-seed2", "columnar-seed2",  # seed 2 at 0.5x and at 2x, each alone
+        "columnar-seeds0-2",  # 1x on seeds 0-2
+        "columnar-sweep-seeds0-1"]  # the stopped population
+    record = json.loads(next(tmp_path.glob("results-columnar-*.json")).read_text())
+    runs = {(r["lr"], r["seed"]): r["curve"] for r in record["runs"] if r["method"] == "columnar"}
+    assert len(runs) == 9
+    assert main(["bench", "trace_patterning", *TINY, "--methods", "columnar", "--lr-factors", "0.5,1,2",
+                 "--seeds", "3", "--out", str(tmp_path / "alone")]) == 0
+    alone = json.loads(next((tmp_path / "alone").glob("results-columnar-*.json")).read_text())["runs"]
+    for expected in (r for r in alone if r["method"] == "columnar"):
+        assert runs[(expected["lr"], expected["seed"])] == pytest.approx(expected["curve"], rel=1e-4, abs=1e-7)

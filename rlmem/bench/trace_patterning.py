@@ -56,7 +56,9 @@ The full comparison takes CPU-hours, so every finished run is saved at once unde
 later call with the same settings (steps, streams, curve spacing, step size) reuses it instead of
 running it again: an interrupted benchmark resumes where it stopped, and more seeds or methods can be
 added to an existing one. A training run stopped part way (Ctrl-C, or the machine going away) keeps its
-checkpoint (every ``CHECKPOINT_EVERY`` steps) in ``OUT/train/``, and the next call continues it there.
+checkpoint (every ``CHECKPOINT_EVERY`` steps) in ``OUT/train/``, and the next call continues it there,
+also when it adds seeds or step sizes: a stopped population goes on as it was, and only the added
+members form new ones.
 ``--no-reuse`` runs everything afresh; ``--saved-only`` runs nothing and
 summarises the runs saved so far (while the study is still running elsewhere, say). ``--lr METHOD=LR`` and
 ``--set METHOD.KEY=VALUE`` (a core option, e.g. ``columnar.normalizer_decay=0.9999``) vary a method; both
@@ -333,6 +335,52 @@ def population_jobs(pending: Sequence[tuple]) -> list[tuple]:
                 else:  # one seed: an ordinary run
                     jobs.append((name, method, consecutive[0], protocol))
     return jobs
+
+
+def job_dir(train_root: Path, job: tuple) -> Path:
+    """Where a job trains: ``<method>-seed<s>-<digest>`` for one run, ``<method>-seeds<a>-<b>-<digest>``
+    for a population at one step size, ``<method>-sweep-seeds<a>-<b>-<digest>`` for a sweep's; the
+    digest is of every member's settings, so a directory names exactly one set of learners."""
+    name, method, seed, protocol = job
+    if name == "zero":  # nothing is trained
+        return train_root / "zero"
+    if isinstance(seed, list):
+        seeds = f"seeds{seed[0]}-{seed[-1]}"
+        if len(method) == 1:
+            return train_root / f"{name}-{seeds}-{_digest(_run_settings(method[0], protocol), 12)}"
+        return train_root / f"{name}-sweep-{seeds}-{_digest([_run_settings(m, protocol) for m in method], 12)}"
+    return train_root / run_name(*job)
+
+
+def stopped_populations(pending: Sequence[tuple], train_root: Path) -> tuple[list[tuple], list[tuple]]:
+    """The populations stopped part way under ``train_root`` whose members are all still pending, as
+    jobs, and the pending jobs they leave. Grouping alone would fold a stopped population into a larger
+    one when a call adds seeds or step sizes (a new directory, hours of training lost); this keeps
+    each stopped population as it was, to continue from its checkpoint, and groups only the rest."""
+    continued: list[tuple] = []
+    left = list(pending)
+    for checkpoint in sorted(train_root.glob(f"*/{CHECKPOINT_NAME}")):
+        try:
+            config = load_saved(checkpoint.parent)
+        except ConfigError:
+            continue
+        grid = config.train.population_grid
+        if not is_population(config) or set(grid) - {"agent.lr"}:
+            continue
+        step_sizes = grid.get("agent.lr", [config.agent["lr"]])
+        seeds = list(range(config.train.seed, config.train.seed + config.train.population))
+        for name in dict.fromkeys(job[0] for job in left if job[0] != "zero"):
+            by_member = {(job[1].lr, job[2]): job for job in left if job[0] == name}
+            members = {(lr, seed) for lr in step_sizes for seed in seeds}
+            if not members <= by_member.keys():
+                continue
+            protocol = by_member[(step_sizes[0], seeds[0])][3]
+            job = (name, tuple(by_member[(lr, seeds[0])][1] for lr in step_sizes), seeds, protocol)
+            if job_dir(train_root, job) == checkpoint.parent:  # the same learners, not only the same names
+                continued.append(job)
+                left = [j for j in left if j[0] != name or (j[1].lr, j[2]) not in members]
+                break
+    return continued, left
 
 
 def zero_prediction_curves(seeds: Sequence[int], protocol: Protocol) -> list[list[float]]:
@@ -621,18 +669,11 @@ def run(argv: list[str]) -> None:
             print(f"  done {job[0]}{at} seed {result['seed']} ({len(results)}/{len(jobs)})", flush=True)
 
     def run_dir(job: tuple) -> Path:
-        name, method, seed, protocol = job
-        if name == "zero":  # nothing is trained
-            return out / "train" / "zero"
-        if isinstance(seed, list):
-            seeds = f"seeds{seed[0]}-{seed[-1]}"
-            if len(method) == 1:
-                return out / "train" / f"{name}-{seeds}-{_digest(_run_settings(method[0], protocol), 12)}"
-            return out / "train" / f"{name}-sweep-{seeds}-{_digest([_run_settings(m, protocol) for m in method], 12)}"
-        return out / "train" / run_name(*job)
+        return job_dir(out / "train", job)
 
     if args.population:
-        pending = population_jobs(pending)
+        continued, pending = stopped_populations(pending, out / "train")
+        pending = continued + population_jobs(pending)
 
     if args.workers == 1:
         for job in pending:
