@@ -65,6 +65,17 @@ def test_study_skips_finished_runs_resumes_unfinished_ones_and_writes_the_table(
     resumed = json.loads((out / "results.json").read_text())["runs"]
     assert len(resumed) == 1 and resumed[0]["steps"] == 1024
 
+    # --saved-only runs nothing, not even the runs a larger study still lacks, and summarises the finished.
+    more_seeds = [*TINY[: TINY.index("--seeds")], "--seeds", "2", *TINY[TINY.index("--seeds") + 2 :]]
+    assert main(["bench", "popgym", *more_seeds, "--steps", "512", "--saved-only", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "leaving out 4 run(s) not finished yet" in printed and "  start " not in printed
+    assert not list(out.glob("*/*_s1"))
+    summary = json.loads((out / "results.json").read_text())
+    assert len(summary["runs"]) == 4 and summary["settings"]["seeds"] == 2
+    assert main(["bench", "popgym", *one, "--steps", "4096", "--saved-only", "--out", str(out)]) == 2
+    assert "--saved-only: none of these runs has finished" in capsys.readouterr().err
+
     # Other settings into the same OUT would mix two studies in one table: refused before anything runs.
     changed = [*one[:-len(SMALL)], *SMALL, "--set", "agent.lr=0.01"]
     assert main(["bench", "popgym", *changed, "--steps", "1024", "--out", str(out)]) == 2

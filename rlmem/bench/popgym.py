@@ -27,7 +27,8 @@ steps) is resumed from it by the library's resume, and a run directory whose sav
 from this call's is refused. Ctrl-C stops the study (a running run saves its checkpoint first).
 The table (``OUT/results.md``, ``OUT/results.json``) is rewritten as each run finishes, so a study
 stopped part way is summarised as far as it got and continued by running the same command again;
-the learning curves (``OUT/popgym.png``) are drawn at the end of each call.
+the learning curves (``OUT/popgym.png``) are drawn at the end of each call. ``--saved-only`` runs
+nothing and writes both for the runs finished so far.
 """
 
 from __future__ import annotations
@@ -376,6 +377,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help=f"the shared run config (default: configs/{CONFIG_NAME})")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                         help="an override applied to every run, e.g. memory.hidden_size=128 (part of the settings)")
+    parser.add_argument("--saved-only", action="store_true",
+                        help="run nothing: write the table and figure of the runs finished so far (a study in "
+                             "progress, or one running elsewhere)")
     return parser
 
 
@@ -419,6 +423,11 @@ def run(argv: list[str]) -> None:
             results[run_] = read_run(run_.run_dir, args.steps, args.window)
         else:
             pending.append((run_, step))
+    if args.saved_only:
+        if not results:
+            raise ConfigError(f"--saved-only: none of these runs has finished under {out}")
+        print(f"  leaving out {len(pending)} run(s) not finished yet", flush=True)
+        pending = []
     out.mkdir(parents=True, exist_ok=True)
     if results:
         write_results(out, settings, results, tasks, cores)
@@ -488,6 +497,8 @@ def run(argv: list[str]) -> None:
     table = write_results(out, settings, results, tasks, cores)
     plot(results, tasks, cores, args.window, out / "popgym.png")
     print(f"\n{table}\n\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'popgym.png'}")
-    if failed or stopped:
+    if args.saved_only and len(results) < len(runs):
+        print(f"{len(results)} of {len(runs)} runs finished; the command without --saved-only continues the study")
+    elif failed or stopped:
         print(f"{len(failed)} run(s) failed, {len(stopped)} stopped (see above), "
               f"{len(runs) - len(results)} of {len(runs)} not finished; the same command again continues the study")
