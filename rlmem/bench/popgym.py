@@ -335,28 +335,37 @@ def plot(results: dict[Run, dict[str, Any]], tasks: Sequence[str], cores: Sequen
     rows = math.ceil(len(tasks) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
+        seeds = []  # per core drawn: its seeds here (a study in progress has fewer on some tasks)
         for i, core in enumerate(cores):
             curves = [r for run, r in results.items() if run.task == task and run.core == core and r["curve"]]
             if not curves:
                 continue
+            seeds.append(len(curves))
             end = min(r["curve_steps"][-1] for r in curves)
             start = max(r["curve_steps"][0] for r in curves)
             grid = np.linspace(start, end, 100) if end > start else np.array([end])
             stacked = np.stack([np.interp(grid, r["curve_steps"], r["curve"]) for r in curves])
             mean = stacked.mean(0)
-            ax.plot(grid, mean, color=f"C{i}", label=f"{core} ({len(curves)} seeds)",
-                    marker="o" if len(grid) == 1 else None)
+            ax.plot(grid, mean, color=f"C{i}", label=core, marker="o" if len(grid) == 1 else None)
             if len(curves) > 1:
                 stderr = stacked.std(0, ddof=1) / math.sqrt(len(curves))
                 ax.fill_between(grid, mean - stderr, mean + stderr, color=f"C{i}", alpha=0.2, linewidth=0)
-        ax.set_title(short_task(task), fontsize=10)
+        title = short_task(task)
+        if seeds:
+            counts = f"{min(seeds)}" if min(seeds) == max(seeds) else f"{min(seeds)}–{max(seeds)}"
+            title += f" ({counts} seed{'s' if max(seeds) > 1 else ''})"
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("env steps")
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel(f"mean return over {window:,.0f} steps")
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}  # every core drawn anywhere, in the cores' order
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    labels = [core for core in cores if core in legend]
+    handles = [legend[core] for core in labels]
     fig.legend(handles, labels, loc="lower center", ncol=min(len(cores), 5), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
