@@ -334,6 +334,7 @@ def plot(results: dict[Run, dict[str, Any]], tasks: Sequence[str], cores: Sequen
     columns = min(4, len(tasks))
     rows = math.ceil(len(tasks) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    lines = {}  # a line of each core drawn on any task, for the figure's legend
     for ax, task in zip(axes.flat, tasks):
         seeds = []  # per core drawn: its seeds here (a study in progress has fewer on some tasks)
         for i, core in enumerate(cores):
@@ -346,7 +347,7 @@ def plot(results: dict[Run, dict[str, Any]], tasks: Sequence[str], cores: Sequen
             grid = np.linspace(start, end, 100) if end > start else np.array([end])
             stacked = np.stack([np.interp(grid, r["curve_steps"], r["curve"]) for r in curves])
             mean = stacked.mean(0)
-            ax.plot(grid, mean, color=f"C{i}", label=core, marker="o" if len(grid) == 1 else None)
+            (lines[core],) = ax.plot(grid, mean, color=f"C{i}", marker="o" if len(grid) == 1 else None)
             if len(curves) > 1:
                 stderr = stacked.std(0, ddof=1) / math.sqrt(len(curves))
                 ax.fill_between(grid, mean - stderr, mean + stderr, color=f"C{i}", alpha=0.2, linewidth=0)
@@ -361,12 +362,8 @@ def plot(results: dict[Run, dict[str, Any]], tasks: Sequence[str], cores: Sequen
         ax.set_ylabel(f"mean return over {window:,.0f} steps")
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    legend = {}  # every core drawn anywhere, in the cores' order
-    for ax in axes.flat:
-        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    labels = [core for core in cores if core in legend]
-    handles = [legend[core] for core in labels]
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(cores), 5), frameon=False)
+    labels = [core for core in cores if core in lines]
+    fig.legend([lines[core] for core in labels], labels, loc="lower center", ncol=min(len(cores), 5), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

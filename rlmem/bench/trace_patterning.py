@@ -369,9 +369,9 @@ def stopped_populations(pending: Sequence[tuple], train_root: Path) -> tuple[lis
             continue
         step_sizes = grid.get("agent.lr", [config.agent["lr"]])
         seeds = list(range(config.train.seed, config.train.seed + config.train.population))
+        members = {(lr, seed) for lr in step_sizes for seed in seeds}
         for name in dict.fromkeys(job[0] for job in left if job[0] != "zero"):
             by_member = {(job[1].lr, job[2]): job for job in left if job[0] == name}
-            members = {(lr, seed) for lr in step_sizes for seed in seeds}
             if not members <= by_member.keys():
                 continue
             protocol = by_member[(step_sizes[0], seeds[0])][3]
@@ -668,19 +668,16 @@ def run(argv: list[str]) -> None:
             at = f" lr {result['lr']:g}" if len(variants[job[0]]) > 1 else ""
             print(f"  done {job[0]}{at} seed {result['seed']} ({len(results)}/{len(jobs)})", flush=True)
 
-    def run_dir(job: tuple) -> Path:
-        return job_dir(out / "train", job)
-
     if args.population:
         continued, pending = stopped_populations(pending, out / "train")
         pending = continued + population_jobs(pending)
 
     if args.workers == 1:
         for job in pending:
-            finished(job, run_job(*job, run_dir(job)))
+            finished(job, run_job(*job, job_dir(out / "train", job)))
     else:
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            futures = {pool.submit(run_job, *job, run_dir(job)): job for job in pending}
+            futures = {pool.submit(run_job, *job, job_dir(out / "train", job)): job for job in pending}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
     order = {(name, method.lr, seed): i for i, (name, method, seed, _) in enumerate(jobs)}
