@@ -75,7 +75,9 @@ a ``step`` that returns h_t and, on request, A_t and the named factors that the 
 v) and calls :func:`rtrl_window`, an autograd Function: forward runs the cell over the window
 without a graph and returns h_1..h_T and S_T; backward recomputes the per-step coefficients by
 evaluating the step over many rows at once, runs the adjoint (4), and returns the inputs' gradients
-and G. It saves only the window's inputs, h_0, S_0 and h_1..h_T, so what it keeps beyond the carried
+and G. (A one-step window, the streaming learners' case, takes G from (2) directly, ⟨e_1, S_1⟩, with
+the S_1 it returned, and recomputes nothing but the inputs' gradient.) It saves only the window's
+inputs, h_0, S_0 and h_1..h_T (and S_1 when T = 1), so what it keeps beyond the carried
 state is O(T·B·(N·k + D)), never O(T·|S|); and it walks the window in chunks of ``CHUNK_STEPS``
 steps ((3) composes over chunks; the adjoint crosses a chunk boundary as one vector), so its working
 memory for coefficients and the recomputation does not grow with T either. ``prepare`` must
@@ -411,6 +413,12 @@ def window_coefficients(
 # Equations (3) and (4)
 
 
+def _per_unit(cell: RTRLCell, group: ParamGroup, v: Tensor) -> Tensor:
+    """A vector group's v (one value per unit, or per parameter row of a fan-out group) shaped to
+    multiply its u."""
+    return v.unsqueeze(-1) if cell.form == "block" else v.unsqueeze(-2) if group.fan_out else v
+
+
 def advance(cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: WindowCoefficients) -> dict[str, Tensor]:
     """S_T from S_0 over the window (equation (3)); with T = 1, one step of recursion (1).
 
@@ -418,6 +426,8 @@ def advance(cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: W
     fused = kernels.advance(cell, sensitivities, coefficients) if _fused(coefficients.jacobians) else None
     if fused is not None:
         return fused
+    if coefficients.jacobians.shape[0] == 1:
+        return _advance_one_step(cell, sensitivities, coefficients)
     products = _suffix_products(cell, coefficients.jacobians)  # P_t = Ã_T ··· Ã_t
     carry = products[0]  # Φ_0
     # Φ_t = P_{t+1}, Φ_T = I: each step's injection is carried by the Jacobians after it.
@@ -434,10 +444,30 @@ def advance(cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: W
             left = carried_u.reshape(T, B, -1).permute(1, 2, 0)
             injected = _times_real(left, v.permute(1, 0, 2)).reshape(S0.shape)
         else:
-            if v is not None:
-                v = v.unsqueeze(-1) if cell.form == "block" else v.unsqueeze(-2) if group.fan_out else v
-            injected = (carried_u if v is None else carried_u * v).sum(0)
+            injected = (carried_u if v is None else carried_u * _per_unit(cell, group, v)).sum(0)
         result[group.name] = _external(cell, _act_on_sensitivity(cell, carry, S0, group) + injected)
+    return result
+
+
+def _advance_one_step(
+    cell: RTRLCell, sensitivities: Mapping[str, Tensor], coefficients: WindowCoefficients
+) -> dict[str, Tensor]:
+    """Recursion (1) itself, S_1 = Ã_1 S_0 + u_1 ⊗ v_1: what :func:`advance` computes for T = 1, in half
+    its ops (a streaming learner's step is dispatch-bound: its tensors are small)."""
+    A = coefficients.jacobians[0]
+    result = {}
+    for group in cell.groups:
+        S0 = _internal(cell, sensitivities[group.name])
+        u, v = coefficients.injection(group)
+        u = u[0]
+        if group.matrix:
+            assert v is not None  # u [B, N(, R or k)] ⊗ v [B, D_p]
+            injected = u.unsqueeze(-1) * v[0].view(v.shape[1], *([1] * (u.dim() - 1)), v.shape[-1])
+        elif v is None:
+            injected = u
+        else:
+            injected = u * _per_unit(cell, group, v[0])
+        result[group.name] = _external(cell, _act_on_sensitivity(cell, A, S0, group) + injected)
     return result
 
 
@@ -509,6 +539,23 @@ def gradients(
     return result
 
 
+def step_gradients(
+    cell: RTRLCell, sensitivities: Mapping[str, Tensor], errors: Tensor, groups: tuple[ParamGroup, ...] | None = None
+) -> dict[str, Tensor]:
+    """G^p = Σ_b ⟨e[b], S^p[b]⟩, the per-step form (2), from a step's S_t (state representation) and
+    its errors e_t [B, N(, k)] (internal representation): :func:`gradients` of a one-step window,
+    without that step's coefficients. Returns the gradients by parameter name, as :func:`gradients`."""
+    result: dict[str, Tensor] = {}
+    for group in groups if groups is not None else cell.groups:
+        S = _internal(cell, sensitivities[group.name])
+        if group.fan_out:
+            grad = _act_on_sensitivity(cell, errors, S, group).sum((0, 1))
+        else:
+            grad = _inner(cell, errors, S, group.matrix).sum(0)
+        result.update(group.parameter_gradients(grad))
+    return result
+
+
 # --------------------------------------------------------------------------------------------------
 # The window as one autograd Function
 
@@ -553,7 +600,10 @@ class _RTRLWindow(torch.autograd.Function):
         cell, encoder_grad, reset, h0, *tensors = inputs
         h_seq, *final = output
         ctx.cell, ctx.encoder_grad = cell, encoder_grad
-        ctx.save_for_backward(reset, h0, h_seq, *tensors)
+        # A one-step window's gradient is (2) itself, ⟨e_1, S_1⟩: it keeps S_1 (the carried state holds
+        # it anyway) instead of recomputing the step's coefficients in backward.
+        ctx.one_step = reset.shape[0] == 1
+        ctx.save_for_backward(reset, h0, h_seq, *tensors, *(final if ctx.one_step else ()))
         ctx.mark_non_differentiable(*final)
 
     @staticmethod
@@ -563,6 +613,9 @@ class _RTRLWindow(torch.autograd.Function):
         # Saved outputs come back attached to this Function's graph: detach so that the recomputation
         # below records only what the inputs' gradient needs.
         reset, h0, h_seq, *tensors = (t.detach() for t in ctx.saved_tensors)
+        if ctx.one_step:
+            tensors, final = tensors[: -len(cell.groups)], tensors[-len(cell.groups) :]
+            sensitivities_after = {group.name: s for group, s in zip(cell.groups, final)}
         sensitivities, inputs, params = _split(cell, tuple(tensors))
         offset = 4 + len(cell.groups)
         input_needs = dict(zip(cell.input_names, ctx.needs_input_grad[offset : offset + len(cell.input_names)]))
@@ -578,15 +631,18 @@ class _RTRLWindow(torch.autograd.Function):
         for t0, t1 in reversed(_chunks(reset.shape[0])):
             h_start, chunk = (h0 if t0 == 0 else h_seq[t0 - 1]), slice(t0, t1)
             chunk_inputs = {name: x[chunk] for name, x in inputs.items()}
-            _, coefficients = window_coefficients(
-                cell, h_start, h_seq[chunk], cell.prepare(chunk_inputs, fixed), fixed, reset[chunk]
-            )
             chunk_errors = _internal(cell, errors[chunk])
-            if from_later is not None:
-                chunk_errors = chunk_errors.clone()
-                chunk_errors[-1] += from_later
-            adjoint_errors = _adjoint(cell, coefficients.jacobians, chunk_errors)
-            from_later = _act_transpose(cell, coefficients.jacobians[0], adjoint_errors[0])
+            if ctx.one_step:
+                adjoint_errors = chunk_errors  # δ_1 = e_1
+            else:
+                _, coefficients = window_coefficients(
+                    cell, h_start, h_seq[chunk], cell.prepare(chunk_inputs, fixed), fixed, reset[chunk]
+                )
+                if from_later is not None:
+                    chunk_errors = chunk_errors.clone()
+                    chunk_errors[-1] += from_later
+                adjoint_errors = _adjoint(cell, coefficients.jacobians, chunk_errors)
+                from_later = _act_transpose(cell, coefficients.jacobians[0], adjoint_errors[0])
 
             if wanted:
                 # (∂h_t/∂x_t)ᵀ δ_t by autograd through one more evaluation of the step, h only, so that
@@ -605,11 +661,13 @@ class _RTRLWindow(torch.autograd.Function):
                     if input_grads[name] is None:
                         input_grads[name] = torch.zeros_like(inputs[name])
                     input_grads[name][chunk] = grad
-            if trained:
+            if trained and ctx.one_step:
+                param_grads = step_gradients(cell, sensitivities_after, adjoint_errors[0], trained)
+            elif trained:
                 chunk_grads = gradients(cell, sensitivities if t0 == 0 else None, coefficients, adjoint_errors, trained)
                 for name, grad in chunk_grads.items():
                     param_grads[name] = grad if name not in param_grads else param_grads[name] + grad
-            del coefficients, adjoint_errors
+            coefficients = adjoint_errors = None  # free this chunk's before the next chunk's exist
 
         out_params = [
             param_grads[name].to(p.dtype).reshape(p.shape) if param_needs[name] else None for name, p in params.items()

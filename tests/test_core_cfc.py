@@ -472,7 +472,8 @@ class _MixedReadout(RTRLCell):
         return h, StepCoefficients(slope * params["r"], factors)
 
 
-def test_engine_fan_out_groups_equal_bptt_for_a_diagonal_recurrence_behind_a_mixing_layer():
+@pytest.mark.parametrize("window", [WINDOW, 1])  # 1: the one-step form, G = ⟨e_1, S_1⟩
+def test_engine_fan_out_groups_equal_bptt_for_a_diagonal_recurrence_behind_a_mixing_layer(window):
     cell, units, hidden, inputs = _MixedReadout(), 4, 3, 2
     cell.check()
     generator = torch.Generator().manual_seed(12)
@@ -497,10 +498,10 @@ def test_engine_fan_out_groups_equal_bptt_for_a_diagonal_recurrence_behind_a_mix
         cell, B, units, {"W": inputs, "C": hidden}, "cpu", torch.float64, rows={"W": hidden, "b": hidden}
     )
     assert sens["W"].shape == (B, units, hidden, inputs) and sens["b"].shape == (B, units, hidden)
-    for k in range(WINDOWS):
-        window = slice(k * WINDOW, (k + 1) * WINDOW)
-        y, sens = rtrl_window(cell, h, sens, {"x": x[window]}, trained, reset[window])
-        _loss(y, weights[window]).backward()
+    for t0 in range(0, x.shape[0], window):
+        steps = slice(t0, t0 + window)
+        y, sens = rtrl_window(cell, h, sens, {"x": x[steps]}, trained, reset[steps])
+        _loss(y, weights[steps]).backward()
         h = y[-1].detach()
     for name in params:
         torch.testing.assert_close(trained[name].grad, leaves[name].grad, rtol=1e-10, atol=1e-12, msg=name)
