@@ -482,8 +482,9 @@ def rtrl_step(
     """The per-step form, without autograd: h_t and S_t from h_{t-1}, S_{t-1} and one step's inputs.
 
     ``inputs``: the window inputs of one step, each [1, B, ...]; ``reset``: [1, B]. Returns h_t
-    [B, ...], S_t (state representation) and the step's coefficients, with which a streaming learner
-    accumulates ⟨e_t, S_t⟩ = ``gradients(cell, S_{t-1}, coefficients, adjoint(cell, coefficients, e_t[None]))``.
+    [B, ...], S_t (state representation) and the step's coefficients. A streaming learner's gradient
+    ⟨e_t, S_t⟩ is then ``step_gradients(cell, S_t, e_t)``, or equally, from S_{t-1},
+    ``gradients(cell, S_{t-1}, coefficients, adjoint(cell, coefficients, e_t[None]))``.
     """
     prepared = cell.prepare(inputs, params)
     # With T = 1 the step's h_{t-1} is h_prev itself; the second argument only fixes the shape.
@@ -542,9 +543,10 @@ def gradients(
 def step_gradients(
     cell: RTRLCell, sensitivities: Mapping[str, Tensor], errors: Tensor, groups: tuple[ParamGroup, ...] | None = None
 ) -> dict[str, Tensor]:
-    """G^p = Σ_b ⟨e[b], S^p[b]⟩, the per-step form (2), from a step's S_t (state representation) and
-    its errors e_t [B, N(, k)] (internal representation): :func:`gradients` of a one-step window,
-    without that step's coefficients. Returns the gradients by parameter name, as :func:`gradients`."""
+    """G^p = Σ_b ⟨e[b], S^p[b]⟩, the per-step form (2), from a step's S_t and its errors e_t [B, ...]
+    (both in the state representation): :func:`gradients` of a one-step window, without that step's
+    coefficients. Returns the gradients by parameter name, as :func:`gradients`."""
+    errors = _internal(cell, errors)
     result: dict[str, Tensor] = {}
     for group in groups if groups is not None else cell.groups:
         S = _internal(cell, sensitivities[group.name])
@@ -662,7 +664,7 @@ class _RTRLWindow(torch.autograd.Function):
                         input_grads[name] = torch.zeros_like(inputs[name])
                     input_grads[name][chunk] = grad
             if trained and ctx.one_step:
-                param_grads = step_gradients(cell, sensitivities_after, adjoint_errors[0], trained)
+                param_grads = step_gradients(cell, sensitivities_after, errors[0], trained)
             elif trained:
                 chunk_grads = gradients(cell, sensitivities if t0 == 0 else None, coefficients, adjoint_errors, trained)
                 for name, grad in chunk_grads.items():

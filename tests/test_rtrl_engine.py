@@ -21,6 +21,7 @@ from rlmem.rtrl import (
     rtrl_step,
     rtrl_window,
     run_cell,
+    step_gradients,
     zero_sensitivities,
     zero_state,
 )
@@ -236,7 +237,8 @@ def direct_contraction(cell: RTRLCell, kind: str, error: Tensor, S: Tensor) -> T
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_per_step_form_equals_the_window_form(kind, chunk_steps):
-    """Stepping recursion (1) and accumulating ⟨e_t, S_t⟩ step by step gives the window's S_T and G."""
+    """Stepping recursion (1) and accumulating ⟨e_t, S_t⟩ step by step (from S_{t-1} and the coefficients,
+    and from S_t directly) gives the window's S_T and G."""
     cell, N, params, columns = make_case(kind, seed=2)
     B, T = 4, 6
     g = torch.Generator().manual_seed(9)
@@ -255,6 +257,7 @@ def test_per_step_form_equals_the_window_form(kind, chunk_steps):
     fixed = {k: p.detach() for k, p in params.items()}
     h, S = h0, S0
     step_grads = {k: torch.zeros_like(p) for k, p in fixed.items()}
+    from_S_t = {k: torch.zeros_like(p) for k, p in fixed.items()}
     direct = torch.zeros_like(fixed["W"])
     with torch.no_grad():
         for t in range(T):
@@ -263,12 +266,15 @@ def test_per_step_form_equals_the_window_form(kind, chunk_steps):
             step = gradients(cell, S, coefficients, adjoint(cell, coefficients, errors[t : t + 1]))
             for name, grad in step.items():
                 step_grads[name] += grad
+            for name, grad in step_gradients(cell, S_next, errors[t]).items():
+                from_S_t[name] += grad
             direct += direct_contraction(cell, kind, errors[t], S_next["W"])
             h, S = h_next, S_next
     for name in S_T:
         torch.testing.assert_close(S[name], S_T[name], rtol=1e-10, atol=1e-12)
     for name in params:
         torch.testing.assert_close(step_grads[name], window_grads[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(from_S_t[name], window_grads[name], rtol=1e-10, atol=1e-12)
     # G of the matrix group is also ⟨e_t, S_t⟩ contracted directly from the recursion's S_t.
     torch.testing.assert_close(direct, window_grads["W"], rtol=1e-10, atol=1e-12)
 
