@@ -77,7 +77,7 @@ without a graph and returns h_1..h_T and S_T; backward recomputes the per-step c
 evaluating the step over many rows at once, runs the adjoint (4), and returns the inputs' gradients
 and G. (A one-step window, the streaming learners' case, takes G from (2) directly, ⟨e_1, S_1⟩, with
 the S_1 it returned, and recomputes nothing but the inputs' gradient.) It saves only the window's
-inputs, h_0, S_0 and h_1..h_T (and S_1 when T = 1), so what it keeps beyond the carried
+inputs, h_0, S_0 (S_1 when T = 1) and h_1..h_T, so what it keeps beyond the carried
 state is O(T·B·(N·k + D)), never O(T·|S|); and it walks the window in chunks of ``CHUNK_STEPS``
 steps ((3) composes over chunks; the adjoint crosses a chunk boundary as one vector), so its working
 memory for coefficients and the recomputation does not grow with T either. ``prepare`` must
@@ -603,9 +603,11 @@ class _RTRLWindow(torch.autograd.Function):
         h_seq, *final = output
         ctx.cell, ctx.encoder_grad = cell, encoder_grad
         # A one-step window's gradient is (2) itself, ⟨e_1, S_1⟩: it keeps S_1 (the carried state holds
-        # it anyway) instead of recomputing the step's coefficients in backward.
+        # it anyway) in S_0's place instead of recomputing the step's coefficients in backward.
         ctx.one_step = reset.shape[0] == 1
-        ctx.save_for_backward(reset, h0, h_seq, *tensors, *(final if ctx.one_step else ()))
+        if ctx.one_step:
+            tensors = [*final, *tensors[len(cell.groups) :]]
+        ctx.save_for_backward(reset, h0, h_seq, *tensors)
         ctx.mark_non_differentiable(*final)
 
     @staticmethod
@@ -615,10 +617,7 @@ class _RTRLWindow(torch.autograd.Function):
         # Saved outputs come back attached to this Function's graph: detach so that the recomputation
         # below records only what the inputs' gradient needs.
         reset, h0, h_seq, *tensors = (t.detach() for t in ctx.saved_tensors)
-        if ctx.one_step:
-            tensors, final = tensors[: -len(cell.groups)], tensors[-len(cell.groups) :]
-            sensitivities_after = {group.name: s for group, s in zip(cell.groups, final)}
-        sensitivities, inputs, params = _split(cell, tuple(tensors))
+        sensitivities, inputs, params = _split(cell, tuple(tensors))  # S_1, not S_0, for one step
         offset = 4 + len(cell.groups)
         input_needs = dict(zip(cell.input_names, ctx.needs_input_grad[offset : offset + len(cell.input_names)]))
         param_needs = dict(zip(cell.param_names, ctx.needs_input_grad[offset + len(cell.input_names) :]))
@@ -664,7 +663,7 @@ class _RTRLWindow(torch.autograd.Function):
                         input_grads[name] = torch.zeros_like(inputs[name])
                     input_grads[name][chunk] = grad
             if trained and ctx.one_step:
-                param_grads = step_gradients(cell, sensitivities_after, errors[0], trained)
+                param_grads = step_gradients(cell, sensitivities, errors[0], trained)
             elif trained:
                 chunk_grads = gradients(cell, sensitivities if t0 == 0 else None, coefficients, adjoint_errors, trained)
                 for name, grad in chunk_grads.items():
