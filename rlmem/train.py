@@ -206,16 +206,33 @@ def check_finite_metrics(metrics: dict[str, float]) -> None:
             raise TrainingDiverged(tag)
 
 
+def progress_line(step: int, total: int, steps_per_second: float, members: int = 1,
+                  recent: EpisodeWindow | None = None) -> str:
+    """One line of a run's progress, e.g. ``step 1,800,000 of 2,000,000 (90 %), 135 steps/s, about 25 min
+    left``; a population's rate counts one member's steps (its step axis), its member-steps/s beside it."""
+    line = f"step {step:,} of {total:,} ({100 * step // max(total, 1)} %), {steps_per_second:,.0f} steps/s"
+    if members > 1:
+        line += f" ({steps_per_second * members:,.0f} member-steps/s)"
+    if step < total and steps_per_second > 0:
+        minutes = round((total - step) / steps_per_second / 60)
+        line += f", about {minutes // 60} h {minutes % 60} min left" if minutes >= 60 else f", about {minutes} min left"
+    if recent is not None and recent.returns:
+        line += f", mean return {recent.mean():.3g} over the last {len(recent.returns)} episodes"
+    return line
+
+
 def run_iterations(config: RunConfig, iterate: Callable[[], Sequence[Any]], writers: Sequence[Any],
                    save: Callable[[int, int], tuple[Path, int]], global_step: int, iteration: int,
                    last_checkpoint: tuple[Path, int] | None, any_rank: Callable[[bool], bool] = bool,
-                   show_progress: bool = True) -> tuple[int, bool]:
+                   show_progress: bool = True, report: Callable[[str], None] = lambda line: None) -> tuple[int, bool]:
     """The loop every run shares: ``iterate()`` (one ``IterationResult`` per writer: one run, or a
     population's members) until ``train.total_steps``, each result checked finite and logged to its
     writer, ``save(global_step, iteration)`` every ``train.checkpoint_every`` env steps and at the end.
-    The first Ctrl-C (on any rank) finishes the iteration, saves and stops. Returns (the env step
-    reached, whether it stopped early); a non-finite quantity raises ``RunDiverged`` naming the last
-    good checkpoint, and nothing is saved after it."""
+    Where no progress bar is drawn (no terminal: a run in the background, its output in a log file; or
+    ``train.progress: false``), each checkpoint ``report``-s a ``progress_line`` instead, so a log shows
+    how far a run of hours has got. The first Ctrl-C (on any rank) finishes the iteration, saves and
+    stops. Returns (the env step reached, whether it stopped early); a non-finite quantity raises
+    ``RunDiverged`` naming the last good checkpoint, and nothing is saved after it."""
     recent = EpisodeWindow.create()
     total, every = config.train.total_steps, config.train.checkpoint_every
     next_checkpoint = (global_step // every + 1) * every
@@ -242,6 +259,8 @@ def run_iterations(config: RunConfig, iterate: Callable[[], Sequence[Any]], writ
                 if global_step >= next_checkpoint:
                     last_checkpoint = save(global_step, iteration)
                     next_checkpoint += every
+                    if bar.disable and global_step < total:
+                        report(progress_line(global_step, total, sps, len(results), recent))
                 if any_rank(stop.requested):
                     stopped_early = True
                     break
@@ -255,8 +274,11 @@ def run_iterations(config: RunConfig, iterate: Callable[[], Sequence[Any]], writ
     return global_step, stopped_early
 
 
-def train(config: RunConfig, resume: bool = False, log=print) -> Path:
+def train(config: RunConfig, resume: bool = False, log=print, report: Callable[[str], None] | None = None) -> Path:
     """Train as ``config`` says (or continue the run in ``train.run_dir``); return the run dir.
+
+    ``log`` takes the run's messages (where it writes, how it ended); ``report`` (``log`` by default)
+    the progress line of each checkpoint where no progress bar is drawn (see ``run_iterations``).
 
     Launched by torchrun (``rlmem.distributed``), this process trains its rank's share of the run and
     only rank 0 writes the run dir and logs.
@@ -268,10 +290,12 @@ def train(config: RunConfig, resume: bool = False, log=print) -> Path:
         if launched_world_size() > 1:
             raise ConfigError("train.population trains every member in one process; start it without torchrun "
                               "or --nproc (a population and data-parallel ranks do not combine)")
-        return train_population(config, resume, log)
+        return train_population(config, resume, log, report)
     ranks = Distributed.from_environment(config.train.device)
     try:
-        return _train(config, resume, log if ranks.is_main else _silent, ranks)
+        if not ranks.is_main:
+            log = report = _silent
+        return _train(config, resume, log, ranks, report or log)
     finally:
         ranks.close()
 
@@ -308,7 +332,7 @@ def rank_checkpoints(checkpoint: dict[str, Any], world_size: int, path: Path) ->
     return [checkpoint, *({**checkpoint, **part} for part in others)]
 
 
-def _train(config: RunConfig, resume: bool, log, ranks: Distributed) -> Path:
+def _train(config: RunConfig, resume: bool, log, ranks: Distributed, report: Callable[[str], None]) -> Path:
     run_dir = run_dir_of(config)
     if ranks.active:
         check_divides(int(config.env.get("num_envs", 1)), ranks.world_size)
@@ -376,7 +400,7 @@ def _train(config: RunConfig, resume: bool, log, ranks: Distributed) -> Path:
     try:
         global_step, stopped_early = run_iterations(
             config, lambda: [ranks.global_result(learner.iteration())], [writer], save, global_step, iteration,
-            last_checkpoint, any_rank=ranks.any_rank, show_progress=ranks.is_main)
+            last_checkpoint, any_rank=ranks.any_rank, show_progress=ranks.is_main, report=report)
     finally:
         env.close()
     if stopped_early:
@@ -426,7 +450,8 @@ def _log_iteration(writer: SummaryWriter, result, step: int, sps: float) -> None
 # Populations: P learners stepped together (agents.population), each logged as its own sub-run
 
 
-def train_population(config: RunConfig, resume: bool = False, log=print) -> Path:
+def train_population(config: RunConfig, resume: bool = False, log=print,
+                     report: Callable[[str], None] | None = None) -> Path:
     """``train`` for a population (``train.population`` > 1 or a ``train.population_grid``).
 
     The run dir holds the population's ``config.yaml`` and one checkpoint with every member; each
@@ -501,8 +526,8 @@ def train_population(config: RunConfig, resume: bool = False, log=print) -> Path
     log(f"watch it: tensorboard --logdir {run_dir / 'members'}")
 
     try:
-        global_step, stopped_early = run_iterations(config, population.iteration, writers, save,
-                                                    global_step, iteration, last_checkpoint)
+        global_step, stopped_early = run_iterations(config, population.iteration, writers, save, global_step,
+                                                    iteration, last_checkpoint, report=report or log)
     finally:
         for env in envs:
             env.close()

@@ -257,9 +257,9 @@ def test_a_run_stopped_part_way_stops_the_bench_and_is_continued_by_the_next_cal
 
     real_train = bench.train
 
-    def stopped_at_100(config, resume=False, log=print):  # as Ctrl-C leaves a run: saved at 100 of 200 steps
+    def stopped_at_100(config, resume=False, log=print, report=None):  # as Ctrl-C leaves a run: saved at 100 of 200
         return real_train(dataclasses.replace(config, train=dataclasses.replace(config.train, total_steps=100)),
-                          resume, log)
+                          resume, log, report)
 
     argv = ["bench", "trace_patterning", *TINY, "--methods", "columnar", "--seeds", "1", "--out", str(tmp_path)]
     monkeypatch.setattr(bench, "train", stopped_at_100)
@@ -285,9 +285,9 @@ def test_a_stopped_population_is_continued_when_a_later_call_adds_seeds_and_step
 
     real_train = bench.train
 
-    def stopped_at_100(config, resume=False, log=print):
+    def stopped_at_100(config, resume=False, log=print, report=None):
         return real_train(dataclasses.replace(config, train=dataclasses.replace(config.train, total_steps=100)),
-                          resume, log)
+                          resume, log, report)
 
     argv = ["bench", "trace_patterning", *TINY, "--methods", "columnar", "--population", "--out", str(tmp_path)]
     monkeypatch.setattr(bench, "train", stopped_at_100)

@@ -134,6 +134,35 @@ def test_resume_refuses_what_would_make_the_continuation_differ(tmp_path: Path, 
 
 
 # --------------------------------------------------------------------------------------------------
+# Progress in a log file
+
+
+def test_a_run_without_a_progress_bar_prints_a_progress_line_at_each_checkpoint(tmp_path: Path, capsys):
+    # Under pytest stdout is no terminal, as in a background run's log file: no bar, a line per checkpoint.
+    per_iteration = LEARNERS["actor_critic"][1]
+    assert _train(tmp_path / "run", "actor_critic", 4 * per_iteration, f"train.checkpoint_every={per_iteration}") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    total = 4 * per_iteration
+    assert [line.split(",")[0] for line in lines] == [
+        f"step {k * per_iteration} of {total} ({25 * k} %)" for k in (1, 2, 3)]
+    assert all("steps/s" in line and "left" in line and "member" not in line for line in lines)
+
+
+def test_progress_line_gives_the_rate_time_left_members_and_recent_return():
+    from rlmem.train import EpisodeWindow, progress_line
+
+    assert progress_line(1_800_000, 2_000_000, 135.0) == (
+        "step 1,800,000 of 2,000,000 (90 %), 135 steps/s, about 25 min left")
+    recent = EpisodeWindow.create()
+    recent.returns.extend([17.0, 18.0, 19.0])
+    assert progress_line(2_000_000, 10_000_000, 300.0, members=1, recent=recent) == (
+        "step 2,000,000 of 10,000,000 (20 %), 300 steps/s, about 7 h 24 min left, "
+        "mean return 18 over the last 3 episodes")
+    assert "(4,050 member-steps/s)" in progress_line(10, 20, 135.0, members=30)
+    assert "left" not in progress_line(20, 20, 135.0)
+
+
+# --------------------------------------------------------------------------------------------------
 # Evaluation
 
 

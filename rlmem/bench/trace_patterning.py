@@ -219,7 +219,8 @@ def train_or_continue(config: RunConfig) -> dict[str, Any]:
     is continued from that checkpoint, so a study of hours survives being stopped, and one that has
     finished is left as it is; anything else there is replaced. A run that Ctrl-C stopped returns from
     ``train`` with its checkpoint saved: the bench stops there too (KeyboardInterrupt), rather than take
-    the part run for a finished one."""
+    the part run for a finished one. Each checkpoint prints a progress line (``<run dir name>: step N of
+    M (…), … steps/s, about … left``), as a background ``rlmem train`` logs it."""
     run_dir = Path(config.train.run_dir)
     same = False
     if (run_dir / CHECKPOINT_NAME).is_file():
@@ -228,7 +229,9 @@ def train_or_continue(config: RunConfig) -> dict[str, Any]:
     if not same and run_dir.exists():
         shutil.rmtree(run_dir)
     if not same or load_checkpoint(run_dir)["global_step"] < config.train.total_steps:
-        train(config, resume=same, log=lambda message: None)
+        label = run_dir.name
+        train(config, resume=same, log=lambda message: None,
+              report=lambda line: print(f"  {label}: {line}", flush=True))  # a population runs for hours
     checkpoint = load_checkpoint(run_dir)
     if checkpoint["global_step"] < config.train.total_steps:
         raise KeyboardInterrupt
