@@ -103,6 +103,29 @@ def test_summary_reports_mean_stderr_and_median_over_seeds():
     assert row["stderr"] == pytest.approx((((1 - 11) ** 2 + (2 - 11) ** 2 + (30 - 11) ** 2) / 2 / 3) ** 0.5)
 
 
+def test_the_figure_of_a_sweep_plots_each_method_final_error_against_its_step_size(tmp_path: Path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from rlmem.bench.trace_patterning import best_rows, plot, summarise
+
+    def run(method: str, lr: float, seed: int, final: float) -> dict:
+        return {"method": method, "lr": lr, "seed": seed, "curve": [2.0, final], "macs_per_step": 1, "ms_per_step": 1.0}
+
+    results = [run("zero", 0.0, s, 2.0) for s in (0, 1)] + [
+        run("lru", lr, s, final) for lr, final in ((0.001, 1.0), (0.003, 0.5), (0.01, 3.0)) for s in (0, 1)]
+    sweep = summarise(results, ["lru", "zero"], log_every=100, window=100)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot(results, best_rows(sweep), 100, tmp_path / "sweep.png", "sweep", sweep)
+    plot(results, best_rows(sweep), 100, tmp_path / "best.png", "best")
+    swept, best = figures
+    assert len(best.axes) == 2 and swept.axes[2].get_title() == "step-size sensitivity"
+    (line,) = [line for line in swept.axes[2].get_lines() if line.get_marker() == "o"]  # not the error bars' caps
+    assert list(line.get_xdata()) == [0.001, 0.003, 0.01]
+    assert list(line.get_ydata()) == pytest.approx([0.5, 0.25, 1.5])  # final error / V = 0's
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -49,7 +49,7 @@ sub-runs hold each seed's curve; every seed's result is saved as its own run, as
 
 ``--lr-factors 0.3,1,3`` sweeps the step size: every method runs at each multiple of its own step size,
 the table reports each method at its best (the lowest mean final error over seeds) and a second table
-the whole sweep; with ``--population`` a method's step sizes and seeds are one population (its
+the whole sweep, and the figure adds each method's final error against its step size; with ``--population`` a method's step sizes and seeds are one population (its
 ``train.population_grid``), so a sweep of 10 seeds × 3 step sizes is one process per method.
 
 The full comparison takes CPU-hours, so every finished run is saved at once under ``OUT/runs/`` and a
@@ -498,7 +498,11 @@ def best_rows(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
-def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: Path, title: str) -> None:
+def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: Path, title: str,
+         sweep_rows: Sequence[dict] = ()) -> None:
+    """Learning curves of ``rows`` (each method at its best step size) relative to V = 0, their final errors
+    per seed, and, given a step-size sweep (``sweep_rows``), each method's final error against its step size
+    (the sensitivity curve: a best step size at the edge of the sweep says the sweep should go further)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -513,7 +517,13 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
         reference = zero[run["seed"]]
         return np.divide(run["curve"], reference, out=np.full_like(reference, np.nan), where=reference > 0)
 
-    fig, (curves, finals) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    swept = [m for m in dict.fromkeys(r["method"] for r in sweep_rows if r["method"] != "zero")
+             if sum(r["method"] == m for r in sweep_rows) > 1]
+    if swept:
+        fig, (curves, finals, sensitivity) = plt.subplots(1, 3, figsize=(18, 4.8),
+                                                          gridspec_kw={"width_ratios": [3, 2, 2]})
+    else:
+        fig, (curves, finals) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     for i, row in enumerate(rows):
         runs = np.array([relative(r) for r in results if (r["method"], r["lr"]) == (row["method"], row["lr"])])
         steps = log_every * np.arange(1, runs.shape[1] + 1)
@@ -532,6 +542,20 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
     finals.set_xticks(range(len(rows)), [row["method"] for row in rows], rotation=30, ha="right")
     finals.set_ylabel("final error (mean ± s.e. over seeds)")
     finals.set_yscale("log")
+    if swept:
+        colors = {row["method"]: f"C{i}" for i, row in enumerate(rows)}
+        (zero_final,) = [r["final_error"] for r in sweep_rows if r["method"] == "zero"] or [float("nan")]
+        for method in swept:
+            points = sorted((r for r in sweep_rows if r["method"] == method), key=lambda r: r["lr"])
+            sensitivity.errorbar([r["lr"] for r in points], [r["final_error"] / zero_final for r in points],
+                                 yerr=[r["stderr"] / zero_final for r in points], color=colors[method], marker="o",
+                                 capsize=3, label=points[0]["label"])
+        sensitivity.axhline(1.0, color="black", linestyle="--", label="V = 0")
+        sensitivity.set_xscale("log")
+        sensitivity.set_xlabel("step size")
+        sensitivity.set_ylabel("final error / that of V = 0 (mean ± s.e.)")
+        sensitivity.set_title("step-size sensitivity")
+        sensitivity.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -701,7 +725,7 @@ def run(argv: list[str]) -> None:
     write_json(table, record, indent=1)
     at_best = " (each method at its best step size)" if len(lr_factors) > 1 else ""
     title = f"{args.task}, {args.steps:,} steps ({args.num_envs} stream(s) per run), {args.seeds} seeds{at_best}"
-    plot(results, rows, args.log_every, figure, title)
+    plot(results, rows, args.log_every, figure, title, sweep_rows if len(lr_factors) > 1 else ())
 
     seeds = sorted({len(row["per_seed"]) for row in rows})
     print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps "
