@@ -49,8 +49,9 @@ sub-runs hold each seed's curve; every seed's result is saved as its own run, as
 
 ``--lr-factors 0.3,1,3`` sweeps the step size: every method runs at each multiple of its own step size,
 the table reports each method at its best (the lowest mean final error over seeds) and a second table
-the whole sweep, and the figure adds each method's final error against its step size; with ``--population`` a method's step sizes and seeds are one population (its
-``train.population_grid``), so a sweep of 10 seeds × 3 step sizes is one process per method.
+the whole sweep, and the figure adds each method's final error against its step size; with
+``--population`` a method's step sizes and seeds are one population (its ``train.population_grid``), so
+a sweep of 10 seeds × 3 step sizes is one process per method.
 
 The full comparison takes CPU-hours, so every finished run is saved at once under ``OUT/runs/`` and a
 later call with the same settings (steps, streams, curve spacing, step size) reuses it instead of
