@@ -26,9 +26,11 @@ from rlmem.distributed import check_divides
 from rlmem.errors import ConfigError, TrainingDiverged
 from rlmem.evaluation import DEFAULT_EPISODES, DEFAULT_PREDICTION_STEPS, EVAL_SEED, EpisodeScores, evaluate_saved
 from rlmem.memory import CORES
-from rlmem.plot import GROUPINGS, plot_runs, summarize_runs, summary_table
+from rlmem.plot import GROUPINGS, MAIN_TAGS, main_tag, plot_runs, summarize_runs, summary_table
 from rlmem.train import rank_checkpoints, resume_config, train
 
+TAG_HELP = (f"the scalar to show (default: the first the first run logs of {', '.join(MAIN_TAGS)}: "
+            "a policy's return, or a prediction's error)")
 BENCHES = {
     "envs": ("rlmem.bench.envs", "environment steps/s: raw library vs rlmem VecEnv vs rollout with a policy"),
     "memory": ("rlmem.bench.memory", "per-env memory and time per step of rtrl vs bptt as the window grows"),
@@ -87,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="draw learning curves from runs' event files")
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("-o", "--output", default="curves.png")
-    plot.add_argument("--tag", default="charts/episodic_return")
+    plot.add_argument("--tag", default=None, help=TAG_HELP)
     plot.add_argument("--title", default=None)
     plot.add_argument("--smooth", type=int, default=1, help="trailing mean over this many logged points")
 
@@ -99,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         "step at which the mean of TAG over the last --window env steps first reaches each threshold.",
     )
     summary.add_argument("run_dirs", nargs="+")
-    summary.add_argument("--tag", default="charts/episodic_return")
+    summary.add_argument("--tag", default=None, help=TAG_HELP)
     summary.add_argument("--threshold", type=float, action="append", default=[],
                          help="a level to reach (repeat for several)")
     summary.add_argument("--final-fraction", type=float, default=0.1,
@@ -216,16 +218,18 @@ def _cmd_list(ns: argparse.Namespace) -> int:
 def _cmd_plot(ns: argparse.Namespace) -> int:
     if ns.smooth < 1:
         raise ConfigError(f"--smooth must be a positive integer, got {ns.smooth}")
-    path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=ns.tag, title=ns.title, smoothing=ns.smooth,
+    tag = ns.tag or main_tag(Path(ns.run_dirs[0]))
+    path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=tag, title=ns.title, smoothing=ns.smooth,
                      group_by=ns.group_by, until=ns.until)
     print(f"wrote {path}")
     return 0
 
 
 def _cmd_summary(ns: argparse.Namespace) -> int:
-    summaries = summarize_runs([Path(d) for d in ns.run_dirs], ns.tag, ns.threshold, ns.final_fraction, ns.window,
+    tag = ns.tag or main_tag(Path(ns.run_dirs[0]))
+    summaries = summarize_runs([Path(d) for d in ns.run_dirs], tag, ns.threshold, ns.final_fraction, ns.window,
                                ns.group_by, ns.until)
-    print(summary_table(summaries, ns.tag, ns.final_fraction))
+    print(summary_table(summaries, tag, ns.final_fraction))
     return 0
 
 

@@ -21,14 +21,33 @@ from rlmem.errors import ConfigError
 IGNORED_KEYS = {"train.seed", "train.run_dir", "train.name", "train.progress", "train.checkpoint_every"}
 
 
-def read_scalars(run_dir: Path, tag: str, until: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of one scalar tag in a run directory, sorted by step; only steps ≤ ``until`` if given."""
+# What a run is judged by, in this order: a policy's episode return, else a prediction's error (``td``).
+MAIN_TAGS = ("charts/episodic_return", "charts/prediction_error")
+
+
+def _events(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not run_dir.is_dir():
         raise ConfigError(f"run dir not found: {run_dir}")
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
+    return accumulator
+
+
+def main_tag(run_dir: Path) -> str:
+    """The first of ``MAIN_TAGS`` that ``run_dir`` logs (what ``rlmem plot``/``summary`` show by default)."""
+    tags = _events(run_dir).Tags().get("scalars", [])
+    for tag in MAIN_TAGS:
+        if tag in tags:
+            return tag
+    raise ConfigError(f"{run_dir} logs none of {', '.join(MAIN_TAGS)}; choose one with --tag from: "
+                      f"{', '.join(sorted(tags)) or 'none'}")
+
+
+def read_scalars(run_dir: Path, tag: str, until: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one scalar tag in a run directory, sorted by step; only steps ≤ ``until`` if given."""
+    accumulator = _events(run_dir)
     tags = accumulator.Tags().get("scalars", [])
     if tag not in tags:
         raise ConfigError(f"{run_dir} has no scalar {tag!r}; it has: {', '.join(sorted(tags)) or 'none'}")

@@ -234,6 +234,31 @@ def test_summary_reports_finals_and_steps_to_threshold_by_name_groups(tmp_path: 
     assert main(["summary", str(tmp_path / "missing_s0")]) == 2
 
 
+def test_plot_and_summary_show_a_prediction_run_by_its_error_unless_told_otherwise(tmp_path: Path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def run(name: str, tags: dict[str, float]) -> str:
+        writer = SummaryWriter(str(tmp_path / name))
+        for step in (100, 200):
+            for tag, value in tags.items():
+                writer.add_scalar(tag, value, step)
+        writer.close()
+        return str(tmp_path / name)
+
+    prediction = run("td_s0", {"charts/prediction_error": 0.25, "charts/value": 3.0})
+    policy = run("ppo_s0", {"charts/episodic_return": 7.0, "charts/prediction_error": 0.5})
+    assert main(["summary", prediction]) == 0
+    assert "final charts/prediction_error" in (out := capsys.readouterr().out) and "| 0.25 ± 0 |" in out
+    assert main(["summary", policy]) == 0
+    assert "final charts/episodic_return" in capsys.readouterr().out
+    assert main(["plot", prediction, "-o", str(tmp_path / "td.png")]) == 0 and (tmp_path / "td.png").is_file()
+    neither = run("none_s0", {"charts/value": 1.0})
+    capsys.readouterr()
+    assert main(["summary", neither]) == 2
+    assert "choose one with --tag from: charts/value" in capsys.readouterr().err
+    assert main(["summary", neither, "--tag", "charts/value"]) == 0
+
+
 def test_bench_stream_ac_times_both_gradient_paths_and_checks_they_agree(capsys):
     args = ["bench", "stream_ac", "--envs", "1,3", "--hidden", "4", "--steps", "1", "--repeats", "1"]
     assert main(args) == 0
