@@ -288,6 +288,9 @@ def test_a_run_stopped_part_way_stops_the_bench_and_is_continued_by_the_next_cal
     monkeypatch.setattr(bench, "train", stopped_at_100)
     assert main(argv) == 130
     assert not list((tmp_path / "runs").glob("columnar-*.json"))  # the part run is not taken for a finished one
+    (stopped,) = (tmp_path / "train").iterdir()
+    assert bench.unfinished_runs(tmp_path / "train", 200) == [  # what --saved-only lists as in progress
+        f"in progress: {stopped.name}: checkpoint at step 100 of 200"]
     monkeypatch.undo()
     capsys.readouterr()
     assert main(argv) == 0
@@ -317,6 +320,8 @@ def test_a_stopped_population_is_continued_when_a_later_call_adds_seeds_and_step
     assert main([*argv, "--seeds", "2", "--lr-factors", "0.5,2"]) == 130
     (stopped,) = (tmp_path / "train").iterdir()
     first_events = sorted(stopped.rglob("events.out.tfevents*"))
+    assert bench.unfinished_runs(tmp_path / "train", 200) == [
+        f"in progress: {stopped.name}: checkpoint at step 100 of 200, 4 members"]
     monkeypatch.undo()
     capsys.readouterr()
 

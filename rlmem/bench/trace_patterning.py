@@ -60,8 +60,9 @@ added to an existing one. A training run stopped part way (Ctrl-C, or the machin
 checkpoint (every ``CHECKPOINT_EVERY`` steps) in ``OUT/train/``, and the next call continues it there,
 also when it adds seeds or step sizes: a stopped population goes on as it was, and only the added
 members form new ones.
-``--no-reuse`` runs everything afresh; ``--saved-only`` runs nothing and
-summarises the runs saved so far (while the study is still running elsewhere, say). ``--lr METHOD=LR`` and
+``--no-reuse`` runs everything afresh; ``--saved-only`` runs nothing,
+summarises the runs saved so far (while the study is still running elsewhere, say) and lists the
+training runs in progress with the step of their last checkpoint. ``--lr METHOD=LR`` and
 ``--set METHOD.KEY=VALUE`` (a core option, e.g. ``columnar.normalizer_decay=0.9999``) vary a method; both
 are part of the settings a saved run must match, and of its file name (``<method>-seed<s>-<digest>.json``),
 so runs of several settings share one ``OUT`` without replacing each other. The table and plot are
@@ -387,6 +388,23 @@ def stopped_populations(pending: Sequence[tuple], train_root: Path) -> tuple[lis
     return continued, left
 
 
+def unfinished_runs(train_root: Path, steps: int) -> list[str]:
+    """One line per training run under ``train_root`` whose last checkpoint is short of ``steps`` (stopped,
+    or still running elsewhere), with how far it got: in a study of many sessions, what the next call
+    continues."""
+    lines = []
+    for run_dir in sorted(p for p in train_root.glob("*") if (p / "config.yaml").is_file()):
+        try:
+            config = load_saved(run_dir)
+            step = load_checkpoint(run_dir)["global_step"] if (run_dir / CHECKPOINT_NAME).is_file() else 0
+        except ConfigError:
+            continue
+        if step < steps:
+            members = f", {len(population_members(config))} members" if is_population(config) else ""
+            lines.append(f"in progress: {run_dir.name}: checkpoint at step {step:,} of {steps:,}{members}")
+    return lines
+
+
 def zero_prediction_curves(seeds: Sequence[int], protocol: Protocol) -> list[list[float]]:
     """The learning curve of V = 0 on each seed's stream (the mean of G²): the error with nothing
     learned. The seeds' envs step as one stack, each block exactly its seed's stream."""
@@ -686,6 +704,8 @@ def run(argv: list[str]) -> None:
         if not results:
             raise ConfigError(f"--saved-only: no runs with these settings are saved under {saved}")
         print(f"  leaving out {len(pending)} run(s) not saved yet", flush=True)
+        for line in unfinished_runs(out / "train", protocol.points * protocol.log_every):
+            print(f"  {line}", flush=True)
         pending = []
 
     def finished(job: tuple, job_results: list[dict[str, Any]]) -> None:
