@@ -31,6 +31,7 @@ from rlmem.train import rank_checkpoints, resume_config, train
 
 TAG_HELP = (f"the scalar to show (default: the first the first run logs of {', '.join(MAIN_TAGS)}: "
             "a policy's return, or a prediction's error)")
+
 BENCHES = {
     "envs": ("rlmem.bench.envs", "environment steps/s: raw library vs rlmem VecEnv vs rollout with a policy"),
     "memory": ("rlmem.bench.memory", "per-env memory and time per step of rtrl vs bptt as the window grows"),
