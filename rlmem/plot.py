@@ -9,6 +9,7 @@ trailing ``_s<seed>``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,11 +27,19 @@ MAIN_TAGS = ("charts/episodic_return", "charts/prediction_error")
 
 
 def _events(run_dir: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    """The run's event files, read once for ``main_tag`` and the ``read_scalars`` that follows it: the
+    last read is kept while the files stay as they were (a live run's growing files are read again)."""
     if not run_dir.is_dir():
         raise ConfigError(f"run dir not found: {run_dir}")
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    files = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(run_dir.glob("events.out.*")))
+    return _read_events(str(run_dir), files)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_events(run_dir: str, files: tuple):  # ``files`` only keys the cache
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     return accumulator
 

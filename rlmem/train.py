@@ -286,6 +286,7 @@ def train(config: RunConfig, resume: bool = False, log=print, report: Callable[[
     Raises ``RunDiverged`` (a ``TrainingDiverged``) when a loss, gradient, parameter, memory state,
     metric or checkpoint entry stops being finite; the last good checkpoint stays.
     """
+    report = report or log
     if cfg.is_population(config):
         if launched_world_size() > 1:
             raise ConfigError("train.population trains every member in one process; start it without torchrun "
@@ -295,7 +296,7 @@ def train(config: RunConfig, resume: bool = False, log=print, report: Callable[[
     try:
         if not ranks.is_main:
             log = report = _silent
-        return _train(config, resume, log, ranks, report or log)
+        return _train(config, resume, log, ranks, report)
     finally:
         ranks.close()
 
