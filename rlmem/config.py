@@ -384,7 +384,15 @@ def load(config_path: str | None, args: Sequence[str] = ()) -> RunConfig:
     if config_path is None:
         return resolve(embedded_default(), args)
     path = find_config_file(config_path)
-    return resolve(_read_yaml(path, "config file"), args, config_file=path)
+    data = _read_yaml(path, "config file")
+    if "choices" not in data:
+        return resolve(data, args, config_file=path)
+    # A run's saved config.yaml used as the template of a new run (another seed, a changed option): it
+    # starts a run dir of its own unless train.run_dir is given, since the saved one holds that run.
+    config = resolve_saved(data, args)
+    if not any(arg.startswith("train.run_dir=") for arg in args):
+        config.train.run_dir = None
+    return config
 
 
 # Options renamed since runs were saved: section -> {old name: new name}, applied to saved configs only.
@@ -393,18 +401,27 @@ RENAMED_OPTIONS: dict[str, dict[str, str]] = {"agent": {"lam": "trace_lambda"}}
 
 def load_saved(run_dir: Path, args: Sequence[str] = ()) -> RunConfig:
     """The resolved config saved in a run directory (used by resume and eval), plus overrides."""
-    data = _read_yaml(run_dir / "config.yaml", "run config")
-    choices = data.pop("choices", {}) or {}
-    base = {k: v for k, v in data.items() if k in SECTIONS}
+    return resolve_saved(_read_yaml(run_dir / "config.yaml", "run config"), args)
+
+
+def resolve_saved(data: Mapping[str, Any], args: Sequence[str] = ()) -> RunConfig:
+    """A saved config (``config.yaml`` of a run: complete sections and the group ``choices``) with
+    command-line ``args``; a group chosen on the command line (``memory=gru``) replaces that saved section
+    by the group's own file, so that a saved run can be repeated with another core."""
+    choices = dict(data.get("choices") or {})
+    cli_choices, _ = parse_overrides(args)
+    base = {k: v for k, v in data.items() if k in SECTIONS and k not in cli_choices}
     for section, renames in RENAMED_OPTIONS.items():
         values = base.get(section) or {}
         for old, new in renames.items():
             if old in values and new not in values:
                 values[new] = values.pop(old)
     # the saved sections are complete: resolve them against their registered names, not group files
-    base["defaults"] = {group: str((base.get(group) or {}).get("name", DEFAULT_CHOICES[group])) for group in GROUPS}
+    base["defaults"] = {
+        group: str((base.get(group) or {}).get("name", DEFAULT_CHOICES[group])) for group in GROUPS if group in base
+    }
     config = resolve(base, args)
-    config.choices = dict(choices)
+    config.choices = {**choices, **cli_choices}
     return config
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from rlmem.checkpoint import load_checkpoint
 from rlmem.cli import main
@@ -100,6 +101,19 @@ def test_existing_run_dir_is_not_overwritten(tmp_path: Path, capsys):
     before = (run_dir / "checkpoint.pt").read_bytes()
     assert main(["train", *SMALL, "train.total_steps=64", f"train.run_dir={run_dir}"]) == 2
     assert "--resume" in capsys.readouterr().err
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_run_config_yaml_starts_a_new_run_with_another_seed(tmp_path: Path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    _train(run_dir, 64, "env.delay=2")
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(run_dir / "config.yaml"), "train.seed=5"]) == 0
+    new_dir = Path(capsys.readouterr().out.rsplit("run dir: ", 1)[1].split()[0])
+    assert new_dir.parent == Path("runs") and new_dir.name.endswith("_s5")
+    saved, repeated = (yaml.safe_load((d / "config.yaml").read_text()) for d in (run_dir, new_dir))
+    assert repeated["train"]["seed"] == 5 and repeated["env"] == saved["env"] and repeated["memory"] == saved["memory"]
     assert (run_dir / "checkpoint.pt").read_bytes() == before
 
 

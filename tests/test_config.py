@@ -134,6 +134,24 @@ def test_a_saved_run_with_a_renamed_option_still_loads(tmp_path: Path):
     assert cfg.load_saved(tmp_path).agent["trace_lambda"] == config.agent["trace_lambda"]
 
 
+def test_a_saved_run_config_is_the_template_of_a_new_run(tmp_path: Path):
+    """``rlmem train RUN/config.yaml train.seed=7``: the saved run again with another seed, in a run dir of
+    its own; a group chosen on the command line replaces that saved section by the group's file."""
+    saved = cfg.load(str(REPO / "configs" / "trace_patterning_ccn.yaml"),
+                     ["memory.normalizer_decay=1.0", "agent.lr=0.003", f"train.run_dir={tmp_path / 'run'}"])
+    (tmp_path / "config.yaml").write_text(saved.to_yaml())
+
+    again = cfg.load(str(tmp_path / "config.yaml"), ["train.seed=7"])
+    assert again.train.seed == 7 and again.train.run_dir is None
+    assert again.memory == saved.memory and again.agent == saved.agent and again.env == saved.env
+    assert again.choices == saved.choices
+    assert cfg.load(str(tmp_path / "config.yaml"), ["train.run_dir=elsewhere"]).train.run_dir == "elsewhere"
+
+    other_core = cfg.load(str(tmp_path / "config.yaml"), ["memory=elstm"])
+    assert other_core.memory == cfg.resolve({"defaults": {"memory": "elstm"}}).memory
+    assert other_core.agent == saved.agent and other_core.choices["memory"] == "elstm"
+
+
 def test_a_saved_config_loads_back_equal_for_every_shipped_config(tmp_path: Path):
     """``config.yaml`` (written by PyYAML from plain data) resolves back to the same config, for every
     experiment file and a population grid (a nested mapping in ``train``)."""
