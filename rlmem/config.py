@@ -389,10 +389,7 @@ def load(config_path: str | None, args: Sequence[str] = ()) -> RunConfig:
         return resolve(data, args, config_file=path)
     # A run's saved config.yaml used as the template of a new run (another seed, a changed option): it
     # starts a run dir of its own unless train.run_dir is given, since the saved one holds that run.
-    config = resolve_saved(data, args)
-    if not any(arg.startswith("train.run_dir=") for arg in args):
-        config.train.run_dir = None
-    return config
+    return resolve_saved({**data, "train": {**(data.get("train") or {}), "run_dir": None}}, args)
 
 
 # Options renamed since runs were saved: section -> {old name: new name}, applied to saved configs only.
