@@ -150,6 +150,14 @@ class Population(Learner):
         """A scalar option of every member as one tensor [P] in the traces' dtype."""
         return torch.tensor(list(values), dtype=self.members[0].traces.dtype, device=self.device)
 
+    def memory_metrics(self, state: State, p: int) -> dict[str, float]:
+        """Member p's ``memory/*`` scalars, from its slices of the stacked memory state and buffers."""
+        core = self.network.core
+        prefix = next(name for name, module in self.network.named_modules() if module is core) + "."
+        buffers = {name.removeprefix(prefix): value[p] for name, value in self.buffers.items()
+                   if name.startswith(prefix)}
+        return {f"memory/{k}": v for k, v in core.state_metrics(member_state(state, p), buffers).items()}
+
     def gather_members(self) -> None:
         raise NotImplementedError
 
@@ -401,13 +409,11 @@ class TDPopulation(Population):
         check_memory_state(self.state_after)
         self.check_parameters()
         means = {tag: (total / n).tolist() for tag, total in sums.items()}
-        core = self.network.core
         results = []
         for p in range(self.size):
             metrics = {tag: values[p] for tag, values in means.items()}
             metrics["charts/learning_rate"] = float(self.lr[p])
-            memory = core.state_metrics(member_state(self.state_after, p))
-            metrics.update({f"memory/{k}": v for k, v in memory.items()})
+            metrics.update(self.memory_metrics(self.state_after, p))
             returns, lengths = episodes[p]
             results.append(IterationResult(n * self.num_envs, metrics, returns, lengths))
         return results
@@ -651,8 +657,7 @@ class StreamACPopulation(Population):
         results = []
         for p in range(self.size):
             metrics = {tag: float(v[p]) for tag, v in values.items()}
-            memory = self.network.core.state_metrics(member_state(self.memory_state, p))
-            metrics.update({f"memory/{k}": v for k, v in memory.items()})
+            metrics.update(self.memory_metrics(self.memory_state, p))
             ended = stacked["episode_done"][p]
             returns, lengths, successes = [], [], []
             if bool(ended.any()):  # in time-then-env order, as the learner reports them

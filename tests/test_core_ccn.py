@@ -117,6 +117,29 @@ def test_stage_schedule_counts_learning_steps_and_starts_stages_on_time():
     assert core.learning_stage == 2 and core.active_output_size == 5
 
 
+def test_state_metrics_report_the_normalisers_running_variance():
+    """``memory/stage<s>_input_var`` for the started stages and ``output_var`` over the live columns:
+    inputs of variance 0.04 pull the learning stage's estimate from 1 toward 0.04; an idle stage has none."""
+    core = build(steps_per_stage=200)
+    B = 4
+    state = core.initial_state(B, dtype=DTYPE)
+    reset = torch.zeros(1, B, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(49):  # 49 updates of 4 env steps: stage 0 ends at 200
+        _, state = core(0.2 * torch.randn(1, B, 3, generator=g, dtype=DTYPE), state, reset)
+    metrics = core.state_metrics(state)
+    assert {k for k in metrics if not k.startswith("sensitivity_")} == {"hc_norm", "stage0_input_var", "output_var"}
+    assert metrics["stage0_input_var"] == pytest.approx(float(core.stages[0].normaliser.var.mean()))
+    assert 0.03 < metrics["stage0_input_var"] < 0.06  # 1 · 0.9^49 and the inputs' share of 0.04
+    assert metrics["output_var"] == pytest.approx(float(core.output_normaliser.var[:2].mean()))
+    for _ in range(2):  # stage 1 begins with the second window
+        _, state = core(torch.zeros(1, B, 3, dtype=DTYPE), state, reset)
+    buffers = {name: 2 * value for name, value in core.named_buffers()}  # as a population passes a member's
+    metrics = core.state_metrics(state, buffers)
+    assert metrics["stage1_input_var"] == pytest.approx(2 * float(core.stages[1].normaliser.var.mean()))
+    assert metrics["output_var"] == pytest.approx(2 * float(core.output_normaliser.var[:4].mean()))
+
+
 def test_frozen_stages_never_change_and_idle_stages_wait():
     core = make_core({"name": "ccn", "hidden_size": 4, "columns_per_stage": 2, "steps_per_stage": 20,
                       "normalizer_decay": 0.9}, input_size=3)

@@ -88,8 +88,12 @@ class MemoryCore(nn.Module):
         """Run a window. ``x``: [T, B, D]; ``reset``: [T, B] bool. Returns ``y`` [T, B, O] and the state."""
         raise NotImplementedError
 
-    def state_metrics(self, state: State) -> dict[str, float]:
-        """Scalars for the ``memory/*`` TensorBoard tags: mean L2 norm of each state tensor per env."""
+    def state_metrics(self, state: State, buffers: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+        """Scalars for the ``memory/*`` TensorBoard tags: mean L2 norm of each state tensor per env.
+
+        ``buffers``: the core's buffers by their ``named_buffers()`` names, for a core whose buffers are
+        held elsewhere (a population stacks its members'); None reads the core's own. A core with
+        statistics worth watching (``ccn``'s normalisers) adds them from these."""
         return {
             f"{key}_norm": float(value.detach().flatten(1).norm(dim=1).mean())
             for key, value in state.items()

@@ -300,6 +300,17 @@ class CCNCore(EngineCore):
             self.steps_seen += x.shape[0] * B
         return y, self.window_state(torch.cat(finals, dim=1), carried)
 
+    def state_metrics(self, state: State, buffers: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+        """The base metrics and the normalisers' mean running variance: ``stage<s>_input_var`` for each
+        started stage (over its inputs) and ``output_var`` (over the started columns). A normaliser
+        divides by √v, so a mean v below 1 says how much it amplifies what it normalises."""
+        metrics = super().state_metrics(state)
+        buffers = dict(self.named_buffers()) if buffers is None else buffers
+        for s in range(self.learning_stage + 1):
+            metrics[f"stage{s}_input_var"] = float(buffers[f"stages.{s}.normaliser.var"].mean())
+        metrics["output_var"] = float(buffers["output_normaliser.var"][: self.active_output_size].mean())
+        return metrics
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, columns_per_stage={self.columns_per_stage}, "

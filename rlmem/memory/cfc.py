@@ -51,6 +51,7 @@ The state is ``{"h": [B, n]}`` plus, in ``rtrl`` mode, one sensitivity per param
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -289,7 +290,7 @@ class CfCCore(EngineCore):
             )
         return y, self.window_state(h, sensitivity_entries(advanced))
 
-    def state_metrics(self, state: State) -> dict[str, float]:
+    def state_metrics(self, state: State, buffers: Mapping[str, Tensor] | None = None) -> dict[str, float]:
         metrics = {"h_norm": float(state["h"].norm(dim=1).mean())}
         sens = [v.flatten(1) for v in sensitivities_in(state).values()]
         if sens:
