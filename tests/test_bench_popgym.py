@@ -109,6 +109,7 @@ def test_ctrl_c_stops_the_study_and_the_same_command_resumes_the_interrupted_run
 @pytest.mark.parametrize(
     ("argument", "message"),
     [(["--tasks", "popgym-RepeatPreviousEasy-v0,popgym-NoSuchTaskEasy-v0"], "--tasks 'popgym-NoSuchTaskEasy-v0': "),
+     (["--tasks", "RepeatPreviousEasy"], "(POPGym's ids begin with 'popgym-', e.g. popgym-RepeatPreviousEasy-v0)"),
      (["--cores", "gru,no_such_core"], "--cores 'no_such_core': unknown memory choice"),
      (["--cores", "gru:rtrl"], "--cores 'gru:rtrl': memory.grad='rtrl' is not supported by core 'gru'")],
 )

@@ -128,7 +128,8 @@ def check_task(config_file: Path, task: str, extra: Sequence[str]) -> None:
     try:
         cfg.load(str(config_file), [f"env.id={task}", *(o for o in extra if not o.startswith("memory."))])
     except ConfigError as err:
-        raise ConfigError(f"--tasks {task!r}: {err}") from None
+        hint = "" if task.startswith("popgym-") else f" (POPGym's ids begin with 'popgym-', e.g. {DEFAULT_TASKS[0]})"
+        raise ConfigError(f"--tasks {task!r}: {err}{hint}") from None
 
 
 def plan_runs(config_file: Path, tasks: Sequence[str], cores: Sequence[str], seeds: int, steps: int,
