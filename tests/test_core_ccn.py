@@ -140,6 +140,35 @@ def test_state_metrics_report_the_normalisers_running_variance():
     assert metrics["output_var"] == pytest.approx(2 * float(core.output_normaliser.var[:4].mean()))
 
 
+def test_warmup_averages_each_features_first_updates_and_new_columns_count_from_their_stage():
+    """With ``normalizer_warmup`` the n-th update has rate max(1 − d, 1/n): over the first 1/(1 − d)
+    steps μ is the plain mean of the batch means and v the mean of the squared deviations from the
+    running μ; later the rate stays at 1 − d. The output features of stage 1 start counting when it does."""
+    decay = 0.9  # rate 1/n for n ≤ 10, then 0.1
+    core = build(normalizer_decay=decay, normalizer_warmup=True, steps_per_stage=24)
+    B = 2
+    state = core.initial_state(B, dtype=DTYPE)
+    reset = torch.zeros(1, B, dtype=torch.bool)
+    xs = 3.0 + 0.5 * torch.randn(14, 1, B, 3, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    mean, var = torch.zeros(3, dtype=DTYPE), torch.ones(3, dtype=DTYPE)
+    for n in range(1, 15):
+        _, state = core(xs[n - 1], state, reset)
+        if n > 12:  # 24 learning steps: stage 0 is frozen from the 13th window on, its statistics too
+            continue
+        rate = max(1 - decay, 1 / n)
+        mean = mean + rate * (xs[n - 1, 0].mean(0) - mean)
+        var = (var + rate * ((xs[n - 1, 0] - mean).pow(2).mean(0) - var)).clamp(min=0.01)
+        if n == 10:  # so far, the plain averages: μ is the mean of all 20 inputs
+            torch.testing.assert_close(core.stages[0].normaliser.mean, xs[:10].mean((0, 1, 2)))
+    normaliser = core.stages[0].normaliser
+    torch.testing.assert_close(normaliser.mean, mean)
+    torch.testing.assert_close(normaliser.var, var)
+    assert normaliser.count.tolist() == [12.0] * 3
+    # stage 1 began with the 13th window: its inputs and its columns' outputs were updated twice
+    assert core.output_normaliser.count.tolist() == [14.0, 14.0, 2.0, 2.0, 0.0, 0.0]
+    assert core.stages[1].normaliser.count.tolist() == [2.0] * 5
+
+
 def test_frozen_stages_never_change_and_idle_stages_wait():
     core = make_core({"name": "ccn", "hidden_size": 4, "columns_per_stage": 2, "steps_per_stage": 20,
                       "normalizer_decay": 0.9}, input_size=3)
@@ -207,8 +236,11 @@ def test_columns_have_4m_plus_8_weights_and_do_not_read_each_other():
         assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
 
 
-def test_checkpoint_restores_the_schedule_and_statistics_exactly():
-    core = make_core({"name": "ccn", "hidden_size": 4, "columns_per_stage": 1, "steps_per_stage": 3}, input_size=2)
+@pytest.mark.parametrize("warmup", [False, True])
+def test_checkpoint_restores_the_schedule_and_statistics_exactly(warmup: bool):
+    spec = {"name": "ccn", "hidden_size": 4, "columns_per_stage": 1, "steps_per_stage": 3,
+            "normalizer_decay": 0.9, "normalizer_warmup": warmup}
+    core = make_core(spec, input_size=2)
     state = core.initial_state(1)
     xs = torch.rand(12, 1, 1, 2)
     reset = torch.zeros(1, 1, dtype=torch.bool)
@@ -220,7 +252,8 @@ def test_checkpoint_restores_the_schedule_and_statistics_exactly():
         y, state = core(xs[t], state, reset)
         expected.append(y.detach())
     torch.manual_seed(123)
-    fresh = make_core({"name": "ccn", "hidden_size": 4, "columns_per_stage": 1, "steps_per_stage": 3}, input_size=2)
+    fresh = make_core(spec, input_size=2)
+    assert ("output_normaliser.count" in saved) == warmup
     fresh.load_state_dict(saved)
     assert fresh.steps_seen == 7 and fresh.learning_stage == 2
     state = saved_state
@@ -236,6 +269,9 @@ def test_checkpoint_restores_the_schedule_and_statistics_exactly():
         ({"steps_per_stage": 0}, "memory.steps_per_stage must be a positive integer"),
         ({"normalizer_decay": 1.5}, "memory.normalizer_decay must be a number in [0, 1]"),
         ({"variance_floor": 0.0}, "memory.variance_floor must be a positive number"),
+        ({"normalizer_warmup": "yes"}, "memory.normalizer_warmup must be true or false"),
+        ({"normalizer_warmup": True, "normalizer_decay": 1.0},
+         "memory.normalizer_warmup needs memory.normalizer_decay < 1"),
         ({"grad": "snap1"}, "memory.grad='snap1' is not supported by core 'ccn'; valid choices: rtrl, bptt"),
         ({"columns": 3}, "unknown key memory.columns; valid keys:"),
     ],

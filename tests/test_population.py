@@ -37,6 +37,8 @@ CORES = {
     # stages begin at 25 and 50 steps: the population crosses two stage boundaries
     "ccn-rtrl": ({"name": "ccn", "hidden_size": 4, "columns_per_stage": 2, "steps_per_stage": 25, "grad": "rtrl",
                   "init_scale": 0.5, "normalizer_decay": 0.9}, {}),
+    "ccn-warmup": ({"name": "ccn", "hidden_size": 4, "columns_per_stage": 2, "steps_per_stage": 25, "grad": "rtrl",
+                    "init_scale": 0.5, "normalizer_decay": 0.9, "normalizer_warmup": True}, {}),
 }
 
 
@@ -84,7 +86,7 @@ def test_each_member_gets_exactly_the_updates_it_gets_alone(float64, core: str, 
     population.sync_members()
     for learner, member in zip(alone, population.members):
         assert_members_equal(learner, member)
-    if core == "ccn-rtrl":
+    if core.startswith("ccn"):
         assert population.members[0].network.core.learning_stage == 1  # a stage boundary was crossed
 
 

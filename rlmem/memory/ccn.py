@@ -47,6 +47,13 @@ of the stage's own learning period only. The core's output is the started column
 same way by output statistics that keep adapting for every started column (the readout learns on
 top of them), and 0 for the columns of later stages.
 
+With ``normalizer_warmup`` (not in the CCN paper) each feature's n-th update uses the rate
+r_n = max(1 − d, 1/n) in place of 1 − d: μ ← (1 − r_n) μ + r_n mean_b(x), and v likewise. The first
+1/(1 − d) updates are then the plain average of what was seen, so the statistics start at the data's
+instead of relaxing from μ = 0, v = 1 over ~1/(1 − d) steps (a transient that, with d = 0.99999,
+lasts a few hundred thousand steps; docs/trace_patterning.md). A column's output feature counts from
+its stage's start.
+
 **Gradients.** ``grad: rtrl`` runs the learning stage's window through ``rlmem.rtrl.rtrl_window``
 (sensitivities for the learning stage only: 2·S·(4·m_s + 8) reals per env); frozen stages are fixed
 functions of the window's inputs, run with ordinary autograd so that the core's inputs still get
@@ -90,6 +97,7 @@ class CCNOptions(CoreOptions):
     # patterning (docs/cores.md)
     normalizer_decay: float = 0.99999
     variance_floor: float = 0.01  # lower bound of the running variances
+    normalizer_warmup: bool = False  # average each feature's first 1/(1 − d) updates (see the docstring)
     init_scale: float = 0.01  # column weights start at U(−init_scale, init_scale)
 
     def __post_init__(self) -> None:
@@ -103,6 +111,12 @@ class CCNOptions(CoreOptions):
             raise ConfigError(f"memory.steps_per_stage must be a positive integer, got {self.steps_per_stage!r}")
         if not _is_number(self.normalizer_decay) or not 0.0 <= self.normalizer_decay <= 1.0:
             raise ConfigError(f"memory.normalizer_decay must be a number in [0, 1], got {self.normalizer_decay!r}")
+        if not isinstance(self.normalizer_warmup, bool):
+            raise ConfigError(f"memory.normalizer_warmup must be true or false, got {self.normalizer_warmup!r}")
+        if self.normalizer_warmup and self.normalizer_decay == 1.0:
+            raise ConfigError(
+                "memory.normalizer_warmup needs memory.normalizer_decay < 1 (1 never updates the statistics)"
+            )
         if not _is_number(self.variance_floor) or self.variance_floor <= 0:
             raise ConfigError(f"memory.variance_floor must be a positive number, got {self.variance_floor!r}")
         if not _is_number(self.init_scale) or self.init_scale < 0:
@@ -173,13 +187,16 @@ class ColumnCell(RTRLCell):
 
 
 class _Normaliser(nn.Module):
-    """Running mean and variance (with a floor) of F features; normalises [T, B, F] windows."""
+    """Running mean and variance (with a floor) of F features; normalises [T, B, F] windows. With
+    ``warmup`` it also counts each feature's updates (a buffer, so checkpoints and populations keep it)."""
 
-    def __init__(self, features: int, decay: float, floor: float) -> None:
+    def __init__(self, features: int, decay: float, floor: float, warmup: bool = False) -> None:
         super().__init__()
-        self.decay, self.floor = decay, floor
+        self.decay, self.floor, self.warmup = decay, floor, warmup
         self.register_buffer("mean", torch.zeros(features))
         self.register_buffer("var", torch.ones(features))
+        if warmup:
+            self.register_buffer("count", torch.zeros(features))
 
     def forward(self, values: Tensor, update: bool) -> Tensor:
         """Normalise ``values`` [T, B, F'] by the statistics of the first F' features (F' ≤ F); with
@@ -188,14 +205,23 @@ class _Normaliser(nn.Module):
         if not update:
             return (values - self.mean[:features]) / self.var[:features].sqrt()
         mean, var = self.mean[:features].clone(), self.var[:features].clone()
+        count = self.count[:features].clone() if self.warmup else None
         normalised = []
         for t in range(values.shape[0]):
             normalised.append((values[t] - mean) / var.sqrt())
             batch = values[t].detach()
-            mean = self.decay * mean + (1 - self.decay) * batch.mean(0)
-            var = (self.decay * var + (1 - self.decay) * (batch - mean).pow(2).mean(0)).clamp(min=self.floor)
+            if count is None:
+                mean = self.decay * mean + (1 - self.decay) * batch.mean(0)
+                var = (self.decay * var + (1 - self.decay) * (batch - mean).pow(2).mean(0)).clamp(min=self.floor)
+            else:
+                count = count + 1
+                rate = count.reciprocal().clamp(min=1 - self.decay)  # r_n = max(1 − d, 1/n)
+                mean = mean + rate * (batch.mean(0) - mean)
+                var = (var + rate * ((batch - mean).pow(2).mean(0) - var)).clamp(min=self.floor)
         self.mean[:features] = mean
         self.var[:features] = var
+        if count is not None:
+            self.count[:features] = count
         return torch.stack(normalised)
 
 
@@ -210,7 +236,9 @@ class _Stage(nn.Module):
             for gate in GATES:
                 shape = (columns, inputs) if kind == "w" else (columns,)
                 setattr(self, f"{kind}_{gate}", nn.Parameter(torch.empty(shape).uniform_(-scale, scale)))
-        self.normaliser = _Normaliser(inputs, options.normalizer_decay, options.variance_floor)
+        self.normaliser = _Normaliser(
+            inputs, options.normalizer_decay, options.variance_floor, options.normalizer_warmup
+        )
 
     def params(self, trainable: bool) -> dict[str, Tensor]:
         values = {name: getattr(self, name) for name in ColumnCell.param_names}
@@ -234,7 +262,8 @@ class CCNCore(EngineCore):
         self.stages = nn.ModuleList(
             _Stage(bounds[s + 1] - bounds[s], input_size + bounds[s], options) for s in range(self.num_stages)
         )
-        self.output_normaliser = _Normaliser(options.hidden_size, options.normalizer_decay, options.variance_floor)
+        self.output_normaliser = _Normaliser(options.hidden_size, options.normalizer_decay, options.variance_floor,
+                                             options.normalizer_warmup)
         self.steps_seen = 0
 
     # ----------------------------------------------------------------------------------------------
