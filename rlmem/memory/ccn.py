@@ -332,7 +332,7 @@ class CCNCore(EngineCore):
     def state_metrics(self, state: State, buffers: Mapping[str, Tensor] | None = None) -> dict[str, float]:
         """The base metrics and the normalisers' mean running variance: ``stage<s>_input_var`` for each
         started stage (over its inputs) and ``output_var`` (over the started columns). A normaliser
-        divides by √v, so a mean v below 1 says how much it amplifies what it normalises."""
+        divides by √v: a mean v of 0.01 (the default floor) amplifies what it normalises about tenfold."""
         metrics = super().state_metrics(state)
         buffers = dict(self.named_buffers()) if buffers is None else buffers
         for s in range(self.learning_stage + 1):
