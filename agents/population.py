@@ -143,6 +143,8 @@ class Population(Learner):
         self.members = list(members)
         self.size = len(members)
         self.network = first.network  # the template of the functional forward
+        # where the core sits in the network: its buffers are the stacked ones under this prefix
+        self.core_prefix = next(name for name, m in self.network.named_modules() if m is self.network.core) + "."
         if any(m.num_envs != first.num_envs for m in members):
             raise ConfigError("members of a population must agree in env.num_envs")
 
@@ -152,11 +154,10 @@ class Population(Learner):
 
     def memory_metrics(self, state: State, p: int) -> dict[str, float]:
         """Member p's ``memory/*`` scalars, from its slices of the stacked memory state and buffers."""
-        core = self.network.core
-        prefix = next(name for name, module in self.network.named_modules() if module is core) + "."
-        buffers = {name.removeprefix(prefix): value[p] for name, value in self.buffers.items()
-                   if name.startswith(prefix)}
-        return {f"memory/{k}": v for k, v in core.state_metrics(member_state(state, p), buffers).items()}
+        buffers = {name.removeprefix(self.core_prefix): value[p] for name, value in self.buffers.items()
+                   if name.startswith(self.core_prefix)}
+        metrics = self.network.core.state_metrics(member_state(state, p), buffers)
+        return {f"memory/{k}": v for k, v in metrics.items()}
 
     def gather_members(self) -> None:
         raise NotImplementedError

@@ -210,7 +210,7 @@ class _Normaliser(nn.Module):
         for t in range(values.shape[0]):
             normalised.append((values[t] - mean) / var.sqrt())
             batch = values[t].detach()
-            if count is None:
+            if count is None:  # the paper's update, in its own form so that default runs stay bit for bit
                 mean = self.decay * mean + (1 - self.decay) * batch.mean(0)
                 var = (self.decay * var + (1 - self.decay) * (batch - mean).pow(2).mean(0)).clamp(min=self.floor)
             else:
