@@ -136,6 +136,16 @@ def test_a_core_option_is_checked_with_each_core_not_with_the_default_core(tmp_p
     assert not out.exists()
 
 
+def test_steps_below_one_update_train_one_update(tmp_path: Path, capsys):
+    """A run trains whole updates (64 env steps here): ``--steps 40`` trains one and reads it."""
+    out = tmp_path / "popgym"
+    assert main(["bench", "popgym", "--tasks", TASKS[0], "--cores", "gru", "--seeds", "1", "--window", "32",
+                 *SMALL, "--steps", "40", "--out", str(out)]) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["steps"] == 64 and run["steps_per_second"] > 0
+    assert checkpoint_step(out / f"{TASKS[0]}/gru-bptt_s0") == 64
+
+
 def test_mmer_is_the_best_mean_over_a_window_of_env_steps():
     steps = np.array([100.0, 200, 300, 400, 500])
     returns = np.array([-1.0, 0.0, 1.0, 0.5, -0.5])

@@ -234,10 +234,14 @@ def windowed_means(steps: np.ndarray, values: np.ndarray, window: float) -> tupl
 
 
 def read_run(run_dir: Path, steps: int, window: float) -> dict[str, Any]:
-    """One finished run: its MMER, its windowed learning curve and its env steps/s."""
-    sps_steps, sps = read_scalars(run_dir, "charts/SPS", until=steps)
+    """One finished run: its MMER, its windowed learning curve and its env steps/s, up to the end of the
+    update that reached ``steps`` (a run trains whole updates, so ``--steps`` below one update still
+    gives one; a run trained further for a longer study is read only as far as this one asks)."""
+    sps_steps, sps = read_scalars(run_dir, "charts/SPS")
+    until = sps_steps[min(np.searchsorted(sps_steps, steps), len(sps_steps) - 1)]
+    sps_steps, sps = sps_steps[sps_steps <= until], sps[sps_steps <= until]
     try:
-        logged, returns = read_scalars(run_dir, RETURN_TAG, until=steps)
+        logged, returns = read_scalars(run_dir, RETURN_TAG, until=until)
     except ConfigError:  # no episode ended within the run
         return {"mmer": float("nan"), "curve_steps": [], "curve": [], "steps": int(sps_steps[-1]),
                 "steps_per_second": float(sps[-1])}
