@@ -89,6 +89,25 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     assert (other / "trace_conditioning-columnar+lstm_tbptt15.png").exists()
 
 
+def test_finished_runs_saved_under_results_are_reused_by_a_call_with_a_fresh_out(tmp_path: Path, capsys):
+    """--results keeps the finished runs apart from OUT (a directory in version control, say): a later
+    call with an empty OUT, as on another machine, trains nothing and writes the same table."""
+    results = tmp_path / "results"
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--results", str(results),
+                 "--out", str(tmp_path / "first")]) == 0
+    assert sorted(p.name.rsplit("-", 1)[0] for p in results.iterdir()) == [
+        "columnar-seed0", "lstm_tbptt15-seed0", "zero-seed0"]
+    assert not (tmp_path / "first" / "runs").exists()
+    capsys.readouterr()
+    fresh = tmp_path / "fresh"
+    assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--results", str(results),
+                 "--out", str(fresh)]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing 3 finished run(s)" in printed and "done" not in printed and not (fresh / "train").exists()
+    assert (json.loads((fresh / TABLE).read_text())["runs"]
+            == json.loads((tmp_path / "first" / TABLE).read_text())["runs"])
+
+
 def test_summary_reports_mean_stderr_and_median_over_seeds():
     from rlmem.bench.trace_patterning import summarise
 

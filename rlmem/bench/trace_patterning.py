@@ -60,6 +60,10 @@ added to an existing one. A training run stopped part way (Ctrl-C, or the machin
 checkpoint (every ``CHECKPOINT_EVERY`` steps) in ``OUT/train/``, and the next call continues it there,
 also when it adds seeds or step sizes: a stopped population goes on as it was, and only the added
 members form new ones.
+``--results DIR`` saves and looks up the finished runs there instead of ``OUT/runs/``: a few kB of
+JSON per run (its settings and curve), so a study's directory of results can live in version control
+and carry over to another machine, where the training runs and their checkpoints (``OUT/train/``,
+megabytes) do not.
 ``--no-reuse`` runs everything afresh; ``--saved-only`` runs nothing,
 summarises the runs saved so far (while the study is still running elsewhere, say) and lists the
 training runs in progress with the step of their last checkpoint. ``--lr METHOD=LR`` and
@@ -601,9 +605,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="directory for the runs, the table and the plot (runs/bench/TASK)")
     parser.add_argument("--population", action="store_true",
                         help="run each method's seeds as one population (one process, ~10x the runs per core)")
-    parser.add_argument("--no-reuse", action="store_true", help="rerun runs already saved under OUT/runs/")
+    parser.add_argument("--results", default=None, metavar="DIR",
+                        help="save and look up the finished runs (small JSON files) here instead of OUT/runs/, "
+                             "e.g. a directory in version control")
+    parser.add_argument("--no-reuse", action="store_true", help="rerun runs already saved")
     parser.add_argument("--saved-only", action="store_true",
-                        help="run nothing: summarise the runs saved under OUT/runs/ so far (a study in progress)")
+                        help="run nothing: summarise the runs saved so far (a study in progress)")
     return parser
 
 
@@ -680,7 +687,7 @@ def run(argv: list[str]) -> None:
                 for name in methods}
 
     out = Path(args.out or f"runs/bench/{args.task}")
-    saved = out / "runs"
+    saved = Path(args.results) if args.results else out / "runs"
     # The V = 0 reference steps the same streams, so it runs (and is saved) like a method.
     chosen["zero"] = ZERO
     protocol = Protocol(args.task, args.steps, args.log_every, args.num_envs)
