@@ -310,6 +310,13 @@ def test_a_run_stopped_part_way_stops_the_bench_and_is_continued_by_the_next_cal
     (stopped,) = (tmp_path / "train").iterdir()
     assert bench.unfinished_runs(tmp_path / "train", 200) == [  # what --saved-only lists as in progress
         f"in progress: {stopped.name}: checkpoint at step 100 of 200"]
+    # ... with the error so far against V = 0's on the same seed and steps, where V = 0 is saved
+    from rlmem.plot import read_scalars
+
+    (error,) = read_scalars(stopped, "charts/prediction_error")[1]
+    assert bench.unfinished_runs(tmp_path / "train", 200, {0: [0.5, 0.25]}, 100, 100) == [
+        f"in progress: {stopped.name}: checkpoint at step 100 of 200; error / V = 0 over steps 0–100: "
+        f"lr 0.01 {error / 0.5:.2f} ± 0.00"]
     monkeypatch.undo()
     capsys.readouterr()
     assert main(argv) == 0
@@ -341,6 +348,9 @@ def test_a_stopped_population_is_continued_when_a_later_call_adds_seeds_and_step
     first_events = sorted(stopped.rglob("events.out.tfevents*"))
     assert bench.unfinished_runs(tmp_path / "train", 200) == [
         f"in progress: {stopped.name}: checkpoint at step 100 of 200, 4 members"]
+    (line,) = bench.unfinished_runs(tmp_path / "train", 200, {0: [1.0, 1.0], 1: [1.0, 1.0]}, 100, 100)
+    assert line.startswith(f"in progress: {stopped.name}: checkpoint at step 100 of 200, 4 members; error / V = 0 "
+                           "over steps 0–100: lr 0.005 ") and ", lr 0.02 " in line  # both step sizes, 2 seeds each
     monkeypatch.undo()
     capsys.readouterr()
 

@@ -66,7 +66,8 @@ and carry over to another machine, where the training runs and their checkpoints
 megabytes) do not.
 ``--no-reuse`` runs everything afresh; ``--saved-only`` runs nothing,
 summarises the runs saved so far (while the study is still running elsewhere, say) and lists the
-training runs in progress with the step of their last checkpoint. ``--lr METHOD=LR`` and
+training runs in progress with the step of their last checkpoint and, where V = 0 is saved, their error
+so far as a fraction of V = 0's, per step size. ``--lr METHOD=LR`` and
 ``--set METHOD.KEY=VALUE`` (a core option, e.g. ``columnar.normalizer_decay=0.9999``) vary a method; both
 are part of the settings a saved run must match, and of its file name (``<method>-seed<s>-<digest>.json``),
 so runs of several settings share one ``OUT`` without replacing each other. The table and plot are
@@ -86,7 +87,7 @@ import json
 import math
 import shutil
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,10 +393,13 @@ def stopped_populations(pending: Sequence[tuple], train_root: Path) -> tuple[lis
     return continued, left
 
 
-def unfinished_runs(train_root: Path, steps: int) -> list[str]:
+def unfinished_runs(train_root: Path, steps: int, zero: Mapping[int, Sequence[float]] | None = None,
+                    log_every: int = 1, window: int = 0) -> list[str]:
     """One line per training run under ``train_root`` whose last checkpoint is short of ``steps`` (stopped,
     or still running elsewhere), with how far it got: in a study of many sessions, what the next call
-    continues."""
+    continues. Given V = 0's curves (``zero``: seed -> one point per ``log_every`` steps), the line adds
+    the error so far as the table will give it: over the last ``window`` steps up to the checkpoint,
+    divided by V = 0's over the same steps on the same seed, mean ± s.e. over seeds, per step size."""
     lines = []
     for run_dir in sorted(p for p in train_root.glob("*") if (p / "config.yaml").is_file()):
         try:
@@ -405,8 +409,39 @@ def unfinished_runs(train_root: Path, steps: int) -> list[str]:
             continue
         if step < steps:
             members = f", {len(population_members(config))} members" if is_population(config) else ""
-            lines.append(f"in progress: {run_dir.name}: checkpoint at step {step:,} of {steps:,}{members}")
+            line = f"in progress: {run_dir.name}: checkpoint at step {step:,} of {steps:,}{members}"
+            if zero and step > 0:
+                line += _error_so_far(run_dir, config, step, zero, log_every, window)
+            lines.append(line)
     return lines
+
+
+def _error_so_far(run_dir: Path, config: RunConfig, step: int, zero: Mapping[int, Sequence[float]],
+                  log_every: int, window: int) -> str:
+    """``; error / V = 0 over steps a–b: lr X m ± s.e., ...`` of a run in progress (see unfinished_runs)."""
+    members = population_members(config) if is_population(config) else [config]
+    start = max(step - window, 0)
+    ratios: dict[float, list[float]] = {}
+    for member in members:
+        member_dir = run_dir / "members" / member_name(member, config.train.population_grid) \
+            if is_population(config) else run_dir
+        seed = member.train.seed
+        try:
+            logged, errors = read_scalars(member_dir, "charts/prediction_error", until=step)
+        except ConfigError:
+            continue
+        kept = [(int(at), error) for at, error in zip(logged, errors)
+                if at > start and int(at) // log_every <= len(zero.get(seed, ()))]
+        if not kept:
+            continue
+        learned = statistics.fmean(error for _, error in kept)
+        nothing = statistics.fmean(zero[seed][at // log_every - 1] for at, _ in kept)
+        ratios.setdefault(float(member.agent["lr"]), []).append(learned / nothing)
+    if not ratios:
+        return ""
+    parts = [f"lr {lr:g} {statistics.fmean(r):.2f} ± "
+             f"{statistics.stdev(r) / math.sqrt(len(r)) if len(r) > 1 else 0.0:.2f}" for lr, r in ratios.items()]
+    return f"; error / V = 0 over steps {start:,}–{step:,}: {', '.join(parts)}"
 
 
 def zero_prediction_curves(seeds: Sequence[int], protocol: Protocol) -> list[list[float]]:
@@ -711,7 +746,9 @@ def run(argv: list[str]) -> None:
         if not results:
             raise ConfigError(f"--saved-only: no runs with these settings are saved under {saved}")
         print(f"  leaving out {len(pending)} run(s) not saved yet", flush=True)
-        for line in unfinished_runs(out / "train", protocol.points * protocol.log_every):
+        zero = {r["seed"]: r["curve"] for r in results if r["method"] == "zero"}
+        for line in unfinished_runs(out / "train", protocol.points * protocol.log_every, zero, args.log_every,
+                                    args.window):
             print(f"  {line}", flush=True)
         pending = []
 
