@@ -423,8 +423,9 @@ def _error_so_far(run_dir: Path, config: RunConfig, step: int, zero: Mapping[int
     start = max(step - window, 0)
     ratios: dict[float, list[float]] = {}
     for member in members:
-        member_dir = run_dir / "members" / member_name(member, config.train.population_grid) \
-            if is_population(config) else run_dir
+        member_dir = run_dir
+        if is_population(config):
+            member_dir = run_dir / "members" / member_name(member, config.train.population_grid)
         seed = member.train.seed
         try:
             logged, errors = read_scalars(member_dir, "charts/prediction_error", until=step)
@@ -439,8 +440,10 @@ def _error_so_far(run_dir: Path, config: RunConfig, step: int, zero: Mapping[int
         ratios.setdefault(float(member.agent["lr"]), []).append(learned / nothing)
     if not ratios:
         return ""
-    parts = [f"lr {lr:g} {statistics.fmean(r):.2f} ± "
-             f"{statistics.stdev(r) / math.sqrt(len(r)) if len(r) > 1 else 0.0:.2f}" for lr, r in ratios.items()]
+    parts = []
+    for lr, per_seed in ratios.items():
+        mean, stderr = mean_stderr(per_seed)
+        parts.append(f"lr {lr:g} {mean:.2f}" + (f" ± {stderr:.2f}" if len(per_seed) > 1 else ""))
     return f"; error / V = 0 over steps {start:,}–{step:,}: {', '.join(parts)}"
 
 
@@ -518,6 +521,12 @@ def load_run(saved: Path, name: str, method: Method, seed: int, protocol: Protoc
     return None
 
 
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (nan for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
 def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: int, window: int) -> list[dict]:
     """One row per method and step size (in ``methods``' order, step sizes ascending): the final error
     (mean over the last ``window`` steps of each run) over seeds."""
@@ -526,9 +535,7 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
     for name, lr in [(m, lr) for m in methods for lr in sorted({r["lr"] for r in results if r["method"] == m})]:
         runs = [r for r in results if r["method"] == name and r["lr"] == lr]
         finals = [sum(r["curve"][-last:]) / len(r["curve"][-last:]) for r in runs]
-        mean = sum(finals) / len(finals)
-        stderr = math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1) / len(finals)) if len(finals) > 1 \
-            else float("nan")
+        mean, stderr = mean_stderr(finals)
         rows.append({
             "method": name,
             "lr": lr,
