@@ -6,7 +6,8 @@ Bitwise equality only means something on the same CPU kernels: the capability Py
 (AVX2, AVX512) and the vendor, since the math libraries take other code paths on AMD than on Intel at
 the same capability (rounding-level differences, ~1e-6 relative after a few updates). So there is one
 reference per kind, ``data/pinned_updates/<vendor>-<capability>.pt``, and the test skips, saying why,
-on a kind with none.
+on a kind with none. A change of behaviour made on purpose re-records every kind at hand and deletes
+the references of the others, which would otherwise fail there.
 """
 
 from __future__ import annotations
