@@ -379,6 +379,11 @@ def member_name(member: RunConfig, grid: Mapping[str, Any]) -> str:
     return f"{'_'.join(values) or 'member'}_s{member.train.seed}"
 
 
+def member_run_dir(run_dir: Path, member: RunConfig, grid: Mapping[str, Any]) -> Path:
+    """Where a population run in ``run_dir`` keeps member ``member``'s sub-run (its TensorBoard events)."""
+    return run_dir / "members" / member_name(member, grid)
+
+
 def load(config_path: str | None, args: Sequence[str] = ()) -> RunConfig:
     """Load a runnable file (or the embedded default) and apply command-line arguments."""
     if config_path is None:

@@ -468,7 +468,7 @@ def train_population(config: RunConfig, resume: bool = False, log=print,
             "or choose another train.run_dir / train.name"
         )
     members = cfg.population_members(config)
-    member_dirs = [run_dir / "members" / cfg.member_name(m, config.train.population_grid) for m in members]
+    member_dirs = [cfg.member_run_dir(run_dir, m, config.train.population_grid) for m in members]
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (run_dir / "config.yaml").write_text(config.to_yaml())

@@ -97,7 +97,7 @@ import envs
 from envs import make_env
 from rlmem.bench.measure import Column, Table, write_json
 from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from rlmem.config import RunConfig, is_population, load_saved, member_name, population_members, read_dotted, resolve
+from rlmem.config import RunConfig, is_population, load_saved, member_run_dir, population_members, read_dotted, resolve
 from rlmem.errors import ConfigError
 from rlmem.memory import core_options
 from rlmem.plot import read_scalars
@@ -289,7 +289,7 @@ def run_population(name: str, methods: Sequence[Method], seeds: Sequence[int], p
     results = []
     for member, saved in zip(members, checkpoint["learner"]["members"]):
         method = by_lr[member.agent["lr"]]
-        member_dir = run_dir / "members" / member_name(member, config.train.population_grid)
+        member_dir = member_run_dir(run_dir, member, config.train.population_grid)
         _, curve = read_scalars(member_dir, "charts/prediction_error")
         _, population_steps_per_second = read_scalars(member_dir, "charts/SPS")
         env, learner, _ = build(member)
@@ -425,7 +425,7 @@ def _error_so_far(run_dir: Path, config: RunConfig, step: int, zero: Mapping[int
     for member in members:
         member_dir = run_dir
         if is_population(config):
-            member_dir = run_dir / "members" / member_name(member, config.train.population_grid)
+            member_dir = member_run_dir(run_dir, member, config.train.population_grid)
         seed = member.train.seed
         try:
             logged, errors = read_scalars(member_dir, "charts/prediction_error", until=step)
