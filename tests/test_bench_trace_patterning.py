@@ -21,6 +21,9 @@ def test_bench_saves_runs_and_resumes_with_more_seeds(tmp_path: Path, capsys):
     first = json.loads((out / TABLE).read_text())
     assert [row["method"] for row in first["summary"]] == ["columnar", "lstm_tbptt15", "zero"]
     assert all(len(row["per_seed"]) == 2 for row in first["summary"])
+    (pair,) = first["paired"]  # the other method against the better one, on both seeds
+    assert pair["seeds"] == 2 and {pair["method"], pair["against"]} == {"columnar", "lstm_tbptt15"}
+    assert "paired by seed" in capsys.readouterr().out
     assert sorted(p.name.rsplit("-", 1)[0] for p in (out / "runs").iterdir()) == [
         "columnar-seed0", "columnar-seed1", "lstm_tbptt15-seed0", "lstm_tbptt15-seed1", "zero-seed0", "zero-seed1"]
     assert (out / "trace_patterning-columnar+lstm_tbptt15.png").stat().st_size > 1000
@@ -122,6 +125,32 @@ def test_summary_reports_mean_stderr_and_median_over_seeds():
     assert row["stderr"] == pytest.approx((((1 - 11) ** 2 + (2 - 11) ** 2 + (30 - 11) ** 2) / 2 / 3) ** 0.5)
 
 
+def test_methods_are_compared_seed_by_seed_against_the_best():
+    """A stream shared by every method on a seed makes their errors move together; the paired difference
+    takes it out. Here the LRU is 1.0 worse than the eLSTM on every seed, while each method's spread over
+    seeds is 100 times that: the pair says so with a standard error of 0, on the seeds both have
+    (the LRU's seed 3, a hard stream, is left out of the pair)."""
+    from rlmem.bench.trace_patterning import paired_against_best, summarise
+
+    streams = {0: 10.0, 1: 200.0, 2: 30.0, 3: 400.0}  # what each seed's stream adds to every method's error
+
+    def run(method: str, seed: int, worse: float) -> dict:
+        level = streams[seed] + worse
+        return {"method": method, "lr": 0.001, "seed": seed, "curve": [2 * level, level, level],
+                "macs_per_step": 1, "ms_per_step": 1.0}
+
+    results = ([run("elstm", seed, 0.0) for seed in range(3)] + [run("lru", seed, 1.0) for seed in range(4)]
+               + [run("zero", seed, 5000.0) for seed in range(4)])
+    rows = summarise(results, ["elstm", "lru", "zero"], log_every=100, window=200)
+    assert rows[1]["stderr"] > 50 and rows[1]["whole_run_error"] == pytest.approx(rows[1]["final_error"] * 4 / 3)
+    (pair,) = paired_against_best(rows)  # V = 0 is the reference, not a method to compare
+    assert (pair["method"], pair["against"], pair["seeds"], pair["best_lower"]) == ("lru", "elstm", 3, 3)
+    assert pair["difference"] == pytest.approx(1.0) and pair["stderr"] == pytest.approx(0.0, abs=1e-9)
+    assert pair["whole_run_difference"] == pytest.approx(4 / 3)
+    assert pair["whole_run_stderr"] == pytest.approx(0.0, abs=1e-9)
+    assert paired_against_best(rows[:1]) == []  # one method: nothing to pair
+
+
 def test_the_figure_of_a_sweep_plots_each_method_final_error_against_its_step_size(tmp_path: Path, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
@@ -220,7 +249,8 @@ def test_a_step_size_sweep_is_one_population_per_method_and_reports_each_at_its_
             "--methods", "columnar", "--seeds", "2"]
     out = tmp_path / "sweep"
     assert main([*argv, "--lr-factors", "0.5,2", "--population", "--out", str(out)]) == 0
-    assert "the step-size sweep" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the step-size sweep" in printed and "paired by seed" not in printed  # one method: no pairs
     assert [p.name.rsplit("-", 1)[0] for p in (out / "train").iterdir()] == ["columnar-sweep-seeds0-1"]
     (table,) = out.glob("results-columnar-*.json")  # a sweep is not the comparison at the bench's settings
     record = json.loads(table.read_text())

@@ -534,7 +534,8 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
     rows = []
     for name, lr in [(m, lr) for m in methods for lr in sorted({r["lr"] for r in results if r["method"] == m})]:
         runs = [r for r in results if r["method"] == name and r["lr"] == lr]
-        finals = [sum(r["curve"][-last:]) / len(r["curve"][-last:]) for r in runs]
+        finals = [statistics.fmean(r["curve"][-last:]) for r in runs]
+        whole = [statistics.fmean(r["curve"]) for r in runs]
         mean, stderr = mean_stderr(finals)
         rows.append({
             "method": name,
@@ -545,6 +546,11 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
             # one diverging seed moves the mean by more than the spread of the others: report both
             "median_error": statistics.median(finals),
             "per_seed": finals,
+            "seeds": [r["seed"] for r in runs],
+            # how fast a method learns, not only where it ends: the mean error over the whole run
+            "whole_run_error": mean_stderr(whole)[0],
+            "whole_run_stderr": mean_stderr(whole)[1],
+            "per_seed_whole_run": whole,
             "macs_per_step": max(r["macs_per_step"] for r in runs),
             "ms_per_step": sum(r["ms_per_step"] for r in runs) / len(runs),
         })
@@ -561,6 +567,41 @@ def best_rows(rows: list[dict]) -> list[dict]:
         if row["method"] not in best or score(row) < score(best[row["method"]]):
             best[row["method"]] = row
     return list(best.values())
+
+
+def paired_against_best(rows: list[dict]) -> list[dict]:
+    """Each method's row (at its best step size) against the best method's, seed by seed.
+
+    Every method steps the same stream on a given seed, so much of a run's error is the stream's (how
+    many trials fell in the window, how hard they were) and is shared by all methods on that seed. The
+    difference on each seed removes it: ``difference`` and ``stderr`` are the mean and standard error of
+    (this method's error − the best's) over the seeds both have, for the final window and for the whole
+    run, and ``best_lower`` counts the seeds on which the best method's final error is lower."""
+    learners = [row for row in rows if row["method"] != "zero" and math.isfinite(row["final_error"])]
+    if len(learners) < 2:
+        return []
+    best = min(learners, key=lambda row: row["final_error"])
+    paired = []
+    for row in learners:
+        if row is best:
+            continue
+        common = [seed for seed in row["seeds"] if seed in best["seeds"]]
+        if not common:
+            continue
+
+        def differences(key: str, row: dict = row, common: list[int] = common) -> list[float]:
+            mine, theirs = dict(zip(row["seeds"], row[key])), dict(zip(best["seeds"], best[key]))
+            return [mine[seed] - theirs[seed] for seed in common]
+
+        final, whole = differences("per_seed"), differences("per_seed_whole_run")
+        paired.append({
+            "method": row["method"], "lr": row["lr"], "label": row["label"],
+            "against": best["method"], "against_lr": best["lr"], "seeds": len(common),
+            "difference": mean_stderr(final)[0], "stderr": mean_stderr(final)[1],
+            "whole_run_difference": mean_stderr(whole)[0], "whole_run_stderr": mean_stderr(whole)[1],
+            "best_lower": sum(d > 0 for d in final),
+        })
+    return paired
 
 
 def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: Path, title: str,
@@ -791,7 +832,8 @@ def run(argv: list[str]) -> None:
     if len(lr_factors) > 1:
         settings["lr_factors"] = lr_factors
     table, figure = output_files(out, args.task, methods, chosen, lr_factors)
-    record = {"settings": settings, "summary": rows, "runs": results}
+    paired = paired_against_best(rows)
+    record = {"settings": settings, "summary": rows, "paired": paired, "runs": results}
     if len(lr_factors) > 1:
         record["sweep"] = sweep_rows
     write_json(table, record, indent=1)
@@ -803,12 +845,24 @@ def run(argv: list[str]) -> None:
     print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps "
           f"({'/'.join(map(str, seeds))} seeds per method):")
     summary = Table(Column("method", 26, "<"), Column("error", 10), Column("± s.e.", 9), Column("median", 9),
-                    Column("MACs/step", 10), Column("ms/update", 9), Column("lr", 7))
+                    Column("whole run", 10), Column("MACs/step", 10), Column("ms/update", 9), Column("lr", 7))
     summary.header()
     for row in sorted(rows, key=lambda r: r["final_error"]):
         summary.row(row["label"], f"{row['final_error']:.5f}", f"{row['stderr']:.5f}", f"{row['median_error']:.5f}",
-                    f"{row['macs_per_step']:,d}", f"{row['ms_per_step']:.2f}",
+                    f"{row['whole_run_error']:.5f}", f"{row['macs_per_step']:,d}", f"{row['ms_per_step']:.2f}",
                     f"{row['lr']:g}" if row["method"] != "zero" else "-")
+    if paired:
+        against = (paired[0]["against"], paired[0]["against_lr"])
+        best = next(row for row in rows if (row["method"], row["lr"]) == against)
+        print(f"\npaired by seed (each seed is the same stream for every method): error minus that of the best, "
+              f"{best['label']} at {best['lr']:g}, mean ± s.e. over the seeds both have:")
+        pairs = Table(Column("method", 26, "<"), Column("final", 10), Column("± s.e.", 9), Column("whole run", 10),
+                      Column("± s.e.", 9), Column("best lower", 11))
+        pairs.header()
+        for pair in paired:
+            pairs.row(pair["label"], f"{pair['difference']:+.5f}", f"{pair['stderr']:.5f}",
+                      f"{pair['whole_run_difference']:+.5f}", f"{pair['whole_run_stderr']:.5f}",
+                      f"{pair['best_lower']} of {pair['seeds']}")
     if len(lr_factors) > 1:
         print(f"\nthe step-size sweep (factors {', '.join(f'{f:g}' for f in lr_factors)} of each method's step size; "
               "* marks the best):")
