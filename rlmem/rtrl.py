@@ -75,15 +75,21 @@ a ``step`` that returns h_t and, on request, A_t and the named factors that the 
 v) and calls :func:`rtrl_window`, an autograd Function: forward runs the cell over the window
 without a graph and returns h_1..h_T and S_T; backward recomputes the per-step coefficients by
 evaluating the step over many rows at once, runs the adjoint (4), and returns the inputs' gradients
-and G. (A one-step window, the streaming learners' case, takes G from (2) directly, ⟨e_1, S_1⟩, with
-the S_1 it returned, and recomputes nothing but the inputs' gradient.) It saves only the window's
-inputs, h_0, S_0 (S_1 when T = 1) and h_1..h_T, so what it keeps beyond the carried
+and G. It saves only the window's inputs, h_0, S_0 and h_1..h_T, so what it keeps beyond the carried
 state is O(T·B·(N·k + D)), never O(T·|S|); and it walks the window in chunks of ``CHUNK_STEPS``
 steps ((3) composes over chunks; the adjoint crosses a chunk boundary as one vector), so its working
 memory for coefficients and the recomputation does not grow with T either. ``prepare`` must
 therefore treat steps independently. The functions :func:`advance` (3) and :func:`gradients` (4) on
 :class:`WindowCoefficients` are the pieces a fused kernel replaces: for CUDA tensors they (and the
 adjoint) run the CUDA kernels of the ``kernels`` package when it can (see ``kernels.available``).
+
+A one-step window, the streaming learners' case, needs no Function: S_1 is (1) itself, and
+
+    h_1 + Σ_p ⟨S_1^p, θ_p − sg(θ_p)⟩          (sg(θ): θ's value, without gradient)
+
+equals h_1 while its gradient in θ_p is S_1^p, so autograd returns (2) exactly, and the inputs the
+step's own partial, which δ_1 = e_1 makes the window's (:func:`_one_step_window`). Being ordinary
+ops, it runs under torch.func.vmap at no more than their cost (populations, per-env gradients).
 """
 
 from __future__ import annotations
@@ -573,10 +579,8 @@ class _RTRLWindow(torch.autograd.Function):
     (S after a chunk is the next chunk's S_0) and the adjoint crosses a chunk boundary as the single
     vector Ã_{t0}ᵀ δ_{t0}, so per-step coefficients only ever exist for one chunk."""
 
-    # forward without ctx plus setup_context, and a generated vmap rule: the form torch.func needs, so
-    # that a one-step window can run under vmap (stream_ac takes per-env gradients that way). Longer
-    # windows read the reset flags on the host (run_cell), which vmap cannot trace.
-    generate_vmap_rule = True
+    # One-step windows do not come here (:func:`_one_step_window`): longer windows read the reset flags
+    # on the host (run_cell), which vmap cannot trace, so this Function needs no vmap rule.
 
     @staticmethod
     def forward(cell: RTRLCell, encoder_grad: str, reset: Tensor, h0: Tensor, *tensors: Tensor):
@@ -602,11 +606,6 @@ class _RTRLWindow(torch.autograd.Function):
         cell, encoder_grad, reset, h0, *tensors = inputs
         h_seq, *final = output
         ctx.cell, ctx.encoder_grad = cell, encoder_grad
-        # A one-step window's gradient is (2) itself, ⟨e_1, S_1⟩: it keeps S_1 (the carried state holds
-        # it anyway) in S_0's place instead of recomputing the step's coefficients in backward.
-        ctx.one_step = reset.shape[0] == 1
-        if ctx.one_step:
-            tensors = [*final, *tensors[len(cell.groups) :]]
         ctx.save_for_backward(reset, h0, h_seq, *tensors)
         ctx.mark_non_differentiable(*final)
 
@@ -617,7 +616,7 @@ class _RTRLWindow(torch.autograd.Function):
         # Saved outputs come back attached to this Function's graph: detach so that the recomputation
         # below records only what the inputs' gradient needs.
         reset, h0, h_seq, *tensors = (t.detach() for t in ctx.saved_tensors)
-        sensitivities, inputs, params = _split(cell, tuple(tensors))  # S_1, not S_0, for one step
+        sensitivities, inputs, params = _split(cell, tuple(tensors))
         offset = 4 + len(cell.groups)
         input_needs = dict(zip(cell.input_names, ctx.needs_input_grad[offset : offset + len(cell.input_names)]))
         param_needs = dict(zip(cell.param_names, ctx.needs_input_grad[offset + len(cell.input_names) :]))
@@ -633,17 +632,14 @@ class _RTRLWindow(torch.autograd.Function):
             h_start, chunk = (h0 if t0 == 0 else h_seq[t0 - 1]), slice(t0, t1)
             chunk_inputs = {name: x[chunk] for name, x in inputs.items()}
             chunk_errors = _internal(cell, errors[chunk])
-            if ctx.one_step:
-                adjoint_errors = chunk_errors  # δ_1 = e_1
-            else:
-                _, coefficients = window_coefficients(
-                    cell, h_start, h_seq[chunk], cell.prepare(chunk_inputs, fixed), fixed, reset[chunk]
-                )
-                if from_later is not None:
-                    chunk_errors = chunk_errors.clone()
-                    chunk_errors[-1] += from_later
-                adjoint_errors = _adjoint(cell, coefficients.jacobians, chunk_errors)
-                from_later = _act_transpose(cell, coefficients.jacobians[0], adjoint_errors[0])
+            _, coefficients = window_coefficients(
+                cell, h_start, h_seq[chunk], cell.prepare(chunk_inputs, fixed), fixed, reset[chunk]
+            )
+            if from_later is not None:
+                chunk_errors = chunk_errors.clone()
+                chunk_errors[-1] += from_later
+            adjoint_errors = _adjoint(cell, coefficients.jacobians, chunk_errors)
+            from_later = _act_transpose(cell, coefficients.jacobians[0], adjoint_errors[0])
 
             if wanted:
                 # (∂h_t/∂x_t)ᵀ δ_t by autograd through one more evaluation of the step, h only, so that
@@ -662,9 +658,7 @@ class _RTRLWindow(torch.autograd.Function):
                     if input_grads[name] is None:
                         input_grads[name] = torch.zeros_like(inputs[name])
                     input_grads[name][chunk] = grad
-            if trained and ctx.one_step:
-                param_grads = step_gradients(cell, sensitivities, errors[0], trained)
-            elif trained:
+            if trained:
                 chunk_grads = gradients(cell, sensitivities if t0 == 0 else None, coefficients, adjoint_errors, trained)
                 for name, grad in chunk_grads.items():
                     param_grads[name] = grad if name not in param_grads else param_grads[name] + grad
@@ -683,6 +677,57 @@ def _split(cell: RTRLCell, tensors: tuple[Tensor, ...]):
     inputs = dict(zip(cell.input_names, tensors[n_groups : n_groups + n_inputs]))
     params = dict(zip(cell.param_names, tensors[n_groups + n_inputs :]))
     return sensitivities, inputs, params
+
+
+def _sensitivity_term(cell: RTRLCell, group: ParamGroup, S: Tensor, params: Mapping[str, Tensor],
+                      fixed: Mapping[str, Tensor]) -> Tensor:
+    """⟨S^p, θ_p − sg(θ_p)⟩ per unit ([B, N(, k)], internal representation): zero in value, S^p in
+    gradient (for a complex parameter, ∂h/∂θ_im = i S^p)."""
+    delta = params[group.params[0]] - fixed[group.params[0]]
+    if group.complex_param:
+        delta = torch.complex(delta, params[group.params[1]] - fixed[group.params[1]])
+    if group.reduce is not None:  # parameter rows shared by units: the transpose of the (linear) reduce
+        # the per-unit gradient's shape: [N(, D_p)], or a fan-out group's [R(, D_p)]
+        shape = S.shape[2:] if group.fan_out else S.shape[1:2] + S.shape[3:] if cell.form == "block" else S.shape[1:]
+        _, transpose = torch.func.vjp(group.reduce, delta.new_zeros(shape))
+        (delta,) = transpose(delta)
+    if group.fan_out:  # S [B, N, R(, D)], θ [R(, D)]
+        return (S * delta).sum((-2, -1) if group.matrix else -1)
+    if cell.form == "block":  # S [B, N, k(, D)], θ [N(, D)]
+        return (S * delta.unsqueeze(-2)).sum(-1) if group.matrix else S * delta.unsqueeze(-1)
+    return (S * delta).sum(-1) if group.matrix else S * delta
+
+
+def _one_step_window(
+    cell: RTRLCell,
+    h0: Tensor,
+    sensitivities: Mapping[str, Tensor],
+    inputs: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    reset: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """A one-step window (the streaming learners' case) in ordinary autograd ops.
+
+    The step runs once, with autograd's graph to the inputs only, and gives h_1 and the step's
+    coefficients; S_1 follows from (1). Then
+
+        h_1 + Σ_p ⟨S_1^p, θ_p − sg(θ_p)⟩            (sg: the value, without gradient)
+
+    is h_1 in value (the sum is zero) and has, by (2), the exact gradient ⟨e_1, S_1^p⟩ for every
+    parameter, while the inputs get the step's own (∂h_1/∂x_1)ᵀ e_1: for T = 1 that is what the window
+    Function returns in either ``encoder_grad`` mode, since δ_1 = e_1. Plain ops vmap like any others,
+    so a population of streaming learners does not pay for torch.func's generated rule of a Function."""
+    # Whether a tensor needs a gradient is not asked: under vmap, ``requires_grad`` reads False on the
+    # batched wrappers. Autograd records only what does; every parameter given here is trained.
+    fixed = {name: p.detach() for name, p in params.items()}
+    h0 = h0.detach()  # the carried state receives no gradient, as from the window Function
+    h, coefficients = window_coefficients(cell, h0, h0.unsqueeze(0), cell.prepare(inputs, fixed), fixed, reset)
+    with torch.no_grad():
+        final = advance(cell, sensitivities, coefficients)
+    if torch.is_grad_enabled():
+        for group in cell.groups:
+            h = h + _sensitivity_term(cell, group, _internal(cell, final[group.name]), params, fixed)
+    return _external(cell, h).unsqueeze(0), final
 
 
 def rtrl_window(
@@ -710,6 +755,8 @@ def rtrl_window(
     """
     if encoder_grad not in ENCODER_GRAD_MODES:
         raise ValueError(f"encoder_grad={encoder_grad!r}; valid choices: {', '.join(ENCODER_GRAD_MODES)}")
+    if reset.shape[0] == 1:
+        return _one_step_window(cell, h0, sensitivities, inputs, params, reset)
     tensors = (
         *(sensitivities[g.name] for g in cell.groups),
         *(inputs[name] for name in cell.input_names),

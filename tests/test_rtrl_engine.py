@@ -417,3 +417,45 @@ def test_one_step_windows_run_under_vmap_for_per_env_gradients(name):
         alone = torch.autograd.grad(y.pow(2).sum(), list(core.parameters()))
         for (param_name, _), expected in zip(core.named_parameters(), alone):
             torch.testing.assert_close(per_env[param_name][b], expected, msg=f"{param_name}, env {b}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_step_windows_of_stacked_members_under_vmap(kind):
+    """A population's way: vmap over the members' stacked parameters, inputs and carried state, and
+    autograd from outside (where, inside vmap, ``requires_grad`` reads False on every batched tensor).
+    Each member's h_1, S_1 and parameter gradients are its window's alone, and its inputs' gradient is
+    the step's own, as autograd through that one step gives it."""
+    members, B = 3, 2
+    cases = [make_case(kind, seed=seed) for seed in range(members)]
+    cell, N, _, columns = cases[0]
+    stacked = {name: torch.stack([case[2][name].detach() for case in cases]).requires_grad_() for name in cases[0][2]}
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(members, 1, B, 3, generator=g, dtype=DTYPE, requires_grad=True)
+    reset = torch.zeros(members, 1, B, dtype=torch.bool)
+    reset[1, 0, 0] = True
+    h0 = torch.randn(members, *zero_state(cell, B, N, "cpu", DTYPE).shape, generator=g, dtype=DTYPE)
+    S0 = {k: torch.randn(members, *s.shape, generator=g, dtype=DTYPE)
+          for k, s in zero_sensitivities(cell, B, N, columns, "cpu", DTYPE).items()}
+    weights = torch.randn(members, 1, *h0.shape[1:], generator=g, dtype=DTYPE)
+
+    def window(params, x, h0, S0, reset):
+        return rtrl_window(cell, h0, S0, {"x": x}, params, reset)
+
+    def loss(h_seq, weights):
+        return (h_seq * weights).sum() + (h_seq**2).sum() * 0.1
+
+    h_seq, S1 = torch.func.vmap(window)(stacked, x, h0, S0, reset)
+    got = torch.autograd.grad(loss(h_seq, weights), [x, *stacked.values()])
+    for m in range(members):
+        params = {name: p[m].detach().requires_grad_() for name, p in stacked.items()}
+        x_alone = x[m].detach().requires_grad_()
+        h_alone, S_alone = window(params, x_alone, h0[m], {k: s[m] for k, s in S0.items()}, reset[m])
+        want = torch.autograd.grad(loss(h_alone, weights[m]), list(params.values()))
+        torch.testing.assert_close(h_seq[m], h_alone, rtol=1e-12, atol=1e-14)
+        for k, s in S_alone.items():
+            torch.testing.assert_close(S1[k][m], s, rtol=1e-12, atol=1e-14, msg=f"S of {k}, member {m}")
+        for name, grad_got, grad_want in zip(params, got[1:], want):
+            torch.testing.assert_close(grad_got[m], grad_want, rtol=1e-10, atol=1e-12, msg=f"{name}, member {m}")
+        (x_want,) = torch.autograd.grad(loss(run_cell(cell, h0[m], {"x": x_alone}, params, reset[m]), weights[m]),
+                                        [x_alone])
+        torch.testing.assert_close(got[0][m], x_want, rtol=1e-10, atol=1e-12, msg=f"inputs, member {m}")
