@@ -29,6 +29,11 @@ core.weight``), and the previous checkpoint stays as it was.
 **Atomic.** The file is written to a temporary name, flushed to disk and renamed over
 ``checkpoint.pt``: a crash leaves either the old checkpoint or the new one, never half of one.
 
+**One trainer per run dir.** ``exclusive_run_dir`` holds an exclusive lock on ``RUN_DIR/.lock`` while
+a process trains there, so a second one (a ``--resume`` started before a stopping run has saved, say)
+stops with one message instead of interleaving its checkpoints and event files with the first's. The
+operating system releases the lock when the holder exits, however it exits.
+
 **Checked on load.** A file that is not a checkpoint this code writes (foreign, truncated, holding a
 pickled object, or lacking one of ``CHECKPOINT_KEYS``) raises ``ConfigError`` with one message naming
 the file and what is wrong.
@@ -36,6 +41,7 @@ the file and what is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -43,7 +49,7 @@ import re
 import tempfile
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +59,7 @@ import torch
 from rlmem.errors import ConfigError, TrainingDiverged
 
 CHECKPOINT_NAME = "checkpoint.pt"
+LOCK_NAME = ".lock"
 CHECKPOINT_KEYS = ("learner", "network", "env", "global_step", "iteration", "rng", "config")
 NUMPY_TAG = "__numpy__"
 _SCALARS = (str, bytes, int, float, complex, bool, type(None))
@@ -217,3 +224,35 @@ def _schema_problem(checkpoint: Any) -> str | None:
     if checkpoint["env"] is not None and not isinstance(checkpoint["env"], dict):
         return f"env must be a dict or None, got {type(checkpoint['env']).__name__}"
     return None
+
+
+@contextlib.contextmanager
+def exclusive_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` (created if missing) for this process; raise ``ConfigError`` if another holds it.
+
+    An advisory ``flock`` on ``RUN_DIR/.lock``, which names the holder's pid. Where there is no
+    ``fcntl`` (Windows) nothing is locked."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(run_dir / LOCK_NAME, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(
+                f"run dir {run_dir} is in use by {holder}: wait until it has stopped (after Ctrl-C it finishes "
+                "its iteration and saves first), or choose another train.run_dir"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

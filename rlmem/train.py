@@ -42,7 +42,7 @@ from agents.rollout import set_acting_threads
 from envs import env_device, make_env
 from envs.base import EnvError, EnvShard
 from rlmem import config as cfg
-from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from rlmem.checkpoint import CHECKPOINT_NAME, exclusive_run_dir, load_checkpoint, save_checkpoint
 from rlmem.config import RunConfig
 from rlmem.distributed import Distributed, check_divides, launched_world_size
 from rlmem.errors import ConfigError, TrainingDiverged
@@ -291,12 +291,15 @@ def train(config: RunConfig, resume: bool = False, log=print, report: Callable[[
         if launched_world_size() > 1:
             raise ConfigError("train.population trains every member in one process; start it without torchrun "
                               "or --nproc (a population and data-parallel ranks do not combine)")
-        return train_population(config, resume, log, report)
+        with exclusive_run_dir(run_dir_of(config)):
+            return train_population(config, resume, log, report)
     ranks = Distributed.from_environment(config.train.device)
     try:
         if not ranks.is_main:
             log = report = _silent
-        return _train(config, resume, log, ranks, report)
+        # rank 0 alone writes the run dir, so it alone holds it
+        with exclusive_run_dir(run_dir_of(config)) if ranks.is_main else contextlib.nullcontext():
+            return _train(config, resume, log, ranks, report)
     finally:
         ranks.close()
 

@@ -114,7 +114,7 @@ def test_only_rank_zero_writes_the_run_dir(runs: Path) -> None:
         files = sorted(p.name for p in run_dir.iterdir())
         events = [f for f in files if f.startswith("events.out.tfevents")]
         assert len(events) == 1, files
-        assert set(files) == {"checkpoint.pt", "config.yaml", *events}, files
+        assert set(files) == {"checkpoint.pt", "config.yaml", ".lock", *events}, files  # .lock: rank 0 holds the dir
 
 
 def test_resumed_two_rank_run_equals_the_uninterrupted_one(runs: Path) -> None:

@@ -133,6 +133,27 @@ def test_resume_refuses_what_would_make_the_continuation_differ(tmp_path: Path, 
     assert (run_dir / CHECKPOINT_NAME).read_bytes() == before
 
 
+@pytest.mark.parametrize("population", [False, True])
+def test_a_run_dir_in_use_by_another_process_is_refused_and_left_as_it_was(tmp_path: Path, capsys, population):
+    """A second trainer in a run dir (say a --resume started while a stopping run finishes its iteration)
+    would interleave checkpoints and event files: it stops with one message, exit 2, touching nothing."""
+    from rlmem.checkpoint import exclusive_run_dir
+
+    run_dir = tmp_path / "run"
+    extra = ["train.population=2"] if population else []
+    assert _train(run_dir, "td", 16, *extra) == 0
+    before = (run_dir / CHECKPOINT_NAME).read_bytes()
+    events = sorted(p.relative_to(run_dir) for p in run_dir.rglob("events.out.tfevents.*"))
+    capsys.readouterr()
+    with exclusive_run_dir(run_dir):  # another process's hold: a lock on another open file, as there
+        assert main(["train", "--resume", str(run_dir), "train.total_steps=32"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "is in use by process" in err
+    assert (run_dir / CHECKPOINT_NAME).read_bytes() == before
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("events.out.tfevents.*")) == events
+    assert main(["train", "--resume", str(run_dir), "train.total_steps=32"]) == 0  # released: it continues
+
+
 # --------------------------------------------------------------------------------------------------
 # Progress in a log file
 
