@@ -485,7 +485,8 @@ def rtrl_step(
     params: Mapping[str, Tensor],
     reset: Tensor,
 ) -> tuple[Tensor, dict[str, Tensor], WindowCoefficients]:
-    """The per-step form, without autograd: h_t and S_t from h_{t-1}, S_{t-1} and one step's inputs.
+    """The per-step form: h_t and S_t from h_{t-1}, S_{t-1} and one step's inputs (S_t without autograd's
+    graph: the coefficients it comes from are detached; h_t with whatever graph its arguments have).
 
     ``inputs``: the window inputs of one step, each [1, B, ...]; ``reset``: [1, B]. Returns h_t
     [B, ...], S_t (state representation) and the step's coefficients. A streaming learner's gradient
@@ -720,14 +721,15 @@ def _one_step_window(
     # Whether a tensor needs a gradient is not asked: under vmap, ``requires_grad`` reads False on the
     # batched wrappers. Autograd records only what does; every parameter given here is trained.
     fixed = {name: p.detach() for name, p in params.items()}
-    h0 = h0.detach()  # the carried state receives no gradient, as from the window Function
-    h, coefficients = window_coefficients(cell, h0, h0.unsqueeze(0), cell.prepare(inputs, fixed), fixed, reset)
-    with torch.no_grad():
-        final = advance(cell, sensitivities, coefficients)
+    # the carried state receives no gradient, as from the window Function
+    h, final, _ = rtrl_step(cell, h0.detach(), sensitivities, inputs, fixed, reset)
     if torch.is_grad_enabled():
+        correction = None
         for group in cell.groups:
-            h = h + _sensitivity_term(cell, group, _internal(cell, final[group.name]), params, fixed)
-    return _external(cell, h).unsqueeze(0), final
+            term = _sensitivity_term(cell, group, _internal(cell, final[group.name]), params, fixed)
+            correction = term if correction is None else correction + term
+        h = h + _external(cell, correction)
+    return h.unsqueeze(0), final
 
 
 def rtrl_window(
