@@ -537,6 +537,7 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
         finals = [statistics.fmean(r["curve"][-last:]) for r in runs]
         whole = [statistics.fmean(r["curve"]) for r in runs]
         mean, stderr = mean_stderr(finals)
+        whole_mean, whole_stderr = mean_stderr(whole)
         rows.append({
             "method": name,
             "lr": lr,
@@ -548,8 +549,8 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
             "per_seed": finals,
             "seeds": [r["seed"] for r in runs],
             # how fast a method learns, not only where it ends: the mean error over the whole run
-            "whole_run_error": mean_stderr(whole)[0],
-            "whole_run_stderr": mean_stderr(whole)[1],
+            "whole_run_error": whole_mean,
+            "whole_run_stderr": whole_stderr,
             "per_seed_whole_run": whole,
             "macs_per_step": max(r["macs_per_step"] for r in runs),
             "ms_per_step": sum(r["ms_per_step"] for r in runs) / len(runs),
@@ -594,11 +595,12 @@ def paired_against_best(rows: list[dict]) -> list[dict]:
             return [mine[seed] - theirs[seed] for seed in common]
 
         final, whole = differences("per_seed"), differences("per_seed_whole_run")
+        (difference, stderr), (whole_difference, whole_stderr) = mean_stderr(final), mean_stderr(whole)
         paired.append({
             "method": row["method"], "lr": row["lr"], "label": row["label"],
             "against": best["method"], "against_lr": best["lr"], "seeds": len(common),
-            "difference": mean_stderr(final)[0], "stderr": mean_stderr(final)[1],
-            "whole_run_difference": mean_stderr(whole)[0], "whole_run_stderr": mean_stderr(whole)[1],
+            "difference": difference, "stderr": stderr,
+            "whole_run_difference": whole_difference, "whole_run_stderr": whole_stderr,
             "best_lower": sum(d > 0 for d in final),
         })
     return paired
