@@ -65,6 +65,11 @@ MEMBER_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Graphs a compiled population may keep for its forward: one per stage of a ``ccn`` schedule, window
+# length (a T-BPTT window fills over its first steps), grad mode and reset pattern.
+COMPILED_GRAPHS_LIMIT = 256
+
+
 def check_population_grid(learner: str, grid: Mapping[str, Any]) -> None:
     """ConfigError unless every key of ``grid`` is ``agent.<option>`` with an option the members of a
     ``learner`` population may differ in, and every value a non-empty list of numbers."""
@@ -189,13 +194,18 @@ class TDPopulation(Population):
 
     ``iteration()`` returns one ``IterationResult`` per member; ``state_dict()`` holds every member's."""
 
-    def __init__(self, members: Sequence[TDLearner]) -> None:
+    def __init__(self, members: Sequence[TDLearner], compile: bool = False) -> None:
         super().__init__(members)
         first = members[0]
         self.template_modules = dict(first.network.named_modules())
         for module in self.template_modules.values():
             if getattr(module, "fused", False):  # fused sequence kernels have no vmap batching rule
                 module.fused = False
+        # The population advances the core's schedule (once per step, as each member's own would), so that
+        # the forward only reads it: a compiled forward specialises on what it reads.
+        self.network.core.counts_learning_steps_in_forward = False
+        self.compile = compile
+        self._runs: dict[bool, Callable[..., tuple[Tensor, State]]] = {}
         self.unroll_length = first.unroll_length
         self.param_names, self.sizes, self.readout_mask = first.param_names, first.sizes, first.readout_mask
         self.max_grad_norm = first.max_grad_norm
@@ -267,18 +277,47 @@ class TDPopulation(Population):
     # ----------------------------------------------------------------------------------------------
     # The vmapped forward
 
+    def vmapped_forward(self, shared_reset: bool) -> Callable[..., tuple[Tensor, State]]:
+        """The members' forward as one call, ``(params, buffers, obs, state, reset)`` → (values, state),
+        with one reset pattern for all members (``shared_reset``) or one per member; compiled with
+        ``compile``. Built once per pattern: a compiled call keeps its graphs (one per stage of a
+        ``ccn`` schedule, window length and grad mode)."""
+        if shared_reset in self._runs:
+            return self._runs[shared_reset]
+        template = self.network
+
+        def member(params: dict[str, Tensor], buffers: dict[str, Tensor], obs: Tensor, state: State,
+                   reset: Tensor) -> tuple[Tensor, State, dict[str, Tensor]]:
+            # The network updates its buffers in place (ccn's normalisers); it updates copies here, which
+            # come back as outputs. A compiled call must not mutate its inputs: AOTAutograd may recompute
+            # a read of a mutated input in the backward, after the mutation (torch 2.13 gives ccn's
+            # gradients through the normalised output from the updated variance).
+            buffers = {name: value.clone() for name, value in buffers.items()}
+            values, state = functional_call(template, (params, buffers), (obs, state, reset))
+            return values, state, buffers
+
+        run = vmap(member, in_dims=(0, 0, 0, 0, None if shared_reset else 0))
+        if self.compile:
+            run = torch.compile(run, dynamic=False)
+        self._runs[shared_reset] = run
+        return run
+
     def forward(self, obs: Tensor, start: State, reset: Tensor) -> tuple[Tensor, State]:
         """Every member's network on its window: ``obs`` [P, T, B, ...], ``reset`` [P, T, B] → values
         [P, T, B] and the states after the window ([P, B, ...])."""
         shared = bool((reset == reset[:1]).all())
-        template = self.network
-
-        def member(params: dict[str, Tensor], buffers: dict[str, Tensor], obs: Tensor, state: State,
-                   reset: Tensor) -> tuple[Tensor, State]:
-            return functional_call(template, (params, buffers), (obs, state, reset))
-
-        run = vmap(member, in_dims=(0, 0, 0, 0, None if shared else 0))
-        values, state = run(self.params, self.buffers, obs, start, reset[0] if shared else reset)
+        run = self.vmapped_forward(shared)
+        if self.compile:
+            # Graphs per (stage, window length, grad mode, reset pattern) outnumber Dynamo's default limit;
+            # with several envs the backward runs once per env, which buffers donated to it would forbid.
+            with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT), \
+                    torch._functorch.config.patch(donated_buffer=False):
+                values, state, self.buffers = run(self.params, self.buffers, obs, start, reset[0] if shared else reset)
+        else:
+            values, state, self.buffers = run(self.params, self.buffers, obs, start, reset[0] if shared else reset)
+        if torch.is_grad_enabled():  # a learning pass: [T, B] env steps of each member
+            self.network.core.count_learning_steps(obs.shape[1] * obs.shape[2])
+        self.buffers = {name: value.detach() for name, value in self.buffers.items()}
         # Cores return detached states; under vmap, outputs an autograd.Function marks non-differentiable
         # (carried sensitivities) still hang on its graph, which must not reach into the next step.
         return values, {k: v.detach() for k, v in state.items()}
@@ -302,6 +341,10 @@ class TDPopulation(Population):
             if B == 1:
                 grads = torch.autograd.grad(value.sum(), self.flat_params, allow_unused=True)
                 gradients = [None if g is None else g.unsqueeze(1) for g in grads]
+            elif self.compile:  # a compiled backward cannot be batched: one backward per env
+                per_env = [torch.autograd.grad(value[:, b].sum(), self.flat_params, retain_graph=b < B - 1,
+                                               allow_unused=True) for b in range(B)]
+                gradients = [None if g[0] is None else torch.stack(g, dim=1) for g in zip(*per_env)]
             else:
                 eye = torch.eye(B, device=self.device, dtype=value.dtype).unsqueeze(1).expand(B, P, B)
                 grads = torch.autograd.grad(value, self.flat_params, grad_outputs=eye, is_grads_batched=True,

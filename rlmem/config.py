@@ -67,6 +67,10 @@ class TrainOptions:
     # seed..seed+P−1 and per combination of population_grid's values ({"agent.lr": [0.01, 0.1]}).
     population: int = 1
     population_grid: dict[str, Any] = field(default_factory=dict)
+    # torch.compile a td population's step (its members' vmapped forward and backward): the same updates
+    # up to rounding, 1.5-2.5x the steps/s of small RTRL cores on a CPU (docs/benchmarks.md), after
+    # compiling for tens of seconds (again at each ccn stage). Only populations of agent td.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.population < 1:
@@ -336,6 +340,9 @@ def check_combination(config: RunConfig) -> None:
             f"memory.grad={config.memory.get('grad')!r} is not supported by core {config.memory['name']!r}; "
             f"valid choices: {', '.join(core_cls.grad_modes)}"
         )
+    if config.train.compile and not (is_population(config) and config.agent["name"] == "td"):
+        raise ConfigError("train.compile compiles the step of a population of td learners: set train.population "
+                          "(> 1) with agent=td, or leave train.compile false")
     if is_population(config):
         check_population_grid(config.agent["name"], config.train.population_grid)
         members = population_members(config)
@@ -366,7 +373,7 @@ def population_members(config: RunConfig) -> list[RunConfig]:
         agent.update({key.split(".", 1)[1]: value for key, value in zip(grid, values)})
         for offset in range(config.train.population):
             train = dataclasses.replace(config.train, seed=config.train.seed + offset, population=1,
-                                        population_grid={}, run_dir=None, name=None)
+                                        population_grid={}, compile=False, run_dir=None, name=None)
             members.append(RunConfig(memory=dict(config.memory), env=dict(config.env), agent=agent,
                                      model=config.model, train=train, choices=dict(config.choices)))
     return members

@@ -355,7 +355,9 @@ def run_cell(
 
     Differentiable when autograd is on (``bptt`` mode); ``reset`` [T, B] zeroes h before a step."""
     T = reset.shape[0]
-    resetting = reset.any(dim=1).tolist()  # one host read per window, not per step
+    # One host read per window, not per step; a compiled caller (which cannot read flags on the host)
+    # multiplies every step by its keep mask, exactly 1 where no env resets.
+    resetting = [True] * T if torch.compiler.is_compiling() else reset.any(dim=1).tolist()
     h = _internal(cell, h0)
     keep = _keep(reset, h, h.dim() - 1)
     outputs = []

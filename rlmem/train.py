@@ -140,16 +140,18 @@ class _StopRequest:
 
 
 # Options a resumed run may change: they decide how long the run goes on, how often it checkpoints,
-# what the console shows and how many threads compute, never what is computed. Thread counts can change
-# the rounding of parallel reductions (a bit-for-bit continuation needs the same counts), not the
-# algorithm, its data or its random streams. train.device is not among them: the saved generator
-# states belong to the device they were drawn on, and other kernels round differently.
+# what the console shows and how many threads compute or whether a population's step is compiled,
+# never what is computed. Thread counts and compiling can change the rounding of reductions (a
+# bit-for-bit continuation needs the same settings), not the algorithm, its data or its random
+# streams. train.device is not among them: the saved generator states belong to the device they were
+# drawn on, and other kernels round differently.
 RESUMABLE_OPTIONS = (
     "train.total_steps",
     "train.checkpoint_every",
     "train.progress",
     "train.torch_threads",
     "train.acting_threads",
+    "train.compile",
 )
 
 
@@ -485,7 +487,9 @@ def train_population(config: RunConfig, resume: bool = False, log=print,
         for member in members:
             env, learner, _device = build(member)
             built.append((env, learner))
-        population = POPULATIONS[config.agent["name"]]([learner for _, learner in built])
+        learners = [learner for _, learner in built]
+        population = (POPULATIONS["td"](learners, compile=True) if config.train.compile
+                      else POPULATIONS[config.agent["name"]](learners))
     except BaseException:
         for env, _ in built:
             env.close()

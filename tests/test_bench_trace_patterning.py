@@ -188,6 +188,7 @@ def test_the_figure_of_a_sweep_plots_each_method_final_error_against_its_step_si
         (["--set", "columnar=1"], "expected METHOD.KEY=VALUE"),
         (["--lr-factors", "0.3,x"], "expected comma-separated numbers"),
         (["--lr-factors", "0,1"], "expected positive numbers"),
+        (["--compile"], "--compile compiles the step of a population: add --population"),
     ],
 )
 def test_bench_bad_arguments_exit_2(argv, message, tmp_path: Path, capsys):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from agents.base import ModelOptions
 from agents.population import StreamACPopulation, TDPopulation
@@ -19,6 +20,7 @@ from agents.stream_ac import StreamACLearner, StreamACOptions
 from agents.td import TDLearner, TDOptions
 from envs import make_env
 from rlmem import config as cfg
+from rlmem.bench.population import _learners
 from rlmem.checkpoint import load_checkpoint
 from rlmem.cli import main
 from rlmem.memory import make_core
@@ -104,6 +106,31 @@ def test_members_with_other_step_sizes_move_apart_as_they_should(float64):
     assert not torch.equal(second[0], second[1]) and not torch.equal(second[1], second[3])
 
 
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_a_compiled_population_gets_the_updates_of_the_uncompiled_one(float64, num_envs: int):
+    """``train.compile``: the same updates up to rounding, across a ccn stage boundary (its warm-up
+    normaliser updates buffers in the compiled step), and one graph per stage: no per-step recompiles,
+    no graph break that would send the step back to eager."""
+    memory, options = CORES["ccn-warmup"]
+    settings = [(0, 0.01), (1, 0.01), (2, 0.05)]
+    uncompiled = TDPopulation([make_learner(memory, seed, num_envs, lr=lr, **options) for seed, lr in settings])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = TDPopulation([make_learner(memory, seed, num_envs, lr=lr, **options) for seed, lr in settings],
+                            compile=True)
+    for _ in range(3):
+        for e, g in zip(uncompiled.iteration(), compiled.iteration()):
+            for tag, value in e.metrics.items():
+                assert g.metrics[tag] == pytest.approx(value, rel=1e-9, abs=1e-12), tag
+    uncompiled.sync_members()
+    compiled.sync_members()
+    for expected, got in zip(uncompiled.members, compiled.members):
+        assert_members_equal(expected, got)
+    assert compiled.members[0].network.core.learning_stage == 1
+    assert not counters["graph_break"] and not counters["unimplemented"]
+    assert 2 <= counters["frames"]["ok"] <= 4  # a graph per stage (and one for the first, sensitivity-free step)
+
+
 def run(tmp_path: Path, name: str, steps: int, resume: bool = False) -> Path:
     config = cfg.resolve(
         {
@@ -141,6 +168,31 @@ def test_resume_of_a_population_equals_the_uninterrupted_run(tmp_path: Path):
         for key, value in expected.items():
             got = resumed["env"][name][key]
             assert torch.equal(value, got) if isinstance(value, torch.Tensor) else value == got, (name, key)
+
+
+def test_a_population_may_be_continued_compiled(float64, tmp_path: Path, capsys):
+    """``train.compile`` may change on ``--resume`` (it changes rounding, not the updates): the continued
+    run ends where the uncompiled one does, across the stage boundary at step 100. (In float32 the
+    normalised steps of a stage's first updates amplify the rounding to ~1e-4 of a weight.)"""
+    straight = load_checkpoint(run(tmp_path, "straight", 120))
+    run(tmp_path, "interrupted", 60)
+    assert main(["train", "--resume", str(tmp_path / "interrupted"), "train.total_steps=120",
+                 "train.compile=true"]) == 0
+    resumed = load_checkpoint(tmp_path / "interrupted")
+    assert resumed["global_step"] == 120 and resumed["config"]["train"]["compile"] is True
+    for expected, got in zip(straight["network"].values(), resumed["network"].values()):
+        assert expected["core._extra_state"] == got["core._extra_state"]
+        for key, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(got[key], value, atol=ATOL, rtol=RTOL)
+
+
+def test_compile_is_an_option_of_td_populations_only(tmp_path: Path, capsys):
+    for args in (["train.compile=true"], ["train.compile=true", "train.population=2", "agent=stream_ac"]):
+        status = main(["train", "configs/trace_patterning_ccn.yaml", *args, f"train.run_dir={tmp_path / 'x'}"])
+        err = capsys.readouterr().err
+        assert status == 2 and len(err.strip().splitlines()) == 1 and "train.compile" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_members_log_as_sub_runs_grouped_like_seeds(tmp_path: Path):
@@ -278,6 +330,20 @@ def test_bench_population_reports_member_steps_against_one_learner_alone(tmp_pat
     assert all(r["speedup"] > 0 for r in rows) and json.loads(out.read_text())["device"] == "cpu"
     assert main(["bench", "population", "--methods", "gru"]) == 2
     assert "unknown method 'gru'" in capsys.readouterr().err
+    assert main(["bench", "population", "--stage", "-1"]) == 2
+    assert "--stage must be >= 0" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench", "population", "--device", "cuda"]) == 2
         assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
+
+
+def test_bench_population_times_a_later_ccn_stage_and_the_compiled_population(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "population", "--members", "2", "--methods", "ccn", "--steps", "2", "--repeats", "1",
+                 "--stage", "9", "--compile", "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    (row,) = table["rows"]
+    assert table["stage"] == 9 and table["compile"] is True
+    assert row["compiled_member_steps_per_s"] > 0 and row["compiled_speedup"] > 0
+    # stage 9 is past CCN 20:4's last (4): every stage ran, the last one learning
+    assert _learners("ccn", range(1), steps=2, device="cpu", stage=9)[0].network.core.learning_stage == 4

@@ -80,6 +80,16 @@ class MemoryCore(nn.Module):
         self.grad = options.grad
         self.output_size = options.hidden_size
 
+    # Some cores keep Python state that their learning passes advance (``ccn``'s stage schedule counts
+    # env steps). forward() advances it itself unless a caller clears this flag: a caller that compiles
+    # the forward (a compiled population) does, so that the traced forward only reads that state, and
+    # calls ``count_learning_steps`` after each learning pass instead.
+    counts_learning_steps_in_forward: bool = True
+
+    def count_learning_steps(self, env_steps: int) -> None:
+        """Advance the core's schedule by a learning pass over ``env_steps`` env steps (time steps × envs).
+        Cores without a schedule have nothing to advance."""
+
     def initial_state(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> State:
         """The zero state for ``batch`` envs (sensitivities included in rtrl/snap1 mode)."""
         raise NotImplementedError

@@ -38,7 +38,10 @@ calls made with gradients enabled, in ``steps_seen``, which is saved with the co
 nothing. The stage is read from the count at the start of each forward call, so a stage begins at the
 first window that starts at or after its step: exactly at its step for per-step (T = 1) learners, and
 within one window for rollout learners. A learner that runs a step through several learning passes
-(PPO epochs, or truncated BPTT over overlapping windows) counts it once per pass.
+(PPO epochs, or truncated BPTT over overlapping windows) counts it once per pass. A caller that
+compiles the forward counts for it (``count_learning_steps``, after clearing
+``counts_learning_steps_in_forward``): the compiled forward then reads only ``learning_stage``, which
+changes at stage boundaries alone, so it is compiled once per stage instead of once per step.
 
 **Normalisation.** Each stage normalises its inputs online, x̂ = (x − μ)/√v, with running statistics
 μ ← d μ + (1 − d) mean_b(x),  v ← max(d v + (1 − d) mean_b((x − μ)²), ``variance_floor``) (d =
@@ -270,9 +273,19 @@ class CCNCore(EngineCore):
     # The stage schedule
 
     @property
-    def learning_stage(self) -> int:
-        """The stage that learns now (0-based); stages before it are frozen, stages after it idle."""
-        return min(self.steps_seen // self.steps_per_stage, self.num_stages - 1)
+    def steps_seen(self) -> int:
+        """Env steps of the learning passes so far."""
+        return self._steps_seen
+
+    @steps_seen.setter
+    def steps_seen(self, steps: int) -> None:
+        self._steps_seen = steps
+        # The stage that learns now (0-based); stages before it are frozen, stages after it idle. Kept as
+        # a plain int that changes only at stage boundaries: a compiled forward specialises on it.
+        self.learning_stage = min(steps // self.steps_per_stage, self.num_stages - 1)
+
+    def count_learning_steps(self, env_steps: int) -> None:
+        self.steps_seen += env_steps
 
     @property
     def active_output_size(self) -> int:
@@ -325,8 +338,8 @@ class CCNCore(EngineCore):
         if hidden.shape[-1] < self.hidden_size:
             y = torch.cat([y, y.new_zeros(*y.shape[:2], self.hidden_size - hidden.shape[-1])], dim=-1)
             finals.append(hc.new_zeros(B, self.hidden_size - hidden.shape[-1], 2))
-        if learning:
-            self.steps_seen += x.shape[0] * B
+        if learning and self.counts_learning_steps_in_forward:
+            self.count_learning_steps(x.shape[0] * B)
         return y, self.window_state(torch.cat(finals, dim=1), carried)
 
     def state_metrics(self, state: State, buffers: Mapping[str, Tensor] | None = None) -> dict[str, float]:
