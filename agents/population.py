@@ -65,8 +65,8 @@ MEMBER_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-# Graphs a compiled population may keep for its forward: one per stage of a ``ccn`` schedule, window
-# length (a T-BPTT window fills over its first steps), grad mode and reset pattern.
+# Graphs a compiled population may keep for its forward: one per stage of a ``ccn`` schedule, grad mode
+# and reset pattern.
 COMPILED_GRAPHS_LIMIT = 256
 
 
@@ -205,7 +205,7 @@ class TDPopulation(Population):
         # the forward only reads it: a compiled forward specialises on what it reads.
         self.network.core.counts_learning_steps_in_forward = False
         self.compile = compile
-        self._runs: dict[bool, Callable[..., tuple[Tensor, State]]] = {}
+        self._runs: dict[tuple[bool, bool], Callable[..., tuple[Tensor, State, State]]] = {}
         self.unroll_length = first.unroll_length
         self.param_names, self.sizes, self.readout_mask = first.param_names, first.sizes, first.readout_mask
         self.max_grad_norm = first.max_grad_norm
@@ -277,13 +277,13 @@ class TDPopulation(Population):
     # ----------------------------------------------------------------------------------------------
     # The vmapped forward
 
-    def vmapped_forward(self, shared_reset: bool) -> Callable[..., tuple[Tensor, State]]:
-        """The members' forward as one call, ``(params, buffers, obs, state, reset)`` → (values, state),
-        with one reset pattern for all members (``shared_reset``) or one per member; compiled with
-        ``compile``. Built once per pattern: a compiled call keeps its graphs (one per stage of a
-        ``ccn`` schedule, window length and grad mode)."""
-        if shared_reset in self._runs:
-            return self._runs[shared_reset]
+    def vmapped_forward(self, shared_reset: bool, compiled: bool) -> Callable[..., tuple[Tensor, State, State]]:
+        """The members' forward as one call, ``(params, buffers, obs, state, reset)`` → (values, state,
+        buffers), with one reset pattern for all members (``shared_reset``) or one per member, compiled or
+        not. Built once per kind: a compiled call keeps its graphs (one per stage of a ``ccn`` schedule
+        and grad mode)."""
+        if (shared_reset, compiled) in self._runs:
+            return self._runs[shared_reset, compiled]
         template = self.network
 
         def member(params: dict[str, Tensor], buffers: dict[str, Tensor], obs: Tensor, state: State,
@@ -297,20 +297,22 @@ class TDPopulation(Population):
             return values, state, buffers
 
         run = vmap(member, in_dims=(0, 0, 0, 0, None if shared_reset else 0))
-        if self.compile:
+        if compiled:
             run = torch.compile(run, dynamic=False)
-        self._runs[shared_reset] = run
+        self._runs[shared_reset, compiled] = run
         return run
 
     def forward(self, obs: Tensor, start: State, reset: Tensor) -> tuple[Tensor, State]:
         """Every member's network on its window: ``obs`` [P, T, B, ...], ``reset`` [P, T, B] → values
         [P, T, B] and the states after the window ([P, B, ...])."""
         shared = bool((reset == reset[:1]).all())
-        run = self.vmapped_forward(shared)
-        if self.compile:
-            # Graphs per (stage, window length, grad mode, reset pattern) outnumber Dynamo's default limit;
+        # A T-BPTT window fills over its first steps: those few run uncompiled, not as a graph per length.
+        compiled = self.compile and obs.shape[1] == self.unroll_length
+        run = self.vmapped_forward(shared, compiled)
+        if compiled:
+            # Graphs per (stage, grad mode, reset pattern) outnumber Dynamo's default limit;
             # with several envs the backward runs once per env, which buffers donated to it would forbid.
-            with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT), \
+            with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT, allow_rnn=True), \
                     torch._functorch.config.patch(donated_buffer=False):
                 values, state, self.buffers = run(self.params, self.buffers, obs, start, reset[0] if shared else reset)
         else:

@@ -68,8 +68,8 @@ class TrainOptions:
     population: int = 1
     population_grid: dict[str, Any] = field(default_factory=dict)
     # torch.compile a td population's step (its members' vmapped forward and backward): the same updates
-    # up to rounding, 1.5-2.5x the steps/s of small RTRL cores on a CPU (docs/benchmarks.md), after
-    # compiling for tens of seconds (again at each ccn stage). Only populations of agent td.
+    # up to rounding, 1.3-3.5x the steps/s on a CPU (docs/benchmarks.md), after compiling for 10-20 s
+    # (again at each ccn stage). Only populations of agent td.
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -156,6 +156,10 @@ def reset_segments(reset: Tensor) -> list[tuple[int, int]]:
     state of the resetting envs at the segment start, so a window without resets costs one call.
     """
     T = reset.shape[0]
+    if torch.compiler.is_compiling():
+        # A traced caller cannot read the flags on the host: every step starts a segment, whose zeroing
+        # multiplies by exactly 1 where no env resets (the unfused, step-by-step cores it traces).
+        return [(t, t + 1) for t in range(T)]
     starts = torch.nonzero(reset[1:].any(dim=1)).flatten().add(1).tolist()
     bounds = [0, *starts, T]
     return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
