@@ -180,9 +180,9 @@ class _TraceTask(VecEnv):
 
     def _draw_trials(self, count: int) -> tuple[Tensor, Tensor, Tensor]:
         """ISI [B, count], trial length ISI + ITI [B, count] and pattern index [B, count]."""
-        isi = self._streams.integers(self.options.isi_min, self.options.isi_max, count)
-        iti = self._streams.integers(self.options.iti_min, self.options.iti_max, count)
-        pattern = self._streams.integers(0, self.num_patterns - 1, count)
+        ranges = [(self.options.isi_min, self.options.isi_max), (self.options.iti_min, self.options.iti_max),
+                  (0, self.num_patterns - 1)]
+        isi, iti, pattern = self._streams.integer_blocks(ranges, count)
         return isi, isi + iti, pattern
 
     def _draw_valid_patterns(self) -> Tensor:

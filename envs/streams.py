@@ -91,7 +91,18 @@ class CounterStreams:
 
     def integers(self, low: int, high: int, columns: int) -> Tensor:
         """int64 [B, columns] in {low, …, high}."""
-        count = high - low + 1
-        if not 1 <= count < 2**31:
-            raise ValueError(f"integers({low}, {high}): the range must hold 1 to 2^31 - 1 values")
-        return low + _shift_right(_shift_right(self.bits(columns), 32) * count, 32)
+        (values,) = self.integer_blocks([(low, high)], columns)
+        return values
+
+    def integer_blocks(self, ranges: list[tuple[int, int]], columns: int) -> list[Tensor]:
+        """``integers(low, high, columns)`` for each (low, high) of ``ranges`` in turn, from one draw of
+        every env's next ``len(ranges) · columns`` outputs: the same values as those calls one by one."""
+        outputs = self.bits(len(ranges) * columns)
+        blocks = []
+        for i, (low, high) in enumerate(ranges):
+            count = high - low + 1
+            if not 1 <= count < 2**31:
+                raise ValueError(f"integers({low}, {high}): the range must hold 1 to 2^31 - 1 values")
+            block = outputs[:, i * columns:(i + 1) * columns]
+            blocks.append(low + _shift_right(_shift_right(block, 32) * count, 32))
+        return blocks

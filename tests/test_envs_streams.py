@@ -54,6 +54,17 @@ def test_values_are_uniform_and_in_range():
         streams.integers(3, 2, 1)
 
 
+@pytest.mark.parametrize("columns", [1, 3])
+def test_integer_blocks_draw_what_the_calls_one_by_one_draw(columns: int):
+    """The trace tasks draw a trial's ISI, ITI and pattern in one block: the streams stay as they were."""
+    one_by_one, blocks = CounterStreams.seeded(5, torch.arange(6)), CounterStreams.seeded(5, torch.arange(6))
+    ranges = [(24, 36), (80, 120), (0, 19)]
+    expected = [one_by_one.integers(low, high, columns) for low, high in ranges]
+    got = blocks.integer_blocks(ranges, columns)
+    assert all(torch.equal(e, g) for e, g in zip(expected, got))
+    assert torch.equal(one_by_one.counters, blocks.counters)
+
+
 def test_streams_are_independent_of_each_other_and_of_the_batch():
     # env b's stream depends on (seed, b) only: a shard, a stack or a larger batch draws the same values
     whole = CounterStreams.seeded(9, torch.arange(8))
