@@ -34,15 +34,23 @@ reset pattern (at most two with one env per member); its gradient pass (one-step
 batched flags. ``td`` populations pass batched flags when members disagree, which only a core whose
 window does not read them on the host runs (``td``'s tasks are continuing streams).
 
+Compiled (``TDPopulation(..., compile=True)``, ``train.compile``): the vmapped forward runs under
+``torch.compile``, one graph per grad mode and ``ccn`` stage. The population advances the core's
+schedule itself (``MemoryCore.count_learning_steps``), so the traced forward only reads it; cores read
+no reset flags on the host while traced; and the members update copies of their buffers, returned as
+outputs, since a compiled call must not mutate its inputs. The updates are those of the uncompiled
+population up to rounding (tested in float64).
+
 Learners: ``td`` (``TDPopulation``) and ``stream_ac`` (``StreamACPopulation``); ``MEMBER_OPTIONS``
 lists the scalar options their members may differ in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +76,16 @@ MEMBER_OPTIONS: dict[str, tuple[str, ...]] = {
 # Graphs a compiled population may keep for its forward: one per stage of a ``ccn`` schedule, grad mode
 # and reset pattern.
 COMPILED_GRAPHS_LIMIT = 256
+
+
+@contextlib.contextmanager
+def compiled_call_settings() -> Iterator[None]:
+    """Dynamo's and AOTAutograd's settings for a call of a compiled population forward: more graphs
+    than Dynamo's default limit; tracing a core that holds an ``nn.LSTM`` (whose weights alone the
+    unfused cell reads); and no buffers donated to the backward, which runs once per env with several."""
+    with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT, allow_rnn=True), \
+            torch._functorch.config.patch(donated_buffer=False):
+        yield
 
 
 def check_population_grid(learner: str, grid: Mapping[str, Any]) -> None:
@@ -309,13 +327,7 @@ class TDPopulation(Population):
         # A T-BPTT window fills over its first steps: those few run uncompiled, not as a graph per length.
         compiled = self.compile and obs.shape[1] == self.unroll_length
         run = self.vmapped_forward(shared, compiled)
-        if compiled:
-            # Graphs per (stage, grad mode, reset pattern) outnumber Dynamo's default limit;
-            # with several envs the backward runs once per env, which buffers donated to it would forbid.
-            with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT, allow_rnn=True), \
-                    torch._functorch.config.patch(donated_buffer=False):
-                values, state, self.buffers = run(self.params, self.buffers, obs, start, reset[0] if shared else reset)
-        else:
+        with compiled_call_settings() if compiled else contextlib.nullcontext():
             values, state, self.buffers = run(self.params, self.buffers, obs, start, reset[0] if shared else reset)
         if torch.is_grad_enabled():  # a learning pass: [T, B] env steps of each member
             self.network.core.count_learning_steps(obs.shape[1] * obs.shape[2])
