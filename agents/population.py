@@ -207,6 +207,26 @@ class Population(Learner):
             raise TrainingDiverged(f"parameter {name} of member {int((~rows).nonzero()[0])}")
 
 
+def normalized_steps(params: list[Tensor], update: Tensor, step_norms: Tensor, beta2: Tensor, eps: Tensor,
+                     lr: Tensor, readout_mask: Tensor, features: int, normalized: bool, correction: Tensor | None,
+                     live: Tensor | None, sizes: Sequence[int]) -> Tensor:
+    """Every member's parameter step from its TD update δ·z (``update`` [P, N]), as ``agents.td`` takes
+    it, added to the stacked ``params`` (in place; ``sizes``: their sizes per member): with
+    ``normalized``, v ← β₂ v + (1 − β₂) u², u / (√(v / ``correction``) + ε); times the member's step size
+    (the readout's divided by its ``features`` live inputs); times ``live``. Returns v (the
+    ``step_norms``; unchanged without ``normalized``). ``beta2``, ``eps``, ``lr``: [P, 1]."""
+    if normalized:
+        step_norms = step_norms * beta2 + (1 - beta2) * update * update
+        norms = step_norms if correction is None else step_norms / correction
+        update = update / (norms.sqrt() + eps)
+    step = update * torch.where(readout_mask, lr / features, lr)
+    if live is not None:
+        step = step * live
+    for param, s in zip(params, step.split(sizes, dim=1)):
+        param.add_(s.view_as(param))
+    return step_norms
+
+
 class TDPopulation(Population):
     """P ``td`` learners (``agents.td.TDLearner``) stepped as one (see the module docstring).
 
@@ -224,6 +244,8 @@ class TDPopulation(Population):
         self.network.core.counts_learning_steps_in_forward = False
         self.compile = compile
         self._runs: dict[tuple[bool, bool], Callable[..., tuple[Tensor, State, State]]] = {}
+        # a dozen elementwise passes over [P, N], one fused loop compiled
+        self._steps = torch.compile(normalized_steps, dynamic=False) if compile else normalized_steps
         self.unroll_length = first.unroll_length
         self.param_names, self.sizes, self.readout_mask = first.param_names, first.sizes, first.readout_mask
         self.max_grad_norm = first.max_grad_norm
@@ -392,21 +414,13 @@ class TDPopulation(Population):
     @torch.no_grad()
     def apply_update(self, update: Tensor, live: Tensor | None) -> None:
         opt = self.options
-        if opt.optimizer == "normalized":
-            beta2 = self.beta2.unsqueeze(1)
-            self.step_norms.mul_(beta2).add_((1 - beta2) * update * update)
-            norms = self.step_norms
-            if opt.bias_correction:
-                norms = norms / (1 - self.beta2 ** (self.updates + 1)).unsqueeze(1)
-            update = update / norms.sqrt().add_(self.eps.unsqueeze(1))
-        self.updates += 1
+        normalized = opt.optimizer == "normalized"
+        correction = (1 - self.beta2 ** (self.updates + 1)).unsqueeze(1) if normalized and opt.bias_correction else None
         features = self.network.live_features() if opt.readout_step_per_feature else 1
-        lr = self.lr.unsqueeze(1)
-        step = update * torch.where(self.readout_mask, lr / features, lr)
-        if live is not None:
-            step = step * live
-        for param, s in zip(self.flat_params, step.split(self.sizes, dim=1)):
-            param.add_(s.view_as(param))
+        self.step_norms = self._steps(self.flat_params, update, self.step_norms, self.beta2.unsqueeze(1),
+                                      self.eps.unsqueeze(1), self.lr.unsqueeze(1), self.readout_mask, features,
+                                      normalized, correction, live, self.sizes)
+        self.updates += 1
 
     def env_step(self) -> tuple[Tensor, Tensor, Tensor, Tensor, MemberInfos]:
         """Every member's env step: obs [P, B, ...], reward, terminated, truncated [P, B], and the infos."""

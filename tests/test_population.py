@@ -129,11 +129,11 @@ def test_a_compiled_population_gets_the_updates_of_the_uncompiled_one(float64, c
     for expected, got in zip(uncompiled.members, compiled.members):
         assert_members_equal(expected, got)
     assert not counters["graph_break"] and not counters["unimplemented"]
+    # Per stage a forward and a parameter step (and the first, sensitivity-free step's): a handful of graphs
+    # over 60 steps, not one per step. A T-BPTT window's first steps, while it fills, run uncompiled.
+    assert 2 <= counters["frames"]["ok"] <= (8 if core.startswith("ccn") else 3)
     if core.startswith("ccn"):
         assert compiled.members[0].network.core.learning_stage == 1
-        assert 2 <= counters["frames"]["ok"] <= 4  # a graph per stage (and one for the first, sensitivity-free step)
-    else:
-        assert counters["frames"]["ok"] == 1  # one graph: the window's first steps, while it fills, run uncompiled
 
 
 def run(tmp_path: Path, name: str, steps: int, resume: bool = False) -> Path:
