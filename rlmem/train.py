@@ -532,6 +532,9 @@ def train_population(config: RunConfig, resume: bool = False, log=print,
             writer.add_text("hyperparameters", "```yaml\n" + member.to_yaml() + "\n```", 0)
     log(f"run dir: {run_dir} ({len(members)} members)")
     log(f"watch it: tensorboard --logdir {run_dir / 'members'}")
+    if config.train.compile:
+        log("train.compile: the first iteration compiles the step (and so does each ccn stage's first), "
+            "10-60 s each")
 
     try:
         global_step, stopped_early = run_iterations(config, population.iteration, writers, save, global_step,
