@@ -78,6 +78,17 @@ MEMBER_OPTIONS: dict[str, tuple[str, ...]] = {
 COMPILED_GRAPHS_LIMIT = 256
 
 
+def check_cpp_compiler() -> None:
+    """ConfigError unless torch.compile's inductor finds the C++ compiler it builds CPU kernels with."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise ConfigError("train.compile on a CPU needs a C++ compiler (torch.compile builds its kernels with "
+                          "one) and none was found: install g++ or set CXX, or leave train.compile false") from None
+
+
 @contextlib.contextmanager
 def compiled_call_settings() -> Iterator[None]:
     """Dynamo's and AOTAutograd's settings for a call of a compiled population forward: more graphs
@@ -242,6 +253,8 @@ class TDPopulation(Population):
         # The population advances the core's schedule (once per step, as each member's own would), so that
         # the forward only reads it: a compiled forward specialises on what it reads.
         self.network.core.counts_learning_steps_in_forward = False
+        if compile and self.device.type == "cpu":
+            check_cpp_compiler()
         self.compile = compile
         self._runs: dict[tuple[bool, bool], Callable[..., tuple[Tensor, State, State]]] = {}
         # a dozen elementwise passes over [P, N], one fused loop compiled

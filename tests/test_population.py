@@ -192,6 +192,19 @@ def test_a_population_may_be_continued_compiled(float64, tmp_path: Path, capsys)
                 torch.testing.assert_close(got[key], value, atol=ATOL, rtol=RTOL)
 
 
+def test_compile_without_a_cpp_compiler_is_one_message_exit_2(tmp_path: Path, capsys, monkeypatch):
+    from torch._inductor import cpp_builder, exc
+
+    def no_compiler() -> str:
+        raise exc.InvalidCxxCompiler
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    status = main(["train", "configs/trace_patterning_ccn.yaml", "train.population=2", "train.compile=true",
+                   f"train.run_dir={tmp_path / 'x'}"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "needs a C++ compiler" in err
+
+
 def test_compile_is_an_option_of_td_populations_only(tmp_path: Path, capsys):
     for args in (["train.compile=true"], ["train.compile=true", "train.population=2", "agent=stream_ac"]):
         status = main(["train", "configs/trace_patterning_ccn.yaml", *args, f"train.run_dir={tmp_path / 'x'}"])
