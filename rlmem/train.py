@@ -487,9 +487,8 @@ def train_population(config: RunConfig, resume: bool = False, log=print,
         for member in members:
             env, learner, _device = build(member)
             built.append((env, learner))
-        learners = [learner for _, learner in built]
-        population = (POPULATIONS["td"](learners, compile=True) if config.train.compile
-                      else POPULATIONS[config.agent["name"]](learners))
+        compiled = {"compile": True} if config.train.compile else {}  # td only (check_combination)
+        population = POPULATIONS[config.agent["name"]]([learner for _, learner in built], **compiled)
     except BaseException:
         for env, _ in built:
             env.close()
