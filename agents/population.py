@@ -62,7 +62,7 @@ from agents.base import IterationResult, Learner, all_finite, check_memory_state
 from agents.networks import Categorical, DiagGaussian
 from agents.obgd import obgd_update
 from agents.stream_ac import StreamACLearner, per_env_gradients
-from agents.td import TDLearner, live_mask
+from agents.td import TDLearner, live_mask, normalized_step
 from rlmem.errors import ConfigError, TrainingDiverged
 from rlmem.memory import State
 
@@ -221,18 +221,11 @@ class Population(Learner):
 def normalized_steps(params: list[Tensor], update: Tensor, step_norms: Tensor, beta2: Tensor, eps: Tensor,
                      lr: Tensor, readout_mask: Tensor, features: int, normalized: bool, correction: Tensor | None,
                      live: Tensor | None, sizes: Sequence[int]) -> Tensor:
-    """Every member's parameter step from its TD update δ·z (``update`` [P, N]), as ``agents.td`` takes
-    it, added to the stacked ``params`` (in place; ``sizes``: their sizes per member): with
-    ``normalized``, v ← β₂ v + (1 − β₂) u², u / (√(v / ``correction``) + ε); times the member's step size
-    (the readout's divided by its ``features`` live inputs); times ``live``. Returns v (the
-    ``step_norms``; unchanged without ``normalized``). ``beta2``, ``eps``, ``lr``: [P, 1]."""
-    if normalized:
-        step_norms = step_norms * beta2 + (1 - beta2) * update * update
-        norms = step_norms if correction is None else step_norms / correction
-        update = update / (norms.sqrt() + eps)
-    step = update * torch.where(readout_mask, lr / features, lr)
-    if live is not None:
-        step = step * live
+    """Every member's step of ``agents.td``'s equation (1) (``normalized_step`` with [P, N] ``update``
+    and [P, 1] ``beta2``, ``eps``, ``lr``), added to the stacked ``params`` in place (``sizes``: their
+    sizes per member). Returns the new ``step_norms``."""
+    step, step_norms = normalized_step(update, step_norms, beta2, eps, lr, readout_mask, features, normalized,
+                                       correction, live)
     for param, s in zip(params, step.split(sizes, dim=1)):
         param.add_(s.view_as(param))
     return step_norms

@@ -117,6 +117,30 @@ class PredictionNetwork(nn.Module):
         return int(getattr(self.core, "active_output_size", self.core.output_size))
 
 
+
+def normalized_step(update: Tensor, step_norms: Tensor, beta2: float | Tensor, eps: float | Tensor,
+                    lr: float | Tensor, readout_mask: Tensor, features: int, normalized: bool,
+                    correction: float | Tensor | None, live: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Equation (1)'s parameter step from u_t = ``update`` ([N], or [P, N] for a population, whose
+    ``beta2``, ``eps``, ``lr`` and ``correction`` are then [P, 1]) and the new n (``step_norms``, returned
+    unchanged without ``normalized``). ``correction`` = 1 − β₂^k with bias correction, else None; the
+    readout's step size (``readout_mask``) is α / ``features``; ``live`` (0 or 1 per parameter entry) keeps
+    parameters V does not depend on now where they are."""
+    if normalized:
+        # A scalar β₂ (one learner) takes addcmul, whose rounding its pinned updates record; a population's
+        # [P, 1] β₂ cannot be addcmul's scalar factor.
+        if isinstance(beta2, Tensor):
+            step_norms = step_norms * beta2 + (1 - beta2) * update * update
+        else:
+            step_norms = torch.addcmul(step_norms * beta2, update, update, value=1 - beta2)
+        norms = step_norms if correction is None else step_norms / correction
+        update = update / (norms.sqrt() + eps)
+    step = update * torch.where(readout_mask, lr / features, lr)
+    if live is not None:
+        step = step * live
+    return step, step_norms
+
+
 def live_mask(gradients: Sequence[Tensor | None], sizes: Sequence[int], cache: dict[tuple[bool, ...], Tensor],
               like: Tensor) -> Tensor | None:
     """[P] 1 for the weights of parameters V depends on, 0 for the others (None when all are live); the
@@ -251,15 +275,12 @@ class TDLearner(Learner):
         """Equation (1) with u_t = ``update`` [P] for the parameters V depends on now. The others (a ``ccn``
         stage that just froze) stay where they are: frozen means no update at all, as in the CCN paper."""
         opt = self.options
-        if opt.optimizer == "normalized":
-            self.step_norms.mul_(opt.beta2).addcmul_(update, update, value=1 - opt.beta2)
-            norms = self.step_norms / (1 - opt.beta2 ** (self.updates + 1)) if opt.bias_correction else self.step_norms
-            update = update / norms.sqrt().add_(opt.eps)
+        normalized = opt.optimizer == "normalized"
+        correction = 1 - opt.beta2 ** (self.updates + 1) if normalized and opt.bias_correction else None
+        features = self.network.live_features() if opt.readout_step_per_feature else 1
+        step, self.step_norms = normalized_step(update, self.step_norms, opt.beta2, opt.eps, opt.lr,
+                                                self.readout_mask, features, normalized, correction, live)
         self.updates += 1
-        readout_lr = opt.lr / self.network.live_features() if opt.readout_step_per_feature else opt.lr
-        step = update * torch.where(self.readout_mask, readout_lr, opt.lr)
-        if live is not None:
-            step = step * live
         torch._foreach_add_(self.params, [s.view_as(p) for s, p in zip(step.split(self.sizes), self.params)])
 
     def _step(self, sums: dict[str, Tensor], episode_returns: list[float], episode_lengths: list[int]) -> None:
