@@ -189,6 +189,12 @@ def test_the_figure_of_a_sweep_plots_each_method_final_error_against_its_step_si
         (["--lr-factors", "0.3,x"], "expected comma-separated numbers"),
         (["--lr-factors", "0,1"], "expected positive numbers"),
         (["--compile"], "--compile compiles the step of a population: add --population"),
+        (["--variant", "fast=gru"], "expected NAME=METHOD"),
+        (["--variant", "Fast=ccn"], "expected NAME=METHOD"),
+        (["--variant", "lru=ccn"], "'lru' names a method already"),
+        (["--variant", "fast=ccn", "--methods", "ccn,fast"], "ccn and fast are the same learner"),
+        (["--variant", "fast=ccn", "--set", "slow.normalizer_decay=1"], "with METHOD one of: ccn"),
+        (["--lr", "slow=0.1"], "unknown method 'slow'"),
     ],
 )
 def test_bench_bad_arguments_exit_2(argv, message, tmp_path: Path, capsys):
@@ -206,6 +212,48 @@ def test_runs_saved_under_the_first_file_names_are_reused(tmp_path: Path, capsys
     assert main(["bench", "trace_patterning", *TINY, "--seeds", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "reusing 3 finished run(s)" in printed and "done columnar" not in printed
+
+
+def test_a_variant_is_compared_beside_its_method_and_shares_the_runs_of_the_same_learner(tmp_path: Path, capsys):
+    """``--variant NAME=METHOD`` lists a changed copy of a method under its own name, in the same table,
+    figure and paired comparison as the method itself; a run saved earlier with the variant's settings
+    (by a call that changed the method itself) is the variant's run."""
+    pytest.importorskip("matplotlib")
+    tiny = ["--steps", "200", "--log-every", "100", "--window", "100", "--seeds", "1", "--out", str(tmp_path)]
+    warmup = ["normalizer_warmup=true"]
+    assert main(["bench", "trace_patterning", *tiny, "--methods", "columnar", "--set", f"columnar.{warmup[0]}"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "trace_patterning", *tiny, "--methods", "columnar,columnar_warmup",
+                 "--variant", "columnar_warmup=columnar", "--set", f"columnar_warmup.{warmup[0]}"]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing 2 finished run(s)" in printed  # the warm-up run and V = 0
+    assert "done columnar seed 0" in printed and "done columnar_warmup" not in printed
+    (table,) = tmp_path.glob("results-columnar+columnar_warmup-*.json")
+    record = json.loads(table.read_text())
+    labels = {row["method"]: row["label"] for row in record["summary"]}
+    assert labels == {"columnar": "Columnar 7 (RTRL)", "columnar_warmup": "Columnar 7 (RTRL), normalizer_warmup=true",
+                      "zero": "V = 0 (nothing learned)"}
+    (pair,) = record["paired"]
+    assert {pair["method"], pair["against"]} == {"columnar", "columnar_warmup"}
+    curves = {r["method"]: r["curve"] for r in record["runs"]}
+    assert curves["columnar"] != curves["columnar_warmup"]
+    # saved and trained under the family's name: the settings, not the name, say which learner it is
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "runs").iterdir()) == [
+        "columnar-seed0", "columnar-seed0", "zero-seed0"]
+    assert "Columnar 7 (RTRL), normalizer_warmup=true" in printed
+
+
+def test_a_variant_trains_where_its_family_would():
+    import dataclasses
+
+    from rlmem.bench.trace_patterning import METHODS, Protocol, job_dir, with_variants
+
+    protocol = Protocol("trace_patterning", steps=200, log_every=100, num_envs=1)
+    variant = dataclasses.replace(with_variants(["slow=ccn"])["slow"], lr=0.001)
+    changed = dataclasses.replace(METHODS["ccn"], lr=0.001)
+    root = Path("train")
+    assert job_dir(root, ("slow", variant, 0, protocol)) == job_dir(root, ("ccn", changed, 0, protocol))
+    assert job_dir(root, ("slow", (variant,), [0, 1], protocol)) == job_dir(root, ("ccn", (changed,), [0, 1], protocol))
 
 
 def test_only_the_whole_comparison_at_its_own_settings_writes_results_json(tmp_path: Path):

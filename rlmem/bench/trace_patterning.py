@@ -70,7 +70,17 @@ training runs in progress with the step of their last checkpoint and, where V = 
 so far as a fraction of V = 0's, per step size. ``--lr METHOD=LR`` and
 ``--set METHOD.KEY=VALUE`` (a core option, e.g. ``columnar.normalizer_decay=0.9999``) vary a method; both
 are part of the settings a saved run must match, and of its file name (``<method>-seed<s>-<digest>.json``),
-so runs of several settings share one ``OUT`` without replacing each other. The table and plot are
+so runs of several settings share one ``OUT`` without replacing each other. ``--variant NAME=METHOD``
+adds a copy of METHOD under its own NAME, for ``--methods``, ``--set NAME.KEY=VALUE`` and ``--lr NAME=LR``,
+so that a method and a variant of it (CCN with and without its normaliser warm-up, say) share one table,
+figure and paired comparison::
+
+    rlmem bench trace_patterning --methods ccn,ccn_warmup --variant ccn_warmup=ccn \
+        --set ccn_warmup.normalizer_warmup=true --lr ccn_warmup=0.0003 ...
+
+A variant's runs are saved and trained under its method's name (the family, in ``Method.family``): the
+settings say which learner a run is, so a variant reuses runs made by changing the method itself, and
+the other way round. The table and plot are
 ``OUT/results.json`` and ``OUT/<task>.png`` for the whole comparison at the bench's settings; a subset of
 methods or changed settings writes its own (``results-<methods>[-<digest>].json``), so that a side check
 run into the study's ``OUT`` leaves the study's table alone.
@@ -85,6 +95,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import shutil
 import statistics
 from collections.abc import Mapping, Sequence
@@ -118,12 +129,13 @@ class Method:
     unroll_length: int = 1
     stages_per_run: int = 0  # ccn: the run is split into this many stage lengths (0: one stage)
     label: str = ""
+    family: str = ""  # the METHODS entry it is (a variant of): names its saved runs and training dirs
 
 
 # The CCN variants' normaliser decay is the CCN code's (it is also the core's default, but stating it here
 # keeps runs saved under another setting from being reused).
 COLUMNS = {"name": "ccn", "grad": "rtrl", "normalizer_decay": 0.99999}
-METHODS: dict[str, Method] = {
+METHODS: dict[str, Method] = {name: dataclasses.replace(method, family=name) for name, method in {
     "ccn": Method({**COLUMNS, "hidden_size": 20, "columns_per_stage": 4}, lr=0.01, stages_per_run=5,
                   label="CCN 20:4 (RTRL)"),
     "columnar": Method({**COLUMNS, "hidden_size": 7, "columns_per_stage": 7}, lr=0.01, label="Columnar 7 (RTRL)"),
@@ -136,9 +148,9 @@ METHODS: dict[str, Method] = {
     "elstm": Method({"name": "elstm", "grad": "rtrl", "hidden_size": 16}, lr=0.003, label="eLSTM 16 (RTRL)"),
     # 0.001, not the eLSTM's 0.003: at 0.003 two of five seeds blew up (docs/trace_patterning.md).
     "lru": Method({"name": "lru", "grad": "rtrl", "hidden_size": 16}, lr=0.001, label="LRU 16 (RTRL)"),
-}
+}.items()}
 # The reference every table and plot includes: V = 0, i.e. nothing learned (the mean of G²).
-ZERO = Method({}, lr=0.0, label="V = 0 (nothing learned)")
+ZERO = Method({}, lr=0.0, label="V = 0 (nothing learned)", family="zero")
 
 
 def memory_spec(method: Method, steps: int) -> dict[str, Any]:
@@ -358,9 +370,10 @@ def job_dir(train_root: Path, job: tuple) -> Path:
         return train_root / "zero"
     if isinstance(seed, list):
         seeds = f"seeds{seed[0]}-{seed[-1]}"
+        family = method[0].family or name
         if len(method) == 1:
-            return train_root / f"{name}-{seeds}-{_digest(_run_settings(method[0], protocol), 12)}"
-        return train_root / f"{name}-sweep-{seeds}-{_digest([_run_settings(m, protocol) for m in method], 12)}"
+            return train_root / f"{family}-{seeds}-{_digest(_run_settings(method[0], protocol), 12)}"
+        return train_root / f"{family}-sweep-{seeds}-{_digest([_run_settings(m, protocol) for m in method], 12)}"
     return train_root / run_name(*job)
 
 
@@ -499,8 +512,10 @@ def _digest(value: Any, length: int) -> str:
 
 def run_name(name: str, method: Method, seed: int, protocol: Protocol) -> str:
     """``<method>-seed<seed>-<digest of the settings>``: runs of other settings live side by side. It
-    names the saved run (``OUT/runs/<run name>.json``) and its training run dir (``OUT/train/<run name>``)."""
-    return f"{name}-seed{seed}-{_digest(_run_settings(method, protocol), 12)}"
+    names the saved run (``OUT/runs/<run name>.json``) and its training run dir (``OUT/train/<run name>``).
+    ``<method>`` is the method's family (``ccn`` for a ``--variant`` of it): the settings say what the
+    learner is, so a variant reuses the runs of a method with the same settings, and its own serve them."""
+    return f"{method.family or name}-seed{seed}-{_digest(_run_settings(method, protocol), 12)}"
 
 
 def save_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol, result: dict[str, Any]) -> None:
@@ -513,7 +528,8 @@ def load_run(saved: Path, name: str, method: Method, seed: int, protocol: Protoc
     """A run saved earlier with the same settings, or None. Files of the first format, named by method
     and seed only (one setting per directory), are read too."""
     settings = _run_settings(method, protocol)
-    for path in (saved / f"{run_name(name, method, seed, protocol)}.json", saved / f"{name}-seed{seed}.json"):
+    for path in (saved / f"{run_name(name, method, seed, protocol)}.json",
+                 saved / f"{method.family or name}-seed{seed}.json"):
         try:
             earlier = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -529,9 +545,12 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
 
 
-def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: int, window: int) -> list[dict]:
+def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: int, window: int,
+              labels: Mapping[str, str] | None = None) -> list[dict]:
     """One row per method and step size (in ``methods``' order, step sizes ascending): the final error
-    (mean over the last ``window`` steps of each run) over seeds."""
+    (mean over the last ``window`` steps of each run) over seeds. ``labels``: each method's label in
+    tables and figures (default: those of ``METHODS``)."""
+    labels = {**{name: method.label for name, method in METHODS.items()}, "zero": ZERO.label, **(labels or {})}
     last = max(1, window // log_every)
     rows = []
     for name, lr in [(m, lr) for m in methods for lr in sorted({r["lr"] for r in results if r["method"] == m})]:
@@ -543,7 +562,7 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
         rows.append({
             "method": name,
             "lr": lr,
-            "label": METHODS.get(name, ZERO).label,
+            "label": labels[name],
             "final_error": mean,
             "stderr": stderr,
             # one diverging seed moves the mean by more than the spread of the others: report both
@@ -687,6 +706,9 @@ def _parser() -> argparse.ArgumentParser:
                              "each at its best (with --population, one population per method)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="memory_options",
                         help="override an option of a method's memory core, e.g. columnar.normalizer_decay=0.9999")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD",
+                        help="a variant of METHOD under its own NAME, to list in --methods beside it and vary by "
+                             "--set NAME.KEY=VALUE and --lr NAME=LR, e.g. ccn_warmup=ccn")
     parser.add_argument("--task", default="trace_patterning",
                         help=f"one of: {', '.join(TASKS)} (the memory-only variant: one CS, every trial ends in a US)")
     parser.add_argument("--out", default=None, help="directory for the runs, the table and the plot (runs/bench/TASK)")
@@ -709,8 +731,8 @@ def _with_memory_option(methods: dict[str, Method], item: str) -> tuple[str, Met
     """``--set METHOD.KEY=VALUE``: the method with that core option changed, the value typed as
     ``rlmem train`` types its overrides and checked by the core's own options."""
     name, dot, key = item.partition("=")[0].partition(".")
-    if "=" not in item or not (dot and key) or "." in key or name not in METHODS:
-        raise ConfigError(f"--set {item!r}: expected METHOD.KEY=VALUE with METHOD one of: {', '.join(METHODS)}")
+    if "=" not in item or not (dot and key) or "." in key or name not in methods:
+        raise ConfigError(f"--set {item!r}: expected METHOD.KEY=VALUE with METHOD one of: {', '.join(methods)}")
     if key in ("name", "grad"):
         raise ConfigError(f"--set {item!r}: a method's core and gradient are what defines it; choose another method")
     if key == "steps_per_stage":
@@ -721,13 +743,36 @@ def _with_memory_option(methods: dict[str, Method], item: str) -> tuple[str, Met
     return name, changed
 
 
+def with_variants(items: Sequence[str]) -> dict[str, Method]:
+    """``METHODS`` and each ``--variant NAME=METHOD`` (a copy of METHOD, of its family, to be varied
+    under NAME)."""
+    chosen = dict(METHODS)
+    for item in items:
+        name, _, family = item.partition("=")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or family not in METHODS:
+            raise ConfigError(f"--variant {item!r}: expected NAME=METHOD, NAME of lower-case letters, digits "
+                              f"and _, METHOD one of: {', '.join(METHODS)}")
+        if name in chosen or name == "zero":
+            raise ConfigError(f"--variant {item!r}: {name!r} names a method already; choose another name")
+        chosen[name] = METHODS[family]
+    return chosen
+
+
+def variant_label(method: Method, name: str) -> str:
+    """A variant's label: its family's, and the core options it changes (or, with none, its name)."""
+    family = METHODS[method.family]
+    changes = [f"{key}={json.dumps(value)}" for key, value in method.memory.items()
+               if family.memory.get(key) != value]
+    return f"{family.label}, {', '.join(changes) or name}"
+
+
 def output_files(out: Path, task: str, methods: Sequence[str], chosen: dict[str, Method],
                  lr_factors: Sequence[float] = (1.0,)) -> tuple[Path, Path]:
     """Where a call's table and plot go: ``results.json`` and ``<task>.png`` for the whole comparison
     at the bench's own settings; for a subset of methods or changed settings (a sweep included), files
     named after them (``results-<methods>[-<digest>].json``), so that such a call into the study's OUT
     leaves its table and plot alone."""
-    changed: dict[str, Any] = {m: [chosen[m].lr, chosen[m].memory] for m in methods if chosen[m] != METHODS[m]}
+    changed: dict[str, Any] = {m: [chosen[m].lr, chosen[m].memory] for m in methods if chosen[m] != METHODS.get(m)}
     if list(lr_factors) != [1.0]:
         changed["lr_factors"] = list(lr_factors)
     if list(methods) == list(METHODS) and not changed:
@@ -743,10 +788,11 @@ def run(argv: list[str]) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.task not in TASKS:
         raise ConfigError(f"--task: unknown task {args.task!r}; valid choices: {', '.join(TASKS)}")
-    unknown = [m for m in methods if m not in METHODS]
+    chosen = with_variants(args.variant)
+    unknown = [m for m in methods if m not in chosen]
     if unknown or not methods:
         what = repr(unknown[0]) if unknown else "(none)"
-        raise ConfigError(f"--methods: unknown method {what}; valid choices: {', '.join(METHODS)}")
+        raise ConfigError(f"--methods: unknown method {what}; valid choices: {', '.join(chosen)}")
     for key in ("steps", "num_envs", "seeds", "window", "log_every", "workers"):
         if getattr(args, key) <= 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
@@ -756,11 +802,10 @@ def run(argv: list[str]) -> None:
         raise ConfigError("--compile compiles the step of a population: add --population")
     if args.log_every % args.num_envs:
         raise ConfigError(f"--log-every={args.log_every} must be a multiple of --num-envs={args.num_envs}")
-    chosen = dict(METHODS)
     for item in args.lr:
         name, _, value = item.partition("=")
-        if name not in METHODS:
-            raise ConfigError(f"--lr {item!r}: unknown method {name!r}; valid choices: {', '.join(METHODS)}")
+        if name not in chosen:
+            raise ConfigError(f"--lr {item!r}: unknown method {name!r}; valid choices: {', '.join(chosen)}")
         try:
             chosen[name] = dataclasses.replace(chosen[name], lr=float(value))
         except ValueError:
@@ -769,6 +814,14 @@ def run(argv: list[str]) -> None:
     for item in args.memory_options:
         name, method = _with_memory_option(chosen, item)
         chosen[name] = method
+    labels = {name: variant_label(chosen[name], name) for name in chosen if name not in METHODS}
+    for name, method in labels.items():
+        chosen[name] = dataclasses.replace(chosen[name], label=method)
+    same = [(a, b) for a, b in itertools.combinations(methods, 2)
+            if dataclasses.replace(chosen[a], label="") == dataclasses.replace(chosen[b], label="")]
+    if same:
+        raise ConfigError(f"--methods: {same[0][0]} and {same[0][1]} are the same learner; give a variant its own "
+                          "--set NAME.KEY=VALUE or --lr NAME=LR")
     try:
         lr_factors = [float(f) for f in args.lr_factors.split(",") if f.strip()]
     except ValueError:
@@ -797,7 +850,8 @@ def run(argv: list[str]) -> None:
         if earlier is None:
             pending.append(job)
         else:
-            results.append({**earlier, "lr": job[1].lr})  # runs saved before sweeps did not record it
+            # runs saved before sweeps did not record the step size; a variant reuses its family's runs
+            results.append({**earlier, "method": job[0], "lr": job[1].lr})
     if results:
         print(f"  reusing {len(results)} finished run(s) from {saved}", flush=True)
     if args.saved_only:
@@ -834,7 +888,7 @@ def run(argv: list[str]) -> None:
     results.sort(key=lambda r: order[(r["method"], r["lr"], r["seed"])])
 
     sweep_rows = summarise(results, [m for m in [*methods, "zero"] if any(r["method"] == m for r in results)],
-                           args.log_every, args.window)
+                           args.log_every, args.window, {name: chosen[name].label for name in methods})
     rows = best_rows(sweep_rows)
     out.mkdir(parents=True, exist_ok=True)
     settings = {**dataclasses.asdict(protocol), "seeds": args.seeds, "window": args.window,
@@ -854,7 +908,8 @@ def run(argv: list[str]) -> None:
     seeds = sorted({len(row["per_seed"]) for row in rows})
     print(f"\nsquared return error, mean over the last {args.window:,} of {args.steps:,} steps "
           f"({'/'.join(map(str, seeds))} seeds per method):")
-    summary = Table(Column("method", 26, "<"), Column("error", 10), Column("± s.e.", 9), Column("median", 9),
+    label_width = max(26, *(len(row["label"]) + 1 for row in sweep_rows))
+    summary = Table(Column("method", label_width, "<"), Column("error", 10), Column("± s.e.", 9), Column("median", 9),
                     Column("whole run", 10), Column("MACs/step", 10), Column("ms/update", 9), Column("lr", 7))
     summary.header()
     for row in sorted(rows, key=lambda r: r["final_error"]):
@@ -866,8 +921,8 @@ def run(argv: list[str]) -> None:
         best = next(row for row in rows if (row["method"], row["lr"]) == against)
         print(f"\npaired by seed (each seed is the same stream for every method): error minus that of the best, "
               f"{best['label']} at {best['lr']:g}, mean ± s.e. over the seeds both have:")
-        pairs = Table(Column("method", 26, "<"), Column("final", 10), Column("± s.e.", 9), Column("whole run", 10),
-                      Column("± s.e.", 9), Column("best lower", 11))
+        pairs = Table(Column("method", label_width, "<"), Column("final", 10), Column("± s.e.", 9),
+                      Column("whole run", 10), Column("± s.e.", 9), Column("best lower", 11))
         pairs.header()
         for pair in paired:
             pairs.row(pair["label"], f"{pair['difference']:+.5f}", f"{pair['stderr']:.5f}",
@@ -876,8 +931,8 @@ def run(argv: list[str]) -> None:
     if len(lr_factors) > 1:
         print(f"\nthe step-size sweep (factors {', '.join(f'{f:g}' for f in lr_factors)} of each method's step size; "
               "* marks the best):")
-        sweep_table = Table(Column("method", 26, "<"), Column("lr", 9), Column("error", 10), Column("± s.e.", 9),
-                            Column("median", 9), Column("seeds", 6))
+        sweep_table = Table(Column("method", label_width, "<"), Column("lr", 9), Column("error", 10),
+                            Column("± s.e.", 9), Column("median", 9), Column("seeds", 6))
         sweep_table.header()
         for row in sweep_rows:
             if row["method"] != "zero":
