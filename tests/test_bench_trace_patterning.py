@@ -149,6 +149,9 @@ def test_methods_are_compared_seed_by_seed_against_the_best():
     assert pair["whole_run_difference"] == pytest.approx(4 / 3)
     assert pair["whole_run_stderr"] == pytest.approx(0.0, abs=1e-9)
     assert paired_against_best(rows[:1]) == []  # one method: nothing to pair
+    (pair,) = paired_against_best(rows, against="lru")  # a chosen reference instead of the best
+    assert (pair["method"], pair["against"], pair["best_lower"]) == ("elstm", "lru", 0)
+    assert pair["difference"] == pytest.approx(-1.0)
 
 
 def test_the_figure_of_a_sweep_plots_each_method_final_error_against_its_step_size(tmp_path: Path, monkeypatch):
@@ -189,6 +192,7 @@ def test_the_figure_of_a_sweep_plots_each_method_final_error_against_its_step_si
         (["--lr-factors", "0.3,x"], "expected comma-separated numbers"),
         (["--lr-factors", "0,1"], "expected positive numbers"),
         (["--compile"], "--compile compiles the step of a population: add --population"),
+        (["--methods", "ccn,lru", "--against", "elstm"], "--against 'elstm': expected one of --methods: ccn, lru"),
         (["--variant", "fast=gru"], "expected NAME=METHOD"),
         (["--variant", "Fast=ccn"], "expected NAME=METHOD"),
         (["--variant", "lru=ccn"], "'lru' names a method already"),
@@ -235,6 +239,13 @@ def test_a_variant_is_compared_beside_its_method_and_shares_the_runs_of_the_same
                       "zero": "V = 0 (nothing learned)"}
     (pair,) = record["paired"]
     assert {pair["method"], pair["against"]} == {"columnar", "columnar_warmup"}
+    for reference in ("columnar", "columnar_warmup"):  # either may be the reference of the pairs
+        assert main(["bench", "trace_patterning", *tiny, "--methods", "columnar,columnar_warmup", "--saved-only",
+                     "--variant", "columnar_warmup=columnar", "--set", f"columnar_warmup.{warmup[0]}",
+                     "--against", reference]) == 0
+        (pair,) = json.loads(table.read_text())["paired"]
+        assert pair["against"] == reference
+    printed += capsys.readouterr().out
     curves = {r["method"]: r["curve"] for r in record["runs"]}
     assert curves["columnar"] != curves["columnar_warmup"]
     # saved and trained under the family's name: the settings, not the name, say which learner it is

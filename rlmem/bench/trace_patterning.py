@@ -80,7 +80,8 @@ figure and paired comparison::
 
 A variant's runs are saved and trained under its method's name (the family, in ``Method.family``): the
 settings say which learner a run is, so a variant reuses runs made by changing the method itself, and
-the other way round. The table and plot are
+the other way round. The paired comparison (each method minus the best, seed by seed, on the same
+streams) takes another reference with ``--against METHOD``. The table and plot are
 ``OUT/results.json`` and ``OUT/<task>.png`` for the whole comparison at the bench's settings; a subset of
 methods or changed settings writes its own (``results-<methods>[-<digest>].json``), so that a side check
 run into the study's ``OUT`` leaves the study's table alone.
@@ -591,8 +592,9 @@ def best_rows(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
-def paired_against_best(rows: list[dict]) -> list[dict]:
-    """Each method's row (at its best step size) against the best method's, seed by seed.
+def paired_against_best(rows: list[dict], against: str | None = None) -> list[dict]:
+    """Each method's row (at its best step size) against the best method's (or the method named
+    ``against``), seed by seed.
 
     Every method steps the same stream on a given seed, so much of a run's error is the stream's (how
     many trials fell in the window, how hard they were) and is shared by all methods on that seed. The
@@ -603,6 +605,8 @@ def paired_against_best(rows: list[dict]) -> list[dict]:
     if len(learners) < 2:
         return []
     best = min(learners, key=lambda row: row["final_error"])
+    if against is not None:
+        best = next(row for row in learners if row["method"] == against)
     paired = []
     for row in learners:
         if row is best:
@@ -622,7 +626,7 @@ def paired_against_best(rows: list[dict]) -> list[dict]:
             "against": best["method"], "against_lr": best["lr"], "seeds": len(common),
             "difference": difference, "stderr": stderr,
             "whole_run_difference": whole_difference, "whole_run_stderr": whole_stderr,
-            "best_lower": sum(d > 0 for d in final),
+            "best_lower": sum(d > 0 for d in final),  # the reference's, when ``against`` names it
         })
     return paired
 
@@ -721,6 +725,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=None, metavar="DIR",
                         help="save and look up the finished runs (small JSON files) here instead of OUT/runs/, "
                              "e.g. a directory in version control")
+    parser.add_argument("--against", default=None, metavar="METHOD",
+                        help="pair every method seed by seed with this one (one of --methods) instead of the best")
     parser.add_argument("--no-reuse", action="store_true", help="rerun runs already saved")
     parser.add_argument("--saved-only", action="store_true",
                         help="run nothing: summarise the runs saved so far (a study in progress)")
@@ -798,6 +804,8 @@ def run(argv: list[str]) -> None:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     if args.steps < args.log_every:
         raise ConfigError(f"--steps={args.steps} must be at least --log-every={args.log_every}")
+    if args.against is not None and args.against not in methods:
+        raise ConfigError(f"--against {args.against!r}: expected one of --methods: {', '.join(methods)}")
     if args.compile and not args.population:
         raise ConfigError("--compile compiles the step of a population: add --population")
     if args.log_every % args.num_envs:
@@ -896,7 +904,7 @@ def run(argv: list[str]) -> None:
     if len(lr_factors) > 1:
         settings["lr_factors"] = lr_factors
     table, figure = output_files(out, args.task, methods, chosen, lr_factors)
-    paired = paired_against_best(rows)
+    paired = paired_against_best(rows, args.against if any(r["method"] == args.against for r in rows) else None)
     record = {"settings": settings, "summary": rows, "paired": paired, "runs": results}
     if len(lr_factors) > 1:
         record["sweep"] = sweep_rows
@@ -919,10 +927,12 @@ def run(argv: list[str]) -> None:
     if paired:
         against = (paired[0]["against"], paired[0]["against_lr"])
         best = next(row for row in rows if (row["method"], row["lr"]) == against)
-        print(f"\npaired by seed (each seed is the same stream for every method): error minus that of the best, "
+        which = "the best" if args.against is None else "the reference"
+        print(f"\npaired by seed (each seed is the same stream for every method): error minus that of {which}, "
               f"{best['label']} at {best['lr']:g}, mean ± s.e. over the seeds both have:")
         pairs = Table(Column("method", label_width, "<"), Column("final", 10), Column("± s.e.", 9),
-                      Column("whole run", 10), Column("± s.e.", 9), Column("best lower", 11))
+                      Column("whole run", 10), Column("± s.e.", 9),
+                      Column("best lower" if args.against is None else "ref. lower", 11))
         pairs.header()
         for pair in paired:
             pairs.row(pair["label"], f"{pair['difference']:+.5f}", f"{pair['stderr']:.5f}",
