@@ -117,7 +117,6 @@ class PredictionNetwork(nn.Module):
         return int(getattr(self.core, "active_output_size", self.core.output_size))
 
 
-
 def normalized_step(update: Tensor, step_norms: Tensor, beta2: float | Tensor, eps: float | Tensor,
                     lr: float | Tensor, readout_mask: Tensor, features: int, normalized: bool,
                     correction: float | Tensor | None, live: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -822,9 +822,8 @@ def run(argv: list[str]) -> None:
     for item in args.memory_options:
         name, method = _with_memory_option(chosen, item)
         chosen[name] = method
-    labels = {name: variant_label(chosen[name], name) for name in chosen if name not in METHODS}
-    for name, method in labels.items():
-        chosen[name] = dataclasses.replace(chosen[name], label=method)
+    for name in [name for name in chosen if name not in METHODS]:
+        chosen[name] = dataclasses.replace(chosen[name], label=variant_label(chosen[name], name))
     same = [(a, b) for a, b in itertools.combinations(methods, 2)
             if dataclasses.replace(chosen[a], label="") == dataclasses.replace(chosen[b], label="")]
     if same:
