@@ -169,6 +169,26 @@ def test_warmup_averages_each_features_first_updates_and_new_columns_count_from_
     assert core.stages[1].normaliser.count.tolist() == [2.0] * 5
 
 
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_output_normaliser_can_have_its_own_decay(warmup: bool):
+    """``output_normalizer_decay: 1`` leaves the columns' h unnormalised (μ = 0, v = 1 for ever) while the
+    inputs are still normalised at ``normalizer_decay``; by default both share it."""
+    B, xs = 2, 3.0 + torch.randn(6, 1, 2, 3, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    reset = torch.zeros(1, B, dtype=torch.bool)
+    cores = {decay: build(normalizer_warmup=warmup, output_normalizer_decay=decay) for decay in (None, 1.0, 0.5)}
+    for decay, core in cores.items():
+        state = core.initial_state(B, dtype=DTYPE)
+        for x in xs:
+            y, state = core(x, state, reset)
+        if decay == 1.0:  # the output is the columns' h itself
+            torch.testing.assert_close(y[-1, :, :2], state["hc"][:, :2, 0], rtol=0, atol=0)
+    unnormalised, shared, own = cores[1.0], cores[None], cores[0.5]
+    assert unnormalised.output_normaliser.mean.eq(0).all() and unnormalised.output_normaliser.var.eq(1).all()
+    for core in (unnormalised, own):  # the inputs' statistics are the same whatever the outputs'
+        torch.testing.assert_close(core.stages[0].normaliser.mean, shared.stages[0].normaliser.mean)
+    assert not torch.equal(own.output_normaliser.var[:2], shared.output_normaliser.var[:2])
+
+
 def test_frozen_stages_never_change_and_idle_stages_wait():
     core = make_core({"name": "ccn", "hidden_size": 4, "columns_per_stage": 2, "steps_per_stage": 20,
                       "normalizer_decay": 0.9}, input_size=3)
@@ -272,6 +292,8 @@ def test_checkpoint_restores_the_schedule_and_statistics_exactly(warmup: bool):
         ({"normalizer_warmup": "yes"}, "memory.normalizer_warmup must be true or false"),
         ({"normalizer_warmup": True, "normalizer_decay": 1.0},
          "memory.normalizer_warmup needs memory.normalizer_decay < 1"),
+        ({"output_normalizer_decay": 2}, "memory.output_normalizer_decay must be null (normalizer_decay) or a"),
+        ({"output_normalizer_decay": "fast"}, "memory.output_normalizer_decay must be null"),
         ({"grad": "snap1"}, "memory.grad='snap1' is not supported by core 'ccn'; valid choices: rtrl, bptt"),
         ({"columns": 3}, "unknown key memory.columns; valid keys:"),
     ],

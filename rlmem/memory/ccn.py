@@ -48,7 +48,9 @@ changes at stage boundaries alone, so it is compiled once per stage instead of o
 ``normalizer_decay``; μ = 0 and v = 1 at first), updated after they are used, during learning passes
 of the stage's own learning period only. The core's output is the started columns' h normalised the
 same way by output statistics that keep adapting for every started column (the readout learns on
-top of them), and 0 for the columns of later stages.
+top of them), and 0 for the columns of later stages. ``output_normalizer_decay`` gives the output
+statistics a decay of their own (1: the columns' h unnormalised, with the inputs still normalised), so
+that the two normalisers can be studied apart.
 
 With ``normalizer_warmup`` (not in the CCN paper) each feature's n-th update uses the rate
 r_n = max(1 − d, 1/n) in place of 1 − d: μ ← (1 − r_n) μ + r_n mean_b(x), and v likewise. The first
@@ -101,6 +103,7 @@ class CCNOptions(CoreOptions):
     normalizer_decay: float = 0.99999
     variance_floor: float = 0.01  # lower bound of the running variances
     normalizer_warmup: bool = False  # average each feature's first 1/(1 − d) updates (see the docstring)
+    output_normalizer_decay: float | None = None  # d of the output statistics; None: normalizer_decay
     init_scale: float = 0.01  # column weights start at U(−init_scale, init_scale)
 
     def __post_init__(self) -> None:
@@ -116,6 +119,10 @@ class CCNOptions(CoreOptions):
             raise ConfigError(f"memory.normalizer_decay must be a number in [0, 1], got {self.normalizer_decay!r}")
         if not isinstance(self.normalizer_warmup, bool):
             raise ConfigError(f"memory.normalizer_warmup must be true or false, got {self.normalizer_warmup!r}")
+        if self.output_normalizer_decay is not None and (
+                not _is_number(self.output_normalizer_decay) or not 0.0 <= self.output_normalizer_decay <= 1.0):
+            raise ConfigError("memory.output_normalizer_decay must be null (normalizer_decay) or a number in "
+                              f"[0, 1], got {self.output_normalizer_decay!r}")
         if self.normalizer_warmup and self.normalizer_decay == 1.0:
             raise ConfigError(
                 "memory.normalizer_warmup needs memory.normalizer_decay < 1 (1 never updates the statistics)"
@@ -265,8 +272,11 @@ class CCNCore(EngineCore):
         self.stages = nn.ModuleList(
             _Stage(bounds[s + 1] - bounds[s], input_size + bounds[s], options) for s in range(self.num_stages)
         )
-        self.output_normaliser = _Normaliser(options.hidden_size, options.normalizer_decay, options.variance_floor,
-                                             options.normalizer_warmup)
+        output_decay = options.normalizer_decay if options.output_normalizer_decay is None \
+            else options.output_normalizer_decay
+        # warm-up needs a decay below 1 (a decay of 1 never updates: there is nothing to warm up)
+        self.output_normaliser = _Normaliser(options.hidden_size, output_decay, options.variance_floor,
+                                             options.normalizer_warmup and output_decay < 1.0)
         self.steps_seen = 0
 
     # ----------------------------------------------------------------------------------------------
