@@ -62,7 +62,7 @@ from agents.base import IterationResult, Learner, all_finite, check_memory_state
 from agents.networks import Categorical, DiagGaussian
 from agents.obgd import obgd_update
 from agents.stream_ac import StreamACLearner, per_env_gradients
-from agents.td import TDLearner, live_mask, normalized_step
+from agents.td import TDLearner, add_relative_error, live_mask, normalized_step
 from rlmem.errors import ConfigError, TrainingDiverged
 from rlmem.memory import State
 
@@ -463,7 +463,9 @@ class TDPopulation(Population):
         sums["charts/value"] += value.mean(1)
         true_return = infos.tensor("true_return") if self.reports_prediction_error else None
         if true_return is not None:
-            sums["charts/prediction_error"] += (value - true_return.to(self.device, value.dtype)).pow(2).mean(1)
+            true_return = true_return.to(self.device, value.dtype)
+            sums["charts/prediction_error"] += (value - true_return).pow(2).mean(1)
+            sums["charts/zero_prediction_error"] += true_return.pow(2).mean(1)
         if not infos.episode_ended():
             return
         for p, (returns, lengths) in enumerate(episodes):
@@ -480,6 +482,7 @@ class TDPopulation(Population):
         sums = {"losses/td_error": zero.clone(), "charts/value": zero.clone()}
         if self.reports_prediction_error:
             sums["charts/prediction_error"] = zero.clone()
+            sums["charts/zero_prediction_error"] = zero.clone()
         episodes: list[tuple[list[float], list[int]]] = [([], []) for _ in range(self.size)]
         for _ in range(n):
             self.step(sums, episodes)
@@ -489,7 +492,7 @@ class TDPopulation(Population):
         means = {tag: (total / n).tolist() for tag, total in sums.items()}
         results = []
         for p in range(self.size):
-            metrics = {tag: values[p] for tag, values in means.items()}
+            metrics = add_relative_error({tag: values[p] for tag, values in means.items()})
             metrics["charts/learning_rate"] = float(self.lr[p])
             metrics.update(self.memory_metrics(self.state_after, p))
             returns, lengths = episodes[p]

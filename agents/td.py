@@ -34,8 +34,11 @@ the paper's setting is one stream (B = 1).
 
 Metrics (mean over the iteration): ``losses/td_error`` = δ², ``charts/prediction_error`` =
 (V_{t+1} − G_{t+1})² where the env reports the true return ``info["true_return"]`` (= G_{t+1}, the
-target of V(obs_{t+1})) and the learner's γ is the env's, ``charts/value`` = V, ``charts/learning_rate``
-= α, and ``memory/*`` state norms. Tasks are continuing, so ``episode_returns`` is usually empty.
+target of V(obs_{t+1})) and the learner's γ is the env's, beside it ``charts/zero_prediction_error`` =
+G_{t+1}², the error of V = 0 (nothing learned) on the same steps, and their ratio
+``charts/relative_prediction_error`` (below 1: better than predicting nothing), ``charts/value`` = V,
+``charts/learning_rate`` = α, and ``memory/*`` state norms. Tasks are continuing, so ``episode_returns``
+is usually empty.
 """
 
 from __future__ import annotations
@@ -138,6 +141,15 @@ def normalized_step(update: Tensor, step_norms: Tensor, beta2: float | Tensor, e
     if live is not None:
         step = step * live
     return step, step_norms
+
+
+def add_relative_error(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` with ``charts/relative_prediction_error``, the iteration's prediction error over that of
+    V = 0 on the same steps, where both are there and V = 0's is not 0 (a stretch without any return)."""
+    zero = metrics.get("charts/zero_prediction_error", 0.0)
+    if "charts/prediction_error" in metrics and zero > 0:
+        metrics["charts/relative_prediction_error"] = metrics["charts/prediction_error"] / zero
+    return metrics
 
 
 def live_mask(gradients: Sequence[Tensor | None], sizes: Sequence[int], cache: dict[tuple[bool, ...], Tensor],
@@ -306,7 +318,9 @@ class TDLearner(Learner):
         sums["losses/td_error"] += td_error.pow(2).mean()
         sums["charts/value"] += value.mean()
         if self.reports_prediction_error and "true_return" in info:
-            sums["charts/prediction_error"] += (value - info["true_return"].to(self.device, value.dtype)).pow(2).mean()
+            true_return = info["true_return"].to(self.device, value.dtype)
+            sums["charts/prediction_error"] += (value - true_return).pow(2).mean()
+            sums["charts/zero_prediction_error"] += true_return.pow(2).mean()
         episode = info.get("episode")
         if episode is not None and bool(episode["done"].any()):
             finished = episode["done"].nonzero().flatten()
@@ -320,12 +334,13 @@ class TDLearner(Learner):
         sums = {"losses/td_error": zero.clone(), "charts/value": zero.clone()}
         if self.reports_prediction_error:
             sums["charts/prediction_error"] = zero.clone()
+            sums["charts/zero_prediction_error"] = zero.clone()
         episode_returns: list[float] = []
         episode_lengths: list[int] = []
         for _ in range(n):
             self._step(sums, episode_returns, episode_lengths)
         self.steps += n
-        metrics = {tag: float(total) / n for tag, total in sums.items()}
+        metrics = add_relative_error({tag: float(total) / n for tag, total in sums.items()})
         metrics["charts/learning_rate"] = self.options.lr
         check_memory_state(self.state_after)
         self.check_parameters()

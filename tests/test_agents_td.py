@@ -65,8 +65,8 @@ def test_traces_sum_the_cores_gradients(memory: dict, unroll: int | None):
         reference.value.weight.copy_(readout)
     z0 = learner.traces.clone()
     for _ in range(n):
-        learner._step({k: torch.zeros(()) for k in ("losses/td_error", "charts/value", "charts/prediction_error")},
-                      [], [])
+        tags = ("losses/td_error", "charts/value", "charts/prediction_error", "charts/zero_prediction_error")
+        learner._step({k: torch.zeros(()) for k in tags}, [], [])
 
     # The same stream of observations, replayed.
     env = make_env({**SMALL_TASK, "num_envs": B}, seed=0)
@@ -121,6 +121,23 @@ def test_td_learns_trace_conditioning_with_memory():
         errors[name] = [learner.iteration().metrics["charts/prediction_error"] for _ in range(8)]
     assert errors["ccn"][-1] < 0.15 * errors["ccn"][0]
     assert errors["ccn"][-1] < 0.6 * errors["none"][-1]
+
+
+def test_the_error_of_predicting_nothing_is_logged_beside_the_prediction_error():
+    """``charts/zero_prediction_error`` is the mean G² of the same steps (what V = 0 would score) and
+    ``charts/relative_prediction_error`` the ratio, alone and in a population, whose members step the
+    streams they would alone."""
+    from envs import make_env
+
+    learner = make_learner({"name": "none", "hidden_size": 4}, num_envs=2, lr=1e-30, steps_per_iteration=50)
+    metrics = learner.iteration().metrics
+    env = make_env({**SMALL_TASK, "num_envs": 2}, seed=0)
+    env.reset(seed=0)
+    squared = [env.step(None)[4]["true_return"].double().pow(2).mean() for _ in range(50)]
+    assert metrics["charts/zero_prediction_error"] == pytest.approx(float(torch.stack(squared).mean()))
+    # at step size 1e-30 V stays at 0 (where the readout starts): the prediction error is exactly that of V = 0
+    assert metrics["charts/prediction_error"] == pytest.approx(metrics["charts/zero_prediction_error"])
+    assert metrics["charts/relative_prediction_error"] == pytest.approx(1.0)
 
 
 def test_frozen_ccn_stages_never_move_under_td():
