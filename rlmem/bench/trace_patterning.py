@@ -903,7 +903,9 @@ def run(argv: list[str]) -> None:
     if len(lr_factors) > 1:
         settings["lr_factors"] = lr_factors
     table, figure = output_files(out, args.task, methods, chosen, lr_factors)
-    paired = paired_against_best(rows, args.against if any(r["method"] == args.against for r in rows) else None)
+    # a reference with no runs saved yet leaves the pairs against the best
+    reference = args.against if any(r["method"] == args.against for r in rows) else None
+    paired = paired_against_best(rows, reference)
     record = {"settings": settings, "summary": rows, "paired": paired, "runs": results}
     if len(lr_factors) > 1:
         record["sweep"] = sweep_rows
@@ -926,12 +928,12 @@ def run(argv: list[str]) -> None:
     if paired:
         against = (paired[0]["against"], paired[0]["against_lr"])
         best = next(row for row in rows if (row["method"], row["lr"]) == against)
-        which = "the best" if args.against is None else "the reference"
+        which = "the best" if reference is None else "the reference"
         print(f"\npaired by seed (each seed is the same stream for every method): error minus that of {which}, "
               f"{best['label']} at {best['lr']:g}, mean ± s.e. over the seeds both have:")
         pairs = Table(Column("method", label_width, "<"), Column("final", 10), Column("± s.e.", 9),
                       Column("whole run", 10), Column("± s.e.", 9),
-                      Column("best lower" if args.against is None else "ref. lower", 11))
+                      Column("best lower" if reference is None else "ref. lower", 11))
         pairs.header()
         for pair in paired:
             pairs.row(pair["label"], f"{pair['difference']:+.5f}", f"{pair['stderr']:.5f}",
