@@ -371,11 +371,11 @@ def job_dir(train_root: Path, job: tuple) -> Path:
         return train_root / "zero"
     if isinstance(seed, list):
         seeds = f"seeds{seed[0]}-{seed[-1]}"
-        family = method[0].family or name
+        family = method[0].family
         if len(method) == 1:
             return train_root / f"{family}-{seeds}-{_digest(_run_settings(method[0], protocol), 12)}"
         return train_root / f"{family}-sweep-{seeds}-{_digest([_run_settings(m, protocol) for m in method], 12)}"
-    return train_root / run_name(*job)
+    return train_root / run_name(method, seed, protocol)
 
 
 def stopped_populations(pending: Sequence[tuple], train_root: Path) -> tuple[list[tuple], list[tuple]]:
@@ -511,26 +511,25 @@ def _digest(value: Any, length: int) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
 
 
-def run_name(name: str, method: Method, seed: int, protocol: Protocol) -> str:
+def run_name(method: Method, seed: int, protocol: Protocol) -> str:
     """``<method>-seed<seed>-<digest of the settings>``: runs of other settings live side by side. It
     names the saved run (``OUT/runs/<run name>.json``) and its training run dir (``OUT/train/<run name>``).
     ``<method>`` is the method's family (``ccn`` for a ``--variant`` of it): the settings say what the
     learner is, so a variant reuses the runs of a method with the same settings, and its own serve them."""
-    return f"{method.family or name}-seed{seed}-{_digest(_run_settings(method, protocol), 12)}"
+    return f"{method.family}-seed{seed}-{_digest(_run_settings(method, protocol), 12)}"
 
 
-def save_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol, result: dict[str, Any]) -> None:
+def save_run(saved: Path, method: Method, seed: int, protocol: Protocol, result: dict[str, Any]) -> None:
     """Write one finished run (written whole, then renamed, so an interrupted write leaves nothing)."""
     settings = _run_settings(method, protocol)
-    write_json(saved / f"{run_name(name, method, seed, protocol)}.json", {"settings": settings, "run": result})
+    write_json(saved / f"{run_name(method, seed, protocol)}.json", {"settings": settings, "run": result})
 
 
-def load_run(saved: Path, name: str, method: Method, seed: int, protocol: Protocol) -> dict[str, Any] | None:
+def load_run(saved: Path, method: Method, seed: int, protocol: Protocol) -> dict[str, Any] | None:
     """A run saved earlier with the same settings, or None. Files of the first format, named by method
     and seed only (one setting per directory), are read too."""
     settings = _run_settings(method, protocol)
-    for path in (saved / f"{run_name(name, method, seed, protocol)}.json",
-                 saved / f"{method.family or name}-seed{seed}.json"):
+    for path in (saved / f"{run_name(method, seed, protocol)}.json", saved / f"{method.family}-seed{seed}.json"):
         try:
             earlier = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -605,8 +604,8 @@ def paired_against_best(rows: list[dict], against: str | None = None) -> list[di
     if len(learners) < 2:
         return []
     best = min(learners, key=lambda row: row["final_error"])
-    if against is not None:
-        best = next(row for row in learners if row["method"] == against)
+    # a reference without finite results (none saved yet) leaves the best
+    best = next((row for row in learners if row["method"] == against), best)
     paired = []
     for row in learners:
         if row is best:
@@ -853,7 +852,7 @@ def run(argv: list[str]) -> None:
     results = []
     pending = []
     for job in jobs:
-        earlier = None if args.no_reuse else load_run(saved, *job)
+        earlier = None if args.no_reuse else load_run(saved, *job[1:])
         if earlier is None:
             pending.append(job)
         else:
@@ -874,7 +873,7 @@ def run(argv: list[str]) -> None:
     def finished(job: tuple, job_results: list[dict[str, Any]]) -> None:
         for result in job_results:
             method = job[1] if isinstance(job[1], Method) else next(m for m in job[1] if m.lr == result["lr"])
-            save_run(saved, job[0], method, result["seed"], job[3], result)
+            save_run(saved, method, result["seed"], job[3], result)
             results.append(result)
             at = f" lr {result['lr']:g}" if len(variants[job[0]]) > 1 else ""
             print(f"  done {job[0]}{at} seed {result['seed']} ({len(results)}/{len(jobs)})", flush=True)
@@ -903,9 +902,7 @@ def run(argv: list[str]) -> None:
     if len(lr_factors) > 1:
         settings["lr_factors"] = lr_factors
     table, figure = output_files(out, args.task, methods, chosen, lr_factors)
-    # a reference with no runs saved yet leaves the pairs against the best
-    reference = args.against if any(r["method"] == args.against for r in rows) else None
-    paired = paired_against_best(rows, reference)
+    paired = paired_against_best(rows, args.against)
     record = {"settings": settings, "summary": rows, "paired": paired, "runs": results}
     if len(lr_factors) > 1:
         record["sweep"] = sweep_rows
@@ -928,12 +925,13 @@ def run(argv: list[str]) -> None:
     if paired:
         against = (paired[0]["against"], paired[0]["against_lr"])
         best = next(row for row in rows if (row["method"], row["lr"]) == against)
-        which = "the best" if reference is None else "the reference"
+        reference = paired[0]["against"] == args.against
+        which = "the reference" if reference else "the best"
         print(f"\npaired by seed (each seed is the same stream for every method): error minus that of {which}, "
               f"{best['label']} at {best['lr']:g}, mean ± s.e. over the seeds both have:")
         pairs = Table(Column("method", label_width, "<"), Column("final", 10), Column("± s.e.", 9),
                       Column("whole run", 10), Column("± s.e.", 9),
-                      Column("best lower" if reference is None else "ref. lower", 11))
+                      Column("ref. lower" if reference else "best lower", 11))
         pairs.header()
         for pair in paired:
             pairs.row(pair["label"], f"{pair['difference']:+.5f}", f"{pair['stderr']:.5f}",
