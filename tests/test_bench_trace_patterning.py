@@ -189,6 +189,9 @@ def test_the_figure_of_a_sweep_plots_each_method_final_error_against_its_step_si
         (["--set", "columnar.normalizer_decay=2"], "memory.normalizer_decay must be a number in [0, 1]"),
         (["--set", "ccn.steps_per_stage=5"], "the stage length follows from --steps"),
         (["--set", "columnar=1"], "expected METHOD.KEY=VALUE"),
+        (["--set", "ccn.unroll_length=5"], "unroll_length is the window of a truncated-BPTT method (lstm_tbptt15"),
+        (["--set", "lstm_tbptt40.unroll_length=0"], "unroll_length must be a positive whole number"),
+        (["--set", "lstm_tbptt40.unroll_length=2.5"], "unroll_length must be a positive whole number"),
         (["--lr-factors", "0.3,x"], "expected comma-separated numbers"),
         (["--lr-factors", "0,1"], "expected positive numbers"),
         (["--compile"], "--compile compiles the step of a population: add --population"),
@@ -265,6 +268,24 @@ def test_a_variant_trains_where_its_family_would():
     root = Path("train")
     assert job_dir(root, ("slow", variant, 0, protocol)) == job_dir(root, ("ccn", changed, 0, protocol))
     assert job_dir(root, ("slow", (variant,), [0, 1], protocol)) == job_dir(root, ("ccn", (changed,), [0, 1], protocol))
+
+
+def test_a_variant_of_truncated_bptt_reads_as_its_size_and_window_and_trains_with_them():
+    """A variant that changes what a label shows reads as what it is (LSTM 1, T-BPTT 40, not LSTM 2's
+    label with a change appended), and ``--set NAME.unroll_length`` is the window its runs train with."""
+    from rlmem.bench.trace_patterning import METHODS, Protocol, _with_option, run_config, variant_label, with_variants
+
+    chosen = with_variants(["lstm1=lstm_tbptt40", "short=lstm_tbptt40", "warm=ccn", "fast=lstm_tbptt15"])
+    for item in ["lstm1.hidden_size=1", "short.unroll_length=15", "warm.normalizer_warmup=true"]:
+        name, chosen[name] = _with_option(chosen, item)
+    labels = {name: variant_label(chosen[name], name) for name in ["lstm1", "short", "warm", "fast"]}
+    assert labels == {"lstm1": "LSTM 1, T-BPTT 40", "short": "LSTM 2, T-BPTT 15",
+                      "warm": "CCN 20:4 (RTRL), normalizer_warmup=true", "fast": "LSTM 4, T-BPTT 15, fast"}
+    assert [METHODS[m].label for m in ("ccn", "constructive", "lstm_tbptt40")] == [
+        "CCN 20:4 (RTRL)", "Constructive 10:1 (RTRL)", "LSTM 2, T-BPTT 40"]
+    protocol = Protocol("trace_patterning", steps=200, log_every=100, num_envs=1)
+    config = run_config(chosen["short"], 0, protocol, Path("unused"))
+    assert config.agent["unroll_length"] == 15 and config.memory["hidden_size"] == 2
 
 
 def test_only_the_whole_comparison_at_its_own_settings_writes_results_json(tmp_path: Path):

@@ -68,7 +68,8 @@ megabytes) do not.
 summarises the runs saved so far (while the study is still running elsewhere, say) and lists the
 training runs in progress with the step of their last checkpoint and, where V = 0 is saved, their error
 so far as a fraction of V = 0's, per step size. ``--lr METHOD=LR`` and
-``--set METHOD.KEY=VALUE`` (a core option, e.g. ``columnar.normalizer_decay=0.9999``) vary a method; both
+``--set METHOD.KEY=VALUE`` (a core option, e.g. ``columnar.normalizer_decay=0.9999``, or a truncated-BPTT
+method's window, ``lstm_tbptt40.unroll_length=30``) vary a method; both
 are part of the settings a saved run must match, and of its file name (``<method>-seed<s>-<digest>.json``),
 so runs of several settings share one ``OUT`` without replacing each other. ``--variant NAME=METHOD``
 adds a copy of METHOD under its own NAME, for ``--methods``, ``--set NAME.KEY=VALUE`` and ``--lr NAME=LR``,
@@ -77,6 +78,10 @@ figure and paired comparison::
 
     rlmem bench trace_patterning --methods ccn,ccn_warmup --variant ccn_warmup=ccn \
         --set ccn_warmup.normalizer_warmup=true --lr ccn_warmup=0.0003 ...
+
+A variant's label is its family's with the settings the label shows filled in (``--variant
+lstm1=lstm_tbptt40 --set lstm1.hidden_size=1`` reads "LSTM 1, T-BPTT 40") and any other option it changes
+appended.
 
 A variant's runs are saved and trained under its method's name (the family, in ``Method.family``): the
 settings say which learner a run is, so a variant reuses runs made by changing the method itself, and
@@ -99,6 +104,7 @@ import math
 import re
 import shutil
 import statistics
+import string
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -133,23 +139,34 @@ class Method:
     family: str = ""  # the METHODS entry it is (a variant of): names its saved runs and training dirs
 
 
+def labelled(template: str, method: Method) -> str:
+    """``template`` with the method's core options and ``unroll_length`` filled in."""
+    return template.format(unroll_length=method.unroll_length, **method.memory)
+
+
 # The CCN variants' normaliser decay is the CCN code's (it is also the core's default, but stating it here
 # keeps runs saved under another setting from being reused).
 COLUMNS = {"name": "ccn", "grad": "rtrl", "normalizer_decay": 0.99999}
-METHODS: dict[str, Method] = {name: dataclasses.replace(method, family=name) for name, method in {
+LSTM_LABEL = "LSTM {hidden_size}, T-BPTT {unroll_length}"
+# Each method's label is a template of the settings it shows, so that a variant changing one of them
+# reads as what it is ("LSTM 1, T-BPTT 40"), not as its family's label with a change appended.
+TEMPLATES: dict[str, Method] = {
     "ccn": Method({**COLUMNS, "hidden_size": 20, "columns_per_stage": 4}, lr=0.01, stages_per_run=5,
-                  label="CCN 20:4 (RTRL)"),
-    "columnar": Method({**COLUMNS, "hidden_size": 7, "columns_per_stage": 7}, lr=0.01, label="Columnar 7 (RTRL)"),
+                  label="CCN {hidden_size}:{columns_per_stage} (RTRL)"),
+    "columnar": Method({**COLUMNS, "hidden_size": 7, "columns_per_stage": 7}, lr=0.01,
+                       label="Columnar {hidden_size} (RTRL)"),
     "constructive": Method({**COLUMNS, "hidden_size": 10, "columns_per_stage": 1}, lr=0.01, stages_per_run=10,
-                           label="Constructive 10:1 (RTRL)"),
+                           label="Constructive {hidden_size}:{columns_per_stage} (RTRL)"),
     "lstm_tbptt15": Method({"name": "lstm", "grad": "bptt", "hidden_size": 4}, lr=0.001, unroll_length=15,
-                           label="LSTM 4, T-BPTT 15"),
+                           label=LSTM_LABEL),
     "lstm_tbptt40": Method({"name": "lstm", "grad": "bptt", "hidden_size": 2}, lr=0.001, unroll_length=40,
-                           label="LSTM 2, T-BPTT 40"),
-    "elstm": Method({"name": "elstm", "grad": "rtrl", "hidden_size": 16}, lr=0.003, label="eLSTM 16 (RTRL)"),
+                           label=LSTM_LABEL),
+    "elstm": Method({"name": "elstm", "grad": "rtrl", "hidden_size": 16}, lr=0.003, label="eLSTM {hidden_size} (RTRL)"),
     # 0.001, not the eLSTM's 0.003: at 0.003 two of five seeds blew up (docs/trace_patterning.md).
-    "lru": Method({"name": "lru", "grad": "rtrl", "hidden_size": 16}, lr=0.001, label="LRU 16 (RTRL)"),
-}.items()}
+    "lru": Method({"name": "lru", "grad": "rtrl", "hidden_size": 16}, lr=0.001, label="LRU {hidden_size} (RTRL)"),
+}
+METHODS: dict[str, Method] = {name: dataclasses.replace(method, family=name, label=labelled(method.label, method))
+                              for name, method in TEMPLATES.items()}
 # The reference every table and plot includes: V = 0, i.e. nothing learned (the mean of G²).
 ZERO = Method({}, lr=0.0, label="V = 0 (nothing learned)", family="zero")
 
@@ -708,7 +725,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="step-size sweep: run every method at these multiples of its step size and report "
                              "each at its best (with --population, one population per method)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="memory_options",
-                        help="override an option of a method's memory core, e.g. columnar.normalizer_decay=0.9999")
+                        help="override an option of a method's memory core, e.g. columnar.normalizer_decay=0.9999, "
+                             "or a truncated-BPTT method's window, e.g. lstm_tbptt40.unroll_length=30")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD",
                         help="a variant of METHOD under its own NAME, to list in --methods beside it and vary by "
                              "--set NAME.KEY=VALUE and --lr NAME=LR, e.g. ccn_warmup=ccn")
@@ -732,9 +750,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _with_memory_option(methods: dict[str, Method], item: str) -> tuple[str, Method]:
-    """``--set METHOD.KEY=VALUE``: the method with that core option changed, the value typed as
-    ``rlmem train`` types its overrides and checked by the core's own options."""
+def _with_option(methods: dict[str, Method], item: str) -> tuple[str, Method]:
+    """``--set METHOD.KEY=VALUE``: the method with that core option (or, for truncated BPTT, its window
+    ``unroll_length``) changed, the value typed as ``rlmem train`` types its overrides and checked by
+    the core's own options."""
     name, dot, key = item.partition("=")[0].partition(".")
     if "=" not in item or not (dot and key) or "." in key or name not in methods:
         raise ConfigError(f"--set {item!r}: expected METHOD.KEY=VALUE with METHOD one of: {', '.join(methods)}")
@@ -743,6 +762,13 @@ def _with_memory_option(methods: dict[str, Method], item: str) -> tuple[str, Met
     if key == "steps_per_stage":
         raise ConfigError(f"--set {item!r}: the stage length follows from --steps (the method's stages per run)")
     value = read_dotted([item])[name][key]
+    if key == "unroll_length":
+        if methods[name].memory["grad"] != "bptt":
+            raise ConfigError(f"--set {item!r}: unroll_length is the window of a truncated-BPTT method "
+                              f"({', '.join(n for n, m in METHODS.items() if m.memory['grad'] == 'bptt')})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--set {item!r}: unroll_length must be a positive whole number of steps")
+        return name, dataclasses.replace(methods[name], unroll_length=value)
     changed = dataclasses.replace(methods[name], memory={**methods[name].memory, key: value})
     core_options(changed.memory)  # an unknown key or a bad value ends here, with the core's own message
     return name, changed
@@ -764,11 +790,17 @@ def with_variants(items: Sequence[str]) -> dict[str, Method]:
 
 
 def variant_label(method: Method, name: str) -> str:
-    """A variant's label: its family's, and the core options it changes (or, with none, its name)."""
+    """A variant's label: its family's template filled in with its settings, and the core options it
+    changes that the template does not show (or, when it reads as its family's, its name)."""
+    template = TEMPLATES[method.family].label
+    shown = {field for _, field, _, _ in string.Formatter().parse(template) if field}
     family = METHODS[method.family]
+    label = labelled(template, method)
     changes = [f"{key}={json.dumps(value)}" for key, value in method.memory.items()
-               if family.memory.get(key) != value]
-    return f"{family.label}, {', '.join(changes) or name}"
+               if key not in shown and family.memory.get(key) != value]
+    if label == family.label and not changes:
+        return f"{label}, {name}"
+    return ", ".join([label, *changes])
 
 
 def output_files(out: Path, task: str, methods: Sequence[str], chosen: dict[str, Method],
@@ -819,7 +851,7 @@ def run(argv: list[str]) -> None:
             raise ConfigError(f"--lr {item!r}: expected METHOD=<number>") from None
 
     for item in args.memory_options:
-        name, method = _with_memory_option(chosen, item)
+        name, method = _with_option(chosen, item)
         chosen[name] = method
     for name in [name for name in chosen if name not in METHODS]:
         chosen[name] = dataclasses.replace(chosen[name], label=variant_label(chosen[name], name))
