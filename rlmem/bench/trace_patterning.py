@@ -724,7 +724,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-factors", default="1", metavar="F[,F...]",
                         help="step-size sweep: run every method at these multiples of its step size and report "
                              "each at its best (with --population, one population per method)")
-    parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="memory_options",
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="method_options",
                         help="override an option of a method's memory core, e.g. columnar.normalizer_decay=0.9999, "
                              "or a truncated-BPTT method's window, e.g. lstm_tbptt40.unroll_length=30")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD",
@@ -850,7 +850,7 @@ def run(argv: list[str]) -> None:
         except ValueError:
             raise ConfigError(f"--lr {item!r}: expected METHOD=<number>") from None
 
-    for item in args.memory_options:
+    for item in args.method_options:
         name, method = _with_option(chosen, item)
         chosen[name] = method
     for name in [name for name in chosen if name not in METHODS]:
