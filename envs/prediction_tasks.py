@@ -45,7 +45,10 @@ random streams' counters, so a resumed stream continues exactly.
 **Randomness.** Every env draws from its own counter-based stream (``envs.streams``: SplitMix64 from a
 key that hashes the seed and the env's index in the run's whole batch), the same number of values at
 every step, so each env's stream is a pure function of the seed and its index: a shard of a batch
-(``take_shard``) computes exactly its rows of the whole batch's streams.
+(``take_shard``) computes exactly its rows of the whole batch's streams. Since every step takes the
+same values in the same order, they are drawn up to ``DRAW_AHEAD_STEPS`` steps ahead in one batch of
+tensor ops; what is drawn ahead and not yet taken is handed back before a stream is saved or stacked,
+so the saved counters count the draws taken.
 
 **Stacks.** ``stack(tasks)`` steps several tasks (of one kind and options, each seeded on its own) as
 one env of all their envs: each block keeps its task's streams, so every block's stream is its task's
@@ -70,11 +73,15 @@ from torch import Tensor
 
 from envs.base import EnvError, EnvShard, StepResult, VecEnv
 from envs.registry import EnvOptions, register_env
-from envs.streams import CounterStreams
+from envs.streams import CounterStreams, integers_from_bits, uniform_from_bits
 
 # The neglected tail of the true return (trials beyond the queue) is below this.
 RETURN_TOLERANCE = 1e-10
 MAX_QUEUED_TRIALS = 4096
+# Steps of random draws taken from the streams at once (fewer where B · outputs per step · steps would
+# pass DRAW_AHEAD_VALUES): one batch of ops serves many steps.
+DRAW_AHEAD_STEPS = 256
+DRAW_AHEAD_VALUES = 1 << 20
 
 
 @dataclass
@@ -136,6 +143,7 @@ class _TraceTask(VecEnv):
         self.num_envs = options.num_envs
         self.device = torch.device(device)
         self.gamma = float(options.gamma)
+        self._discount = torch.tensor(self.gamma, dtype=torch.float64, device=self.device)
         self.patterns = patterns.to(self.device, torch.float32)  # [P, cs_bits]
         self.num_patterns, self.cs_bits = self.patterns.shape
         self.num_valid = num_valid
@@ -148,6 +156,8 @@ class _TraceTask(VecEnv):
         self._seed = seed
         self._env_indices = torch.arange(self.num_envs, device=self.device)  # in the run's whole batch
         self._streams = CounterStreams.seeded(seed, self._env_indices)
+        self._ahead: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # see _draw_ahead
+        self._ahead_taken = 0
         self._stacked = False
         self._closed = False
         self._started = False
@@ -185,6 +195,41 @@ class _TraceTask(VecEnv):
         isi, iti, pattern = self._streams.integer_blocks(ranges, count)
         return isi, isi + iti, pattern
 
+    @property
+    def _outputs_per_step(self) -> int:
+        """Stream outputs each step takes: the successor trial's ISI, ITI and pattern, then the distractors."""
+        return 3 + self.options.num_distractors
+
+    def _draw_ahead(self) -> None:
+        """Draw the next K steps' values at once: ISI, trial length and pattern [B, K] and the distractor
+        bits [B, K, D]; the same values as K steps' draws one by one, since each step takes the same number
+        of outputs (``_outputs_per_step``) in the same order."""
+        per_step = self._outputs_per_step
+        steps = max(1, min(DRAW_AHEAD_STEPS, DRAW_AHEAD_VALUES // (self.num_envs * per_step)))
+        outputs = self._streams.bits(steps * per_step).view(self.num_envs, steps, per_step)
+        isi = integers_from_bits(outputs[..., 0], self.options.isi_min, self.options.isi_max)
+        iti = integers_from_bits(outputs[..., 1], self.options.iti_min, self.options.iti_max)
+        pattern = integers_from_bits(outputs[..., 2], 0, self.num_patterns - 1)
+        distractors = (uniform_from_bits(outputs[..., 3:]) < self.distractor_probs).float()
+        self._ahead, self._ahead_taken = (isi, isi + iti, pattern, distractors), 0
+
+    def _take_step_draws(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """This step's ISI, length and pattern [B, 1] and distractor bits [B, D], from the values drawn ahead."""
+        if self._ahead is None or self._ahead_taken == self._ahead[0].shape[1]:
+            self._draw_ahead()
+        k = self._ahead_taken
+        self._ahead_taken += 1
+        isi, length, pattern, distractors = self._ahead
+        return isi[:, k:k + 1], length[:, k:k + 1], pattern[:, k:k + 1], distractors[:, k]
+
+    def _return_draws_ahead(self) -> None:
+        """Give back the values drawn ahead and not taken: the counters then count exactly the draws taken,
+        which is what a saved, stacked or split stream must hold."""
+        if self._ahead is not None:
+            untaken = self._ahead[0].shape[1] - self._ahead_taken
+            self._streams.counters = self._streams.counters - untaken * self._outputs_per_step
+            self._ahead = None
+
     def _draw_valid_patterns(self) -> Tensor:
         """[B, P] bool: a uniformly random subset of ``num_valid`` patterns per env."""
         scores = self._streams.uniform(self.num_patterns)
@@ -201,11 +246,13 @@ class _TraceTask(VecEnv):
         if seed is not None:
             self._seed = int(seed)
         self._streams = CounterStreams.seeded(self._seed, self._env_indices)
+        self._ahead = None
         self._valid = self._draw_valid_patterns()
         self._isi, self._length, self._pattern = self._draw_trials(self.queued_trials)
         self._trial_step = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
         self._started = True
-        return self._observation()
+        distractors = (self._streams.uniform(self.options.num_distractors) < self.distractor_probs).float()
+        return self._observation(distractors)
 
     def step(self, actions: Tensor | None = None) -> StepResult:
         self._check_open()
@@ -217,14 +264,14 @@ class _TraceTask(VecEnv):
         ended = self._trial_step >= self._length[:, 0]
         # Every env draws a successor trial each step (a fixed number of draws keeps the stream a pure
         # function of the seed); only envs whose trial ended take it, shifting their queue by one.
-        isi, length, pattern = self._draw_trials(1)
+        isi, length, pattern, distractors = self._take_step_draws()
         shift = ended.unsqueeze(1)
         self._isi = torch.where(shift, torch.cat([self._isi[:, 1:], isi], dim=1), self._isi)
         self._length = torch.where(shift, torch.cat([self._length[:, 1:], length], dim=1), self._length)
         self._pattern = torch.where(shift, torch.cat([self._pattern[:, 1:], pattern], dim=1), self._pattern)
         self._trial_step = torch.where(ended, torch.zeros_like(self._trial_step), self._trial_step)
 
-        obs = self._observation()
+        obs = self._observation(distractors)
         reward = obs[:, self.us_index].clone()
         no_end = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
         info = {
@@ -238,12 +285,11 @@ class _TraceTask(VecEnv):
         }
         return obs, reward, no_end, no_end.clone(), info
 
-    def _observation(self) -> Tensor:
+    def _observation(self, distractors: Tensor) -> Tensor:
+        """[CS bits, US bit, distractor bits] [B, obs] of the current trial step (``distractors`` [B, D])."""
         onset = (self._trial_step == 0).unsqueeze(1).float()
         cs = self.patterns[self._pattern[:, 0]] * onset
         us = (self._trial_step == self._isi[:, 0]) & self._is_valid(self._pattern[:, :1]).squeeze(1)
-        uniforms = self._streams.uniform(self.options.num_distractors)
-        distractors = (uniforms < self.distractor_probs).float()
         return torch.cat([cs, us.float().unsqueeze(1), distractors], dim=1)
 
     def _is_valid(self, pattern: Tensor) -> Tensor:
@@ -258,8 +304,7 @@ class _TraceTask(VecEnv):
         ) - self._trial_step.unsqueeze(1)
         us_offset = onsets + self._isi  # the US of trial q is this many steps ahead (≥ 1 if still to come)
         counts = self._is_valid(self._pattern) & (us_offset >= 1)
-        discount = torch.tensor(self.gamma, dtype=torch.float64, device=self.device)
-        terms = discount.pow((us_offset - 1).clamp(min=0).to(torch.float64)) * counts
+        terms = self._discount.pow((us_offset - 1).clamp(min=0).to(torch.float64)) * counts
         return terms.sum(dim=1).to(torch.float32)
 
     def close(self) -> None:
@@ -277,6 +322,7 @@ class _TraceTask(VecEnv):
         for task in tasks:
             if type(task) is not type(first) or task.options != first.options or not task._started:
                 raise EnvError(f"only started {first.name} tasks with the same options stack")
+            task._return_draws_ahead()
         stacked = copy.copy(first)
         stacked.num_envs = sum(task.num_envs for task in tasks)
         stacked._stacked = True
@@ -287,6 +333,7 @@ class _TraceTask(VecEnv):
 
     def unstack_into(self, tasks: Sequence[_TraceTask]) -> None:
         """Write each block's stream state back into its task."""
+        self._return_draws_ahead()
         start = 0
         for task in tasks:
             for name in self.STREAM_STATE:
@@ -308,6 +355,7 @@ class _TraceTask(VecEnv):
     def state_dict(self) -> dict[str, Any]:
         if not self._started:
             return {"started": False, "seed": self._seed}
+        self._return_draws_ahead()
         return {
             "started": True,
             "seed": self._seed,
@@ -339,6 +387,7 @@ class _TraceTask(VecEnv):
             )
         self._streams = CounterStreams.seeded(self._seed, self._env_indices)  # keys: seed and env indices
         self._streams.counters = state["stream_counters"].to(self.device)
+        self._ahead = None
         self._valid = valid.to(self.device)
         self._isi = state["isi"].to(self.device)
         self._length = state["length"].to(self.device)

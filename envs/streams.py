@@ -87,7 +87,7 @@ class CounterStreams:
 
     def uniform(self, columns: int) -> Tensor:
         """float32 [B, columns] in [0, 1)."""
-        return _shift_right(self.bits(columns), 40).to(torch.float32) * 2.0**-24
+        return uniform_from_bits(self.bits(columns))
 
     def integers(self, low: int, high: int, columns: int) -> Tensor:
         """int64 [B, columns] in {low, …, high}."""
@@ -98,11 +98,18 @@ class CounterStreams:
         """``integers(low, high, columns)`` for each (low, high) of ``ranges`` in turn, from one draw of
         every env's next ``len(ranges) · columns`` outputs: the same values as those calls one by one."""
         outputs = self.bits(len(ranges) * columns)
-        blocks = []
-        for i, (low, high) in enumerate(ranges):
-            count = high - low + 1
-            if not 1 <= count < 2**31:
-                raise ValueError(f"integers({low}, {high}): the range must hold 1 to 2^31 - 1 values")
-            block = outputs[:, i * columns:(i + 1) * columns]
-            blocks.append(low + _shift_right(_shift_right(block, 32) * count, 32))
-        return blocks
+        return [integers_from_bits(outputs[:, i * columns:(i + 1) * columns], low, high)
+                for i, (low, high) in enumerate(ranges)]
+
+
+def uniform_from_bits(outputs: Tensor) -> Tensor:
+    """Stream outputs (int64, any shape) as float32 uniforms in [0, 1), as ``uniform`` draws them."""
+    return _shift_right(outputs, 40).to(torch.float32) * 2.0**-24
+
+
+def integers_from_bits(outputs: Tensor, low: int, high: int) -> Tensor:
+    """Stream outputs (int64, any shape) as int64 in {low, …, high}, as ``integers`` draws them."""
+    count = high - low + 1
+    if not 1 <= count < 2**31:
+        raise ValueError(f"integers({low}, {high}): the range must hold 1 to 2^31 - 1 values")
+    return low + _shift_right(_shift_right(outputs, 32) * count, 32)

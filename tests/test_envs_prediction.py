@@ -232,3 +232,38 @@ def test_a_shard_steps_its_rows_of_the_whole_batch():
     assert torch.equal(whole.reset()[3:5], shard.reset())
     for _ in range(30):
         assert torch.equal(whole.step(None)[0][3:5], shard.step(None)[0])
+
+
+@pytest.mark.parametrize("name", ["trace_patterning", "trace_conditioning"])
+def test_draws_taken_ahead_are_the_draws_of_each_step(name: str, monkeypatch):
+    """The streams are drawn many steps ahead; a run equals one that draws step by step, and a state
+    saved (or a stack unstacked) mid-block holds the draws taken, not those drawn ahead."""
+    import envs.prediction_tasks as tasks_module
+
+    spec = {"name": name, "num_envs": 3, "isi_min": 3, "isi_max": 6, "iti_min": 4, "iti_max": 8}
+
+    def run(steps: int) -> list[torch.Tensor]:
+        env = make_env(spec, seed=5)
+        rows = [env.reset()]
+        for t in range(steps):
+            obs, _, _, _, info = env.step(None)
+            rows.append(torch.cat([obs.flatten(), info["true_return"]]))
+            if t % 97 == 0:  # a save mid-block, resumed into a fresh env
+                saved = env.state_dict()
+                rows.append(saved["stream_counters"].float())
+                env = make_env(spec, seed=0)
+                env.load_state_dict(saved)
+        return rows
+
+    steps = 3 * tasks_module.DRAW_AHEAD_STEPS + 5
+    ahead = run(steps)
+    monkeypatch.setattr(tasks_module, "DRAW_AHEAD_VALUES", 1)  # one step's draws at a time
+    step_by_step = run(steps)
+    assert all(torch.equal(a, b) for a, b in zip(ahead, step_by_step, strict=True))
+    # the counters count every step's draws: reset's, then 3 + distractors per step
+    env = make_env(spec, seed=5)
+    env.reset()
+    at_reset = env.state_dict()["stream_counters"]
+    for _ in range(10):
+        env.step(None)
+    assert torch.equal(env.state_dict()["stream_counters"] - at_reset, torch.full((3,), 10 * (3 + 5)))
