@@ -216,6 +216,23 @@ class Population(Learner):
             member.load_state_dict(saved)
         self.gather_members()
 
+    def diagnose(self, gradients: Sequence[tuple[str, Tensor]], losses: Mapping[str, Tensor]) -> str:
+        """``Learner.diagnose`` with the members it concerns. ``gradients`` are [P, ...] directions and a
+        loss [P, ...] per member: the members whose own losses or directions are not finite, and the
+        member with the largest direction norm (computed in float64: the population's float32 norm over
+        all members can overflow while every direction is finite)."""
+        what = Learner.diagnose(gradients, losses)
+        rows = torch.cat([g.detach().flatten(1).double() for _, g in gradients], dim=1)
+        bad = ~torch.isfinite(rows).all(dim=1)
+        for loss in losses.values():
+            if loss.dim() >= 1 and loss.shape[0] == self.size:
+                bad |= ~torch.isfinite(loss.detach().flatten(1)).all(dim=1)
+        norms = torch.linalg.vector_norm(rows.nan_to_num(nan=0.0), dim=1)
+        largest = int(norms.argmax())
+        members = ", ".join(str(p) for p in bad.nonzero().flatten().tolist())
+        return (f"{what}{f' (not finite in member {members})' if members else ''}; the largest update is member "
+                f"{largest}'s (norm {float(norms[largest]):.3g}; members count from 0 in the run's order)")
+
     def check_parameters(self) -> None:
         if not all_finite([p.detach() for p in self.params.values()]):
             name = first_non_finite(list(self.params.items()))

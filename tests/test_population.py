@@ -23,6 +23,7 @@ from rlmem import config as cfg
 from rlmem.bench.population import _learners
 from rlmem.checkpoint import load_checkpoint
 from rlmem.cli import main
+from rlmem.errors import TrainingDiverged
 from rlmem.memory import make_core
 from rlmem.plot import group_runs
 from rlmem.train import train
@@ -365,3 +366,23 @@ def test_bench_population_times_a_later_ccn_stage_and_the_compiled_population(tm
     assert row["compiled_member_steps_per_s"] > 0 and row["compiled_speedup"] > 0
     # stage 9 is past CCN 20:4's last (4): every stage ran, the last one learning
     assert _learners("ccn", range(1), steps=2, device="cpu", stage=9)[0].network.core.learning_stage == 4
+
+
+def test_a_diverged_population_names_the_member(float64):
+    """A non-finite update names the members it comes from and the largest one, also where only the
+    norm over all members overflows (every direction finite)."""
+    memory, _ = CORES["elstm-rtrl"]
+    population = TDPopulation([make_learner(memory, seed, lr=0.01) for seed in range(4)])
+    population.iteration()
+    directions = torch.ones(4, 6)
+    directions[2, 1] = float("nan")
+    directions[3] = 1e30
+    losses = {"losses/td_error": torch.zeros(4, 1)}
+    with pytest.raises(TrainingDiverged, match=r"gradient of .*not finite in member 2\); the largest update is "
+                                               r"member 3's \(norm 2.45e\+30"):
+        population.apply_gradients(list(zip(["a", "b"], directions.split([2, 4], dim=1))), losses, lambda: None)
+    overflow = torch.ones(4, 6, dtype=torch.float32)
+    overflow[1] = 1e25  # finite, but its square overflows float32
+    with pytest.raises(TrainingDiverged, match=r"gradient norm; the largest update is member 1's"):
+        population.apply_gradients([("a", overflow)], {"losses/td_error": torch.zeros(4, 1)}, lambda: None,
+                                   flat=overflow)
