@@ -237,7 +237,8 @@ def test_a_shard_steps_its_rows_of_the_whole_batch():
 @pytest.mark.parametrize("name", ["trace_patterning", "trace_conditioning"])
 def test_draws_taken_ahead_are_the_draws_of_each_step(name: str, monkeypatch):
     """The streams are drawn many steps ahead; a run equals one that draws step by step, and a state
-    saved (or a stack unstacked) mid-block holds the draws taken, not those drawn ahead."""
+    saved mid-block holds the draws taken, not those drawn ahead (a stack unstacked mid-block:
+    test_a_stack_of_tasks_steps_each_task_stream_exactly, 40 steps into a block of 256)."""
     import envs.prediction_tasks as tasks_module
 
     spec = {"name": name, "num_envs": 3, "isi_min": 3, "isi_max": 6, "iti_min": 4, "iti_max": 8}
