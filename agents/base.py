@@ -83,6 +83,9 @@ class IterationResult:
     episode_lengths: list[int] = field(default_factory=list)
     # Per finished episode, where the env reports ``info["success"]`` (memory tasks); logged as charts/success_rate.
     episode_successes: list[float] = field(default_factory=list)
+    # A population's member that has diverged (agents.population) says why here, and reports no metrics:
+    # it takes no further steps while the other members go on.
+    diverged: str | None = None
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:

@@ -41,6 +41,15 @@ no reset flags on the host while traced; and the members update copies of their 
 outputs, since a compiled call must not mutate its inputs. The updates are those of the uncompiled
 population up to rounding (tested in float64).
 
+Members that diverge: a member whose loss, update direction (its norm included, in the direction's
+dtype), parameters, memory state or policy stops being finite has diverged where it would have stopped
+alone. It retires and the other members go on: from that step its update is zero, so its parameters
+keep their last finite values; the non-finite entries of its other rows (traces, memory state, ...)
+are set to 0 at each iteration's end, so that checkpoints stay finite; its iteration results carry why
+(``IterationResult.diverged``) and no metrics. The population stops (``TrainingDiverged``) only when
+every member has diverged. In a step-size sweep, divergence at the large end is a result to report,
+not a reason to lose the sweep.
+
 Learners: ``td`` (``TDPopulation``) and ``stream_ac`` (``StreamACPopulation``); ``MEMBER_OPTIONS``
 lists the scalar options their members may differ in.
 """
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -58,7 +68,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from agents.acting import ActingInputs
-from agents.base import IterationResult, Learner, all_finite, check_memory_state, first_non_finite
+from agents.base import IterationResult, Learner, all_finite
 from agents.networks import Categorical, DiagGaussian
 from agents.obgd import obgd_update
 from agents.stream_ac import StreamACLearner, per_env_gradients
@@ -186,6 +196,8 @@ class Population(Learner):
         self.core_prefix = next(name for name, m in self.network.named_modules() if m is self.network.core) + "."
         if any(m.num_envs != first.num_envs for m in members):
             raise ConfigError("members of a population must agree in env.num_envs")
+        self.diverged: list[str | None] = [None] * self.size  # why each retired member diverged
+        self.retired: Tensor | None = None  # [P] bool, None while every member learns
 
     def per_member(self, values: Iterable[float]) -> Tensor:
         """A scalar option of every member as one tensor [P] in the traces' dtype."""
@@ -206,7 +218,7 @@ class Population(Learner):
 
     def state_dict(self) -> dict[str, Any]:
         self.sync_members()
-        return {"members": [m.state_dict() for m in self.members]}
+        return {"members": [m.state_dict() for m in self.members], "diverged": list(self.diverged)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load every member's state; the members' envs must hold their states already (loaded first)."""
@@ -215,29 +227,93 @@ class Population(Learner):
         for member, saved in zip(self.members, state["members"]):
             member.load_state_dict(saved)
         self.gather_members()
+        self.diverged = list(state.get("diverged", [None] * self.size))  # none in checkpoints before retiring
+        self.update_retired()
 
-    def diagnose(self, gradients: Sequence[tuple[str, Tensor]], losses: Mapping[str, Tensor]) -> str:
-        """``Learner.diagnose`` with the members it concerns. ``gradients`` are [P, ...] directions and a
-        loss [P, ...] per member: the members whose own losses or directions are not finite, and the
-        member with the largest direction norm (computed in float64: the population's float32 norm over
-        all members can overflow while every direction is finite)."""
-        what = Learner.diagnose(gradients, losses)
-        rows = torch.cat([g.detach().flatten(1).double() for _, g in gradients], dim=1)
-        bad = ~torch.isfinite(rows).all(dim=1)
+    # ----------------------------------------------------------------------------------------------
+    # Members that diverge (see the module docstring)
+
+    def stacked_tensors(self) -> list[Tensor]:
+        """Every tensor that holds one row per member on dim 0 (parameters, buffers, learner and memory
+        state), as the subclass keeps them."""
+        raise NotImplementedError
+
+    def update_retired(self) -> None:
+        retired = [why is not None for why in self.diverged]
+        self.retired = torch.tensor(retired, device=self.device) if any(retired) else None
+
+    def retire(self, rows: Tensor, why: Callable[[int], str]) -> None:
+        """Retire the members ``rows`` ([P] bool) that still learn, ``why(p)`` saying why member p
+        diverged. TrainingDiverged when no member is left."""
+        newly = [p for p in rows.nonzero().flatten().tolist() if self.diverged[p] is None]
+        for p in newly:
+            self.diverged[p] = why(p)
+        self.update_retired()
+        if newly and all(why is not None for why in self.diverged):
+            raise TrainingDiverged(f"{self.diverged[newly[-1]]} in member {newly[-1]}, the last of the {self.size} "
+                                   "members to diverge")
+
+    @torch.no_grad()
+    def clear_retired(self) -> None:
+        """Set the non-finite entries of retired members' rows to 0 (their updates are zero already)."""
+        if self.retired is None:
+            return
+        for tensor in self.stacked_tensors():
+            if tensor.is_floating_point():
+                tensor[self.retired] = torch.nan_to_num(tensor[self.retired], nan=0.0, posinf=0.0, neginf=0.0)
+
+    def member_divergence(self, gradients: Sequence[tuple[str, Tensor]], losses: Mapping[str, Tensor],
+                          p: int) -> str:
+        """``Learner.diagnose`` for member p's rows of the directions [P, ...] and losses [P, ...], with its
+        direction's norm computed in float64 (a float32 norm overflows at 1.8e19) where it is a number."""
+        rows = [(name, g[p]) for name, g in gradients]
+        what = Learner.diagnose(rows, {name: loss[p] for name, loss in losses.items()})
+        norm = float(torch.linalg.vector_norm(torch.cat([g.detach().flatten().double() for _, g in rows])))
+        return what if math.isnan(norm) else f"{what} (update norm {norm:.3g})"
+
+    def apply_gradients(self, gradients: Sequence[tuple[str, Tensor]], losses: Mapping[str, Tensor],
+                        step: Callable[[], Any], *, flat: Tensor | None = None) -> Tensor:
+        """``Learner.apply_gradients`` member by member: ``flat`` [P, N] holds the members' directions
+        (``gradients`` are views of it) and each of ``losses`` is [P, ...]. Retired members' directions
+        are zeroed first; a member whose losses or direction norm (in the directions' dtype, as alone) is
+        not finite retires here, before the step, so its parameters keep their last finite values.
+        Clipping to ``max_grad_norm`` is per member. Returns the members' norms [P]."""
+        assert flat is not None and flat.dim() == 2, "a population's update directions come as one [P, N] tensor"
+        for hook in self.gradient_hooks:
+            hook(gradients)
+        if self.retired is not None:
+            flat.masked_fill_(self.retired.unsqueeze(1), 0.0)
+        norms = torch.linalg.vector_norm(flat, dim=1)
+        finite = torch.isfinite(norms)
         for loss in losses.values():
-            if loss.dim() >= 1 and loss.shape[0] == self.size:
-                bad |= ~torch.isfinite(loss.detach().flatten(1)).all(dim=1)
-        norms = torch.linalg.vector_norm(rows.nan_to_num(nan=0.0), dim=1)
-        largest = int(norms.argmax())
-        members = ", ".join(str(p) for p in bad.nonzero().flatten().tolist())
-        return (f"{what}{f' (not finite in member {members})' if members else ''}; the largest update is member "
-                f"{largest}'s (norm {float(norms[largest]):.3g}; members count from 0 in the run's order)")
+            finite &= torch.isfinite(loss.detach().flatten(1)).all(1)
+        if self.retired is not None:
+            finite |= self.retired
+        if not bool(finite.all()):  # one host synchronisation per step, as alone
+            self.retire(~finite, functools.partial(self.member_divergence, gradients, losses))
+            flat.masked_fill_(self.retired.unsqueeze(1), 0.0)
+            norms = norms.masked_fill(self.retired, 0.0)
+        if self.max_grad_norm != math.inf:
+            flat.mul_(torch.clamp(self.max_grad_norm / (norms + 1e-6), max=1.0).unsqueeze(1))
+        step()
+        return norms
 
-    def check_parameters(self) -> None:
-        if not all_finite([p.detach() for p in self.params.values()]):
-            name = first_non_finite(list(self.params.items()))
-            rows = torch.isfinite(self.params[name].detach().flatten(1)).all(1)
-            raise TrainingDiverged(f"parameter {name} of member {int((~rows).nonzero()[0])}")
+    def check_members(self, memory_state: State) -> None:
+        """Once per iteration: clear the retired members' rows, then retire the members whose memory
+        state or parameters are not finite."""
+        self.clear_retired()
+        named = [*((f"memory state {k}", v) for k, v in memory_state.items()),
+                 *((f"parameter {k}", v.detach()) for k, v in self.params.items())]
+        if all_finite([v for _, v in named]):
+            return
+        for what, value in named:
+            self.retire(~torch.isfinite(value.flatten(1)).all(1), lambda p, what=what: what)
+        self.clear_retired()
+
+    def member_results(self, results: list[IterationResult]) -> list[IterationResult]:
+        """The members' ``results``, a retired member's replaced by one that says why it diverged."""
+        return [result if why is None else IterationResult(result.env_steps, diverged=why)
+                for result, why in zip(results, self.diverged)]
 
 
 def normalized_steps(params: list[Tensor], update: Tensor, step_norms: Tensor, beta2: Tensor, eps: Tensor,
@@ -341,6 +417,11 @@ class TDPopulation(Population):
             member.updates, member.steps = self.updates, self.steps
         if self.stacked_env is not None:
             self.stacked_env.unstack_into([m.env for m in self.members])
+
+    def stacked_tensors(self) -> list[Tensor]:
+        window = [t for state, obs, _ in self.window for t in (*state.values(), obs)]
+        return [*self.params.values(), *self.buffers.values(), self.traces, self.step_norms, self.value,
+                *self.state_after.values(), *window]
 
     # ----------------------------------------------------------------------------------------------
     # The vmapped forward
@@ -509,8 +590,7 @@ class TDPopulation(Population):
         for _ in range(n):
             self.step(sums, episodes)
         self.steps += n
-        check_memory_state(self.state_after)
-        self.check_parameters()
+        self.check_members(self.state_after)
         means = {tag: (total / n).tolist() for tag, total in sums.items()}
         results = []
         for p in range(self.size):
@@ -519,7 +599,7 @@ class TDPopulation(Population):
             metrics.update(self.memory_metrics(self.state_after, p))
             returns, lengths = episodes[p]
             results.append(IterationResult(n * self.num_envs, metrics, returns, lengths))
-        return results
+        return self.member_results(results)
 
 
 def _rows(tree: Any, rows: Tensor) -> Any:
@@ -622,6 +702,20 @@ class StreamACPopulation(Population):
                                            for f in ("obs", "reset", "prev_action", "prev_reward")))
             member.steps = self.steps
 
+    def stacked_tensors(self) -> list[Tensor]:
+        return [*self.params.values(), *self.buffers.values(), self.traces, self.reward_mean,
+                self.reward_sum_squares, self.discounted_return, *self.memory_state.values(), self.inputs.obs,
+                self.inputs.prev_reward]
+
+    def retire_on_policy(self, dist_tensors: list[Tensor]) -> list[Tensor]:
+        """Retire the members whose policy output (``dist_tensors`` [P, ...]) is not finite; retired
+        members act by the first learning member's policy instead (their actions no longer matter, and
+        sampling needs a valid distribution)."""
+        finite = torch.stack([torch.isfinite(t.flatten(1)).all(1) for t in dist_tensors]).all(0)
+        self.retire(~finite, lambda p: "policy output")
+        live = int((~self.retired).nonzero()[0])
+        return [torch.where(self.retired.view(-1, *[1] * (t.dim() - 1)), t[live], t) for t in dist_tensors]
+
     # ----------------------------------------------------------------------------------------------
 
     def network_step(self, buffers: dict[str, Tensor], obs: Tensor, state: State, reset: Tensor,
@@ -663,8 +757,7 @@ class StreamACPopulation(Population):
             dist_tensors, value, acting_state = self.network_step(self.buffers, obs, state, reset, prev_action,
                                                                   prev_reward)
         if not all_finite(dist_tensors):
-            check_memory_state(acting_state)
-            raise TrainingDiverged("policy output")
+            dist_tensors = self.retire_on_policy(dist_tensors)
         action = torch.stack([self.distribution([t[p] for t in dist_tensors]).sample(m.generator)[0]
                               for p, m in enumerate(self.members)])  # [P, B, *act_shape]
         entropy = self.distribution(dist_tensors).entropy()[:, 0]
@@ -740,8 +833,7 @@ class StreamACPopulation(Population):
     def iteration(self) -> list[IterationResult]:  # type: ignore[override]
         """``steps_per_iteration`` steps of every member; one result per member, as the learner reports."""
         steps = [self.step() for _ in range(self.options.steps_per_iteration)]
-        check_memory_state(self.memory_state)
-        self.check_parameters()
+        self.check_members(self.memory_state)
         stacked = {key: torch.stack([s[key] for s in steps], dim=1) for key in steps[0]}  # [P, S, B]
         delta = stacked["delta"]
         per_member = {
@@ -770,7 +862,7 @@ class StreamACPopulation(Population):
                     successes = stacked["episode_success"][p][ended].tolist()
             results.append(IterationResult(self.options.steps_per_iteration * self.num_envs, metrics, returns,
                                            lengths, successes))
-        return results
+        return self.member_results(results)
 
 
 # Learner name -> the class that steps a population of its members.

@@ -243,6 +243,7 @@ def run_iterations(config: RunConfig, iterate: Callable[[], Sequence[Any]], writ
                disable=None if config.train.progress and show_progress else True, dynamic_ncols=True)
     started, started_step = time.perf_counter(), global_step
     stopped_early = False
+    announced: set[int] = set()  # the population members whose divergence has been reported
     try:
         with _StopRequest() as stop:
             while global_step < total:
@@ -250,7 +251,12 @@ def run_iterations(config: RunConfig, iterate: Callable[[], Sequence[Any]], writ
                 iteration += 1
                 global_step += results[0].env_steps
                 sps = (global_step - started_step) / max(time.perf_counter() - started, 1e-9)
-                for writer, result in zip(writers, results, strict=True):
+                for i, (writer, result) in enumerate(zip(writers, results, strict=True)):
+                    if result.diverged is not None:
+                        if i not in announced:
+                            announced.add(i)
+                            _announce_divergence(writer, result.diverged, global_step, report)
+                        continue
                     check_finite_metrics(result.metrics)
                     _log_iteration(writer, result, global_step, sps)
                     recent.returns.extend(result.episode_returns)
@@ -274,6 +280,15 @@ def run_iterations(config: RunConfig, iterate: Callable[[], Sequence[Any]], writ
         for writer in writers:
             writer.close()
     return global_step, stopped_early
+
+
+def _announce_divergence(writer: Any, why: str, step: int, report: Callable[[str], None]) -> None:
+    """Say (in the run's output and in the member's own TensorBoard text) that a population's member
+    diverged: it takes no further steps, and its curves end here."""
+    message = (f"member {Path(writer.log_dir).name} diverged by step {step}: non-finite {why}; it takes no "
+               "further steps and the other members go on")
+    writer.add_text("diverged", message, step)
+    report(message)
 
 
 def train(config: RunConfig, resume: bool = False, log=print, report: Callable[[str], None] | None = None) -> Path:

@@ -480,3 +480,24 @@ def test_a_stopped_population_is_continued_when_a_later_call_adds_seeds_and_step
     alone = json.loads(next((tmp_path / "alone").glob("results-columnar-*.json")).read_text())["runs"]
     for expected in (r for r in alone if r["method"] == "columnar"):
         assert runs[(expected["lr"], expected["seed"])] == pytest.approx(expected["curve"], rel=1e-4, abs=1e-7)
+
+
+def test_a_step_size_at_which_seeds_diverge_is_reported_and_the_sweep_goes_on(tmp_path: Path, capsys):
+    """A population member that diverges stops alone: the sweep finishes, its run is saved as diverged
+    (its curve ends there), its step size's row says so and is never the best, and the figure is drawn."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sweep"
+    assert main(["bench", "trace_patterning", *TINY, "--methods", "columnar", "--seeds", "2", "--population",
+                 "--lr-factors", "1,1e200", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "diverged by step" in printed and "it takes no further steps" in printed
+    (table,) = out.glob("results-columnar-*.json")
+    record = json.loads(table.read_text())
+    diverged = [(r["lr"], r["seed"]) for r in record["runs"] if "diverged" in r]
+    assert diverged == [(1e198, 0), (1e198, 1)]
+    (row,) = [row for row in record["sweep"] if row["lr"] == 1e198]
+    assert row["diverged"] == [0, 1] and row["final_error"] == float("inf")
+    assert [(row["method"], row["lr"]) for row in record["summary"]] == [("columnar", 0.01), ("zero", 0.0)]
+    sweep_line = next(line for line in printed.splitlines() if line.startswith("Columnar") and "1e+198" in line)
+    assert "diverged" in sweep_line and sweep_line.rstrip().endswith("2")
+    assert (out / table.name.replace("results", "trace_patterning").replace(".json", ".png")).is_file()

@@ -368,21 +368,97 @@ def test_bench_population_times_a_later_ccn_stage_and_the_compiled_population(tm
     assert _learners("ccn", range(1), steps=2, device="cpu", stage=9)[0].network.core.learning_stage == 4
 
 
-def test_a_diverged_population_names_the_member(float64):
-    """A non-finite update names the members it comes from and the largest one, also where only the
-    norm over all members overflows (every direction finite)."""
+def test_a_diverging_member_stops_alone_and_the_others_go_on(float64):
+    """A member whose update stops being finite (here its step size is absurd: the square of its update
+    overflows float64 on its second step, as alone) retires: it says why, reports no metrics, and keeps
+    its last finite parameters, while every other member gets exactly the updates it gets alone. Its
+    rows stay finite for checkpoints, and a population loaded from one knows who has retired."""
     memory, _ = CORES["elstm-rtrl"]
-    population = TDPopulation([make_learner(memory, seed, lr=0.01) for seed in range(4)])
+    alone = make_learner(memory, 2, lr=1e200)
+    with pytest.raises(TrainingDiverged, match="gradient norm"):
+        alone.iteration()
+    settings = [(0, 0.01), (1, 0.01), (2, 1e200)]
+    population = TDPopulation([make_learner(memory, seed, lr=lr) for seed, lr in settings])
+    results = [population.iteration() for _ in range(3)]
+    assert all(r[2].diverged == "gradient norm (update norm inf)" and not r[2].metrics for r in results)
+    assert all(r[p].diverged is None and r[p].metrics for r in results for p in (0, 1))
+    stopped = {name: p.detach()[2].clone() for name, p in population.params.items()}
     population.iteration()
-    directions = torch.ones(4, 6)
-    directions[2, 1] = float("nan")
-    directions[3] = 1e30
-    losses = {"losses/td_error": torch.zeros(4, 1)}
-    with pytest.raises(TrainingDiverged, match=r"gradient of .*not finite in member 2\); the largest update is "
-                                               r"member 3's \(norm 2.45e\+30"):
-        population.apply_gradients(list(zip(["a", "b"], directions.split([2, 4], dim=1))), losses, lambda: None)
-    overflow = torch.ones(4, 6, dtype=torch.float32)
-    overflow[1] = 1e25  # finite, but its square overflows float32
-    with pytest.raises(TrainingDiverged, match=r"gradient norm; the largest update is member 1's"):
-        population.apply_gradients([("a", overflow)], {"losses/td_error": torch.zeros(4, 1)}, lambda: None,
-                                   flat=overflow)
+    assert all(torch.equal(p.detach()[2], stopped[name]) for name, p in population.params.items())
+    assert all(bool(torch.isfinite(t).all()) for t in population.stacked_tensors())
+    population.sync_members()
+    for seed, member in zip((0, 1), population.members):
+        learner = make_learner(memory, seed, lr=0.01)
+        for _ in range(4):
+            learner.iteration()
+        assert_members_equal(learner, member)
+
+    saved = population.state_dict()
+    assert saved["diverged"] == [None, None, "gradient norm (update norm inf)"]
+    loaded = TDPopulation([make_learner(memory, seed, lr=lr) for seed, lr in settings])
+    for member, env_state in zip(loaded.members, [m.env.state_dict() for m in population.members]):
+        member.env.load_state_dict(env_state)
+    loaded.load_state_dict(saved)
+    assert [r.diverged for r in loaded.iteration()] == [None, None, "gradient norm (update norm inf)"]
+
+
+def test_the_population_stops_when_every_member_has_diverged(float64):
+    memory, _ = CORES["elstm-rtrl"]
+    population = TDPopulation([make_learner(memory, seed, lr=1e200) for seed in range(2)])
+    assert [r.diverged is None for r in population.iteration()] == [False, True]  # seed 1 lasts 40 steps more
+    with pytest.raises(TrainingDiverged, match=r"gradient norm \(update norm inf\) in member 1, the last of the 2 "
+                                               "members to diverge"):
+        for _ in range(2):
+            population.iteration()
+
+
+def test_a_stream_ac_member_whose_policy_stops_being_finite_retires(float64):
+    """stream_ac: a member whose policy output is not finite (its weights poisoned here) retires; it acts
+    by another member's policy from then on, and the others get exactly the updates they get alone."""
+    settings = [(0, 1.0), (1, 0.3), (2, 1.0)]
+    population = StreamACPopulation([make_stream_ac(seed, 1, False, lr=lr) for seed, lr in settings])
+    population.iteration()
+    with torch.no_grad():
+        next(iter(population.params.values()))[1].fill_(float("nan"))
+    for _ in range(2):
+        results = population.iteration()
+    assert [r.diverged for r in results] == [None, "policy output", None]
+    assert all(bool(torch.isfinite(t).all()) for t in population.stacked_tensors())
+    population.sync_members()
+    for p in (0, 2):
+        learner = make_stream_ac(settings[p][0], 1, False, lr=settings[p][1])
+        for _ in range(3):
+            learner.iteration()
+        for name, value in learner.network.state_dict().items():
+            torch.testing.assert_close(population.members[p].network.state_dict()[name], value, atol=ATOL,
+                                       rtol=RTOL, msg=name)
+
+
+def test_a_run_goes_on_past_a_diverged_member_and_says_so(tmp_path: Path):
+    """Through the training loop: the member's divergence is reported once (and in its own TensorBoard
+    text), its curve ends, the run finishes with the others and resumes with the member still retired."""
+    lines: list[str] = []
+    config = cfg.resolve(
+        {"defaults": {"memory": "elstm", "env": "trace_patterning", "agent": "td"},
+         "memory": {"hidden_size": 4}, "env": {k: v for k, v in SMALL_TASK.items() if k != "name"},
+         "agent": {"steps_per_iteration": 20}, "model": {"encoder": "identity"},
+         "train": {"total_steps": 100, "checkpoint_every": 40, "progress": False,
+                   "population_grid": {"agent.lr": [0.01, 1e200]}, "run_dir": str(tmp_path / "run")}})
+    train(config, log=lambda *_: None, report=lines.append)
+    (announced,) = [line for line in lines if "diverged" in line]
+    assert announced.startswith("member lr1e+200_s0 diverged by step 20: non-finite ")
+    assert announced.endswith("it takes no further steps and the other members go on")
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert checkpoint["global_step"] == 100 and checkpoint["learner"]["diverged"][0] is None
+    assert checkpoint["learner"]["diverged"][1] is not None
+    from rlmem.plot import read_scalars
+
+    members = tmp_path / "run" / "members"
+    assert len(read_scalars(members / "lr0.01_s0", "charts/prediction_error")[1]) == 5
+    with pytest.raises(cfg.ConfigError, match="no scalar"):  # nothing logged: its first update was not finite
+        read_scalars(members / "lr1e+200_s0", "charts/prediction_error")
+    config = cfg.load_saved(tmp_path / "run", ["train.total_steps=140"])
+    config.train.run_dir = str(tmp_path / "run")
+    train(config, resume=True, log=lambda *_: None, report=lines.append)
+    assert load_checkpoint(tmp_path / "run")["global_step"] == 140
+    assert len(read_scalars(members / "lr0.01_s0", "charts/prediction_error")[1]) == 7

@@ -318,12 +318,20 @@ def run_population(name: str, methods: Sequence[Method], seeds: Sequence[int], p
     checkpoint = train_or_continue(config)
     members = population_members(config)
     by_lr = {m.lr: m for m in methods}
+    diverged = checkpoint["learner"].get("diverged", [None] * len(members))
+    member_dirs = [member_run_dir(run_dir, member, config.train.population_grid) for member in members]
+    # the population's rate, as every member that has not diverged logged it to the end
+    _, population_steps_per_second = read_scalars(member_dirs[diverged.index(None)], "charts/SPS")
     results = []
-    for member, saved in zip(members, checkpoint["learner"]["members"]):
+    for member, member_dir, saved, why in zip(members, member_dirs, checkpoint["learner"]["members"], diverged,
+                                              strict=True):
         method = by_lr[member.agent["lr"]]
-        member_dir = member_run_dir(run_dir, member, config.train.population_grid)
-        _, curve = read_scalars(member_dir, "charts/prediction_error")
-        _, population_steps_per_second = read_scalars(member_dir, "charts/SPS")
+        try:
+            curve = read_scalars(member_dir, "charts/prediction_error")[1].tolist()
+        except ConfigError:
+            if why is None:
+                raise
+            curve = []  # it diverged in its first logging interval
         env, learner, _ = build(member)
         try:
             learner.load_state_dict(saved)
@@ -335,10 +343,11 @@ def run_population(name: str, methods: Sequence[Method], seeds: Sequence[int], p
             "method": name,
             "lr": method.lr,
             "seed": member.train.seed,
-            "curve": curve.tolist(),
+            "curve": curve,
             "ms_per_step": 1e3 * protocol.num_envs / float(population_steps_per_second[-1]) / len(members),
             "macs_per_step": macs,
             "params": params,
+            **({} if why is None else {"diverged": why}),  # its curve ends where it diverged
         })
     return results
 
@@ -437,25 +446,32 @@ def unfinished_runs(train_root: Path, steps: int, zero: Mapping[int, Sequence[fl
     for run_dir in sorted(p for p in train_root.glob("*") if (p / "config.yaml").is_file()):
         try:
             config = load_saved(run_dir)
-            step = load_checkpoint(run_dir)["global_step"] if (run_dir / CHECKPOINT_NAME).is_file() else 0
+            checkpoint = load_checkpoint(run_dir) if (run_dir / CHECKPOINT_NAME).is_file() else None
         except ConfigError:
             continue
+        step = 0 if checkpoint is None else checkpoint["global_step"]
         if step < steps:
             members = f", {len(population_members(config))} members" if is_population(config) else ""
             line = f"in progress: {run_dir.name}: checkpoint at step {step:,} of {steps:,}{members}"
-            if zero and step > 0:
-                line += _error_so_far(run_dir, config, step, zero, log_every, window)
+            if zero and checkpoint is not None and step > 0:
+                diverged = checkpoint["learner"].get("diverged") or []
+                line += _error_so_far(run_dir, config, step, zero, log_every, window, diverged)
             lines.append(line)
     return lines
 
 
 def _error_so_far(run_dir: Path, config: RunConfig, step: int, zero: Mapping[int, Sequence[float]],
-                  log_every: int, window: int) -> str:
-    """``; error / V = 0 over steps a–b: lr X m ± s.e., ...`` of a run in progress (see unfinished_runs)."""
+                  log_every: int, window: int, diverged: Sequence[str | None] = ()) -> str:
+    """``; error / V = 0 over steps a–b: lr X m ± s.e., ...`` of a run in progress (see unfinished_runs),
+    leaving out and counting the members that have diverged (``diverged``: why, per member)."""
     members = population_members(config) if is_population(config) else [config]
     start = max(step - window, 0)
     ratios: dict[float, list[float]] = {}
-    for member in members:
+    stopped: dict[float, int] = {}
+    for i, member in enumerate(members):
+        if i < len(diverged) and diverged[i] is not None:
+            stopped[float(member.agent["lr"])] = stopped.get(float(member.agent["lr"]), 0) + 1
+            continue
         member_dir = run_dir
         if is_population(config):
             member_dir = member_run_dir(run_dir, member, config.train.population_grid)
@@ -471,12 +487,15 @@ def _error_so_far(run_dir: Path, config: RunConfig, step: int, zero: Mapping[int
         learned = statistics.fmean(error for _, error in kept)
         nothing = statistics.fmean(zero[seed][at // log_every - 1] for at, _ in kept)
         ratios.setdefault(float(member.agent["lr"]), []).append(learned / nothing)
-    if not ratios:
+    if not ratios and not stopped:
         return ""
     parts = []
-    for lr, per_seed in ratios.items():
-        mean, stderr = mean_stderr(per_seed)
-        parts.append(f"lr {lr:g} {mean:.2f}" + (f" ± {stderr:.2f}" if len(per_seed) > 1 else ""))
+    for lr in dict.fromkeys([*ratios, *stopped]):
+        part = f"lr {lr:g}"
+        if lr in ratios:
+            mean, stderr = mean_stderr(ratios[lr])
+            part += f" {mean:.2f}" + (f" ± {stderr:.2f}" if len(ratios[lr]) > 1 else "")
+        parts.append(part + (f" ({stopped[lr]} diverged)" if lr in stopped else ""))
     return f"; error / V = 0 over steps {start:,}–{step:,}: {', '.join(parts)}"
 
 
@@ -565,17 +584,19 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
 def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: int, window: int,
               labels: Mapping[str, str] | None = None) -> list[dict]:
     """One row per method and step size (in ``methods``' order, step sizes ascending): the final error
-    (mean over the last ``window`` steps of each run) over seeds. ``labels``: each method's label in
-    tables and figures (default: those of ``METHODS``)."""
+    (mean over the last ``window`` steps of each run) over seeds. A run that diverged (a population's
+    member that stopped; its curve ends there) has no final error: its errors count as inf, so its row's
+    mean is inf (never a method's best) and ``diverged`` lists its seeds. ``labels``: each method's label
+    in tables and figures (default: those of ``METHODS``)."""
     labels = {**{name: method.label for name, method in METHODS.items()}, "zero": ZERO.label, **(labels or {})}
     last = max(1, window // log_every)
     rows = []
     for name, lr in [(m, lr) for m in methods for lr in sorted({r["lr"] for r in results if r["method"] == m})]:
         runs = [r for r in results if r["method"] == name and r["lr"] == lr]
-        finals = [statistics.fmean(r["curve"][-last:]) for r in runs]
-        whole = [statistics.fmean(r["curve"]) for r in runs]
-        mean, stderr = mean_stderr(finals)
-        whole_mean, whole_stderr = mean_stderr(whole)
+        finals = [math.inf if "diverged" in r else statistics.fmean(r["curve"][-last:]) for r in runs]
+        whole = [math.inf if "diverged" in r else statistics.fmean(r["curve"]) for r in runs]
+        mean, stderr = mean_stderr(finals) if all(map(math.isfinite, finals)) else (math.inf, math.nan)
+        whole_mean, whole_stderr = mean_stderr(whole) if all(map(math.isfinite, whole)) else (math.inf, math.nan)
         rows.append({
             "method": name,
             "lr": lr,
@@ -590,10 +611,16 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
             "whole_run_error": whole_mean,
             "whole_run_stderr": whole_stderr,
             "per_seed_whole_run": whole,
+            "diverged": [r["seed"] for r in runs if "diverged" in r],
             "macs_per_step": max(r["macs_per_step"] for r in runs),
             "ms_per_step": sum(r["ms_per_step"] for r in runs) / len(runs),
         })
     return rows
+
+
+def _error(value: float) -> str:
+    """An error in the tables: "diverged" where a seed's run diverged (its errors count as inf)."""
+    return f"{value:.5f}" if math.isfinite(value) else "diverged"
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
@@ -674,6 +701,8 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
     else:
         fig, (curves, finals) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     for i, row in enumerate(rows):
+        if row["diverged"]:  # every step size of this method diverged on some seed: no curve to draw
+            continue
         runs = np.array([relative(r) for r in results if (r["method"], r["lr"]) == (row["method"], row["lr"])])
         steps = log_every * np.arange(1, runs.shape[1] + 1)
         mean = runs.mean(0)
@@ -696,14 +725,19 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
         (zero_final,) = [r["final_error"] for r in sweep_rows if r["method"] == "zero"] or [float("nan")]
         for method in swept:
             points = sorted((r for r in sweep_rows if r["method"] == method), key=lambda r: r["lr"])
-            sensitivity.errorbar([r["lr"] for r in points], [r["final_error"] / zero_final for r in points],
-                                 yerr=[r["stderr"] / zero_final for r in points], color=colors[method], marker="o",
-                                 capsize=3, label=points[0]["label"])
+            kept = [r for r in points if not r["diverged"]]
+            sensitivity.errorbar([r["lr"] for r in kept], [r["final_error"] / zero_final for r in kept],
+                                 yerr=[r["stderr"] / zero_final for r in kept], color=colors.get(method),
+                                 marker="o", capsize=3, label=points[0]["label"])
+            for r in points:  # a step size at which a seed diverged: an x on the V = 0 line
+                if r["diverged"]:
+                    sensitivity.scatter([r["lr"]], [1.0], marker="x", s=60, color=colors.get(method))
         sensitivity.axhline(1.0, color="black", linestyle="--", label="V = 0")
         sensitivity.set_xscale("log")
         sensitivity.set_xlabel("step size")
         sensitivity.set_ylabel("final error / that of V = 0 (mean ± s.e.)")
-        sensitivity.set_title("step-size sensitivity")
+        diverged = any(r["diverged"] for r in sweep_rows if r["method"] in swept)
+        sensitivity.set_title("step-size sensitivity" + (" (x: a seed diverged)" if diverged else ""))
         sensitivity.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -951,8 +985,8 @@ def run(argv: list[str]) -> None:
                     Column("whole run", 10), Column("MACs/step", 10), Column("ms/update", 9), Column("lr", 7))
     summary.header()
     for row in sorted(rows, key=lambda r: r["final_error"]):
-        summary.row(row["label"], f"{row['final_error']:.5f}", f"{row['stderr']:.5f}", f"{row['median_error']:.5f}",
-                    f"{row['whole_run_error']:.5f}", f"{row['macs_per_step']:,d}", f"{row['ms_per_step']:.2f}",
+        summary.row(row["label"], _error(row["final_error"]), f"{row['stderr']:.5f}", _error(row["median_error"]),
+                    _error(row["whole_run_error"]), f"{row['macs_per_step']:,d}", f"{row['ms_per_step']:.2f}",
                     f"{row['lr']:g}" if row["method"] != "zero" else "-")
     if paired:
         against = (paired[0]["against"], paired[0]["against_lr"])
@@ -973,11 +1007,12 @@ def run(argv: list[str]) -> None:
         print(f"\nthe step-size sweep (factors {', '.join(f'{f:g}' for f in lr_factors)} of each method's step size; "
               "* marks the best):")
         sweep_table = Table(Column("method", label_width, "<"), Column("lr", 9), Column("error", 10),
-                            Column("± s.e.", 9), Column("median", 9), Column("seeds", 6))
+                            Column("± s.e.", 9), Column("median", 9), Column("seeds", 6), Column("diverged", 9))
         sweep_table.header()
         for row in sweep_rows:
             if row["method"] != "zero":
                 mark = "*" if any(row is best for best in rows) else ""
-                sweep_table.row(row["label"], f"{row['lr']:g}{mark}", f"{row['final_error']:.5f}",
-                                f"{row['stderr']:.5f}", f"{row['median_error']:.5f}", len(row["per_seed"]))
+                sweep_table.row(row["label"], f"{row['lr']:g}{mark}", _error(row["final_error"]),
+                                f"{row['stderr']:.5f}", _error(row["median_error"]), len(row["per_seed"]),
+                                len(row["diverged"]) or "-")
     print(f"\nwrote {table} and {figure}")
