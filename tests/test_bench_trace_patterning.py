@@ -501,3 +501,28 @@ def test_a_step_size_at_which_seeds_diverge_is_reported_and_the_sweep_goes_on(tm
     sweep_line = next(line for line in printed.splitlines() if line.startswith("Columnar") and "1e+198" in line)
     assert "diverged" in sweep_line and sweep_line.rstrip().endswith("2")
     assert (out / table.name.replace("results", "trace_patterning").replace(".json", ".png")).is_file()
+
+
+def test_saved_only_lists_the_runs_in_progress_that_the_same_call_would_continue(tmp_path: Path, monkeypatch,
+                                                                                 capsys):
+    """Another method's population stopped under the same --out is not listed."""
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    import rlmem.bench.trace_patterning as bench
+
+    real_train = bench.train
+
+    def stopped_at_100(config, resume=False, log=print, report=None):
+        return real_train(dataclasses.replace(config, train=dataclasses.replace(config.train, total_steps=100)),
+                          resume, log, report)
+
+    monkeypatch.setattr(bench, "train", stopped_at_100)
+    argv = ["bench", "trace_patterning", *TINY, "--seeds", "2", "--population", "--out", str(tmp_path)]
+    for method in ("columnar", "lstm_tbptt15"):
+        assert main([*argv, "--methods", method]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*argv, "--methods", "columnar", "--saved-only"]) == 0
+    (listed,) = [line for line in capsys.readouterr().out.splitlines() if "in progress" in line]
+    assert "in progress: columnar-seeds0-1-" in listed and "2 members" in listed

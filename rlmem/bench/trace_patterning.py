@@ -105,7 +105,7 @@ import re
 import shutil
 import statistics
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,14 +436,17 @@ def stopped_populations(pending: Sequence[tuple], train_root: Path) -> tuple[lis
 
 
 def unfinished_runs(train_root: Path, steps: int, zero: Mapping[int, Sequence[float]] | None = None,
-                    log_every: int = 1, window: int = 0) -> list[str]:
-    """One line per training run under ``train_root`` whose last checkpoint is short of ``steps`` (stopped,
-    or still running elsewhere), with how far it got: in a study of many sessions, what the next call
-    continues. Given V = 0's curves (``zero``: seed -> one point per ``log_every`` steps), the line adds
-    the error so far as the table will give it: over the last ``window`` steps up to the checkpoint,
-    divided by V = 0's over the same steps on the same seed, mean ± s.e. over seeds, per step size."""
+                    log_every: int = 1, window: int = 0, only: Collection[Path] | None = None) -> list[str]:
+    """One line per training run under ``train_root`` (of those in ``only``, if given) whose last
+    checkpoint is short of ``steps`` (stopped, or still running elsewhere), with how far it got: in a
+    study of many sessions, what the next call continues. Given V = 0's curves (``zero``: seed -> one
+    point per ``log_every`` steps), the line adds the error so far as the table will give it: over the
+    last ``window`` steps up to the checkpoint, divided by V = 0's over the same steps on the same seed,
+    mean ± s.e. over seeds, per step size."""
     lines = []
     for run_dir in sorted(p for p in train_root.glob("*") if (p / "config.yaml").is_file()):
+        if only is not None and run_dir not in only:
+            continue
         try:
             config = load_saved(run_dir)
             checkpoint = load_checkpoint(run_dir) if (run_dir / CHECKPOINT_NAME).is_file() else None
@@ -931,8 +934,12 @@ def run(argv: list[str]) -> None:
             raise ConfigError(f"--saved-only: no runs with these settings are saved under {saved}")
         print(f"  leaving out {len(pending)} run(s) not saved yet", flush=True)
         zero = {r["seed"]: r["curve"] for r in results if r["method"] == "zero"}
+        upcoming = pending  # where the same call without --saved-only would train them
+        if args.population:
+            continued, rest = stopped_populations(pending, out / "train")
+            upcoming = continued + population_jobs(rest)
         for line in unfinished_runs(out / "train", protocol.points * protocol.log_every, zero, args.log_every,
-                                    args.window):
+                                    args.window, only={job_dir(out / "train", job) for job in upcoming}):
             print(f"  {line}", flush=True)
         pending = []
 
