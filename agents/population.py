@@ -197,6 +197,7 @@ class Population(Learner):
         if any(m.num_envs != first.num_envs for m in members):
             raise ConfigError("members of a population must agree in env.num_envs")
         self.diverged: list[str | None] = [None] * self.size  # why each retired member diverged
+        self.member_names = [str(p) for p in range(self.size)]  # in messages; a run names its sub-runs
         self.retired: Tensor | None = None  # [P] bool, None while every member learns
 
     def per_member(self, values: Iterable[float]) -> Tensor:
@@ -250,8 +251,8 @@ class Population(Learner):
             self.diverged[p] = why(p)
         self.update_retired()
         if newly and all(why is not None for why in self.diverged):
-            raise TrainingDiverged(f"{self.diverged[newly[-1]]} in member {newly[-1]}, the last of the {self.size} "
-                                   "members to diverge")
+            raise TrainingDiverged(f"{self.diverged[newly[-1]]} in member {self.member_names[newly[-1]]}, the last "
+                                   f"of the {self.size} members to diverge")
 
     @torch.no_grad()
     def clear_retired(self) -> None:

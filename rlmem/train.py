@@ -229,7 +229,8 @@ def run_iterations(config: RunConfig, iterate: Callable[[], Sequence[Any]], writ
                    show_progress: bool = True, report: Callable[[str], None] = lambda line: None) -> tuple[int, bool]:
     """The loop every run shares: ``iterate()`` (one ``IterationResult`` per writer: one run, or a
     population's members) until ``train.total_steps``, each result checked finite and logged to its
-    writer, ``save(global_step, iteration)`` every ``train.checkpoint_every`` env steps and at the end.
+    writer (a population's member that has diverged is reported once, then logs nothing more),
+    ``save(global_step, iteration)`` every ``train.checkpoint_every`` env steps and at the end.
     Where no progress bar is drawn (no terminal: a run in the background, its output in a log file; or
     ``train.progress: false``), each checkpoint ``report``-s a ``progress_line`` instead, so a log shows
     how far a run of hours has got. The first Ctrl-C (on any rank) finishes the iteration, saves and
@@ -504,6 +505,7 @@ def train_population(config: RunConfig, resume: bool = False, log=print,
             built.append((env, learner))
         compiled = {"compile": True} if config.train.compile else {}  # td only (check_combination)
         population = POPULATIONS[config.agent["name"]]([learner for _, learner in built], **compiled)
+        population.member_names = [d.name for d in member_dirs]
     except BaseException:
         for env, _ in built:
             env.close()

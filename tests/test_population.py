@@ -438,12 +438,12 @@ def test_a_run_goes_on_past_a_diverged_member_and_says_so(tmp_path: Path):
     """Through the training loop: the member's divergence is reported once (and in its own TensorBoard
     text), its curve ends, the run finishes with the others and resumes with the member still retired."""
     lines: list[str] = []
-    config = cfg.resolve(
-        {"defaults": {"memory": "elstm", "env": "trace_patterning", "agent": "td"},
-         "memory": {"hidden_size": 4}, "env": {k: v for k, v in SMALL_TASK.items() if k != "name"},
-         "agent": {"steps_per_iteration": 20}, "model": {"encoder": "identity"},
-         "train": {"total_steps": 100, "checkpoint_every": 40, "progress": False,
-                   "population_grid": {"agent.lr": [0.01, 1e200]}, "run_dir": str(tmp_path / "run")}})
+    settings = {"defaults": {"memory": "elstm", "env": "trace_patterning", "agent": "td"},
+                "memory": {"hidden_size": 4}, "env": {k: v for k, v in SMALL_TASK.items() if k != "name"},
+                "agent": {"steps_per_iteration": 20}, "model": {"encoder": "identity"},
+                "train": {"total_steps": 100, "checkpoint_every": 40, "progress": False,
+                          "population_grid": {"agent.lr": [0.01, 1e200]}, "run_dir": str(tmp_path / "run")}}
+    config = cfg.resolve(settings)
     train(config, log=lambda *_: None, report=lines.append)
     (announced,) = [line for line in lines if "diverged" in line]
     assert announced.startswith("member lr1e+200_s0 diverged by step 20: non-finite ")
@@ -462,3 +462,8 @@ def test_a_run_goes_on_past_a_diverged_member_and_says_so(tmp_path: Path):
     train(config, resume=True, log=lambda *_: None, report=lines.append)
     assert load_checkpoint(tmp_path / "run")["global_step"] == 140
     assert len(read_scalars(members / "lr0.01_s0", "charts/prediction_error")[1]) == 7
+    # when the last member diverges the run stops, naming it
+    config = cfg.resolve({**settings, "train": {**settings["train"], "run_dir": str(tmp_path / "all"), "population": 2,
+                                                "population_grid": {"agent.lr": [1e200]}}})
+    with pytest.raises(TrainingDiverged, match=r"in member lr1e\+200_s1, the last of the 2 members to diverge"):
+        train(config, log=lambda *_: None, report=lines.append)
