@@ -26,7 +26,7 @@ from rlmem.distributed import check_divides
 from rlmem.errors import ConfigError, TrainingDiverged
 from rlmem.evaluation import DEFAULT_EPISODES, DEFAULT_PREDICTION_STEPS, EVAL_SEED, EpisodeScores, evaluate_saved
 from rlmem.memory import CORES
-from rlmem.plot import GROUPINGS, MAIN_TAGS, main_tag, plot_runs, summarize_runs, summary_table
+from rlmem.plot import GROUPINGS, MAIN_TAGS, diverged, main_tag, plot_runs, summarize_runs, summary_table
 from rlmem.train import rank_checkpoints, resume_config, train
 
 TAG_HELP = (f"the scalar to show (default: the first the first run logs of {', '.join(MAIN_TAGS)}: "
@@ -219,15 +219,21 @@ def _cmd_list(ns: argparse.Namespace) -> int:
 def _cmd_plot(ns: argparse.Namespace) -> int:
     if ns.smooth < 1:
         raise ConfigError(f"--smooth must be a positive integer, got {ns.smooth}")
-    tag = ns.tag or main_tag(Path(ns.run_dirs[0]))
+    tag = ns.tag or main_tag(_first_not_diverged(ns.run_dirs))
     path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=tag, title=ns.title, smoothing=ns.smooth,
                      group_by=ns.group_by, until=ns.until)
     print(f"wrote {path}")
     return 0
 
 
+def _first_not_diverged(run_dirs: list[str]) -> Path:
+    """The run whose tags choose the main tag: the first that did not diverge (one that diverged in its
+    first iteration logged no scalar)."""
+    return next((Path(d) for d in run_dirs if diverged(Path(d)) is None), Path(run_dirs[0]))
+
+
 def _cmd_summary(ns: argparse.Namespace) -> int:
-    tag = ns.tag or main_tag(Path(ns.run_dirs[0]))
+    tag = ns.tag or main_tag(_first_not_diverged(ns.run_dirs))
     summaries = summarize_runs([Path(d) for d in ns.run_dirs], tag, ns.threshold, ns.final_fraction, ns.window,
                                ns.group_by, ns.until)
     print(summary_table(summaries, tag, ns.final_fraction))

@@ -44,6 +44,15 @@ def _read_events(run_dir: str, files: tuple):  # ``files`` only keys the cache
     return accumulator
 
 
+def diverged(run_dir: Path) -> str | None:
+    """What the run says about its divergence (the text ``diverged`` that a population's member that
+    diverged logs: it took no further steps from there), or None."""
+    accumulator = _events(run_dir)
+    if "diverged/text_summary" not in accumulator.Tags().get("tensors", []):
+        return None
+    return accumulator.Tensors("diverged/text_summary")[-1].tensor_proto.string_val[0].decode()
+
+
 def main_tag(run_dir: Path) -> str:
     """The first of ``MAIN_TAGS`` that ``run_dir`` logs (what ``rlmem plot``/``summary`` show by default)."""
     tags = _events(run_dir).Tags().get("scalars", [])
@@ -180,6 +189,12 @@ def plot_runs(
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, dirs in group_runs(run_dirs, group_by).items():
+        kept = [d for d in dirs if diverged(d) is None]  # a diverged run's curve ends early: left out
+        if len(kept) < len(dirs):
+            label += f" ({len(dirs) - len(kept)} diverged)"
+        if not kept:
+            continue
+        dirs = kept
         curves = [(steps, smooth(values, smoothing)) for steps, values in (read_scalars(d, tag, until) for d in dirs)]
         if len(curves) == 1:
             steps, values = curves[0]
@@ -210,6 +225,7 @@ class GroupSummary:
     last_steps: list[float]  # each run's last logged step (≤ ``until``)
     finals: list[float]  # each run's mean over the last ``final_fraction`` of its steps
     reached: dict[float, list[float]] = field(default_factory=dict)  # threshold -> steps of the runs that reached it
+    diverged: list[Path] = field(default_factory=list)  # runs that diverged (population members): no final
 
 
 def summarize_runs(
@@ -228,6 +244,8 @@ def summarize_runs(
     ``window`` env steps, (s − window, s], is at or above it: a window in env steps, so that learners
     that log at different intervals are averaged over the same stretch of experience. ``until`` reads
     every run up to that step, so runs of different lengths are compared at equal environment steps.
+    A run that diverged (a population's member that stopped there) counts in ``diverged``, not in the
+    finals or thresholds.
     """
     if not 0 < final_fraction <= 1:
         raise ConfigError(f"the final fraction must lie in (0, 1], got {final_fraction}")
@@ -237,6 +255,9 @@ def summarize_runs(
     for label, dirs in group_runs(run_dirs, group_by).items():
         summary = GroupSummary(label, list(dirs), [], [], {threshold: [] for threshold in thresholds})
         for run_dir in dirs:
+            if diverged(run_dir) is not None:
+                summary.diverged.append(run_dir)
+                continue
             steps, values = read_scalars(run_dir, tag, until)
             summary.last_steps.append(float(steps[-1]))
             summary.finals.append(float(values[steps >= (1 - final_fraction) * steps[-1]].mean()))
@@ -263,7 +284,10 @@ def summary_table(summaries: Sequence[GroupSummary], tag: str, final_fraction: f
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         n = len(s.runs)
-        cells = [s.label, str(n), _steps(min(s.last_steps)), f"{np.mean(s.finals):.3g} ± {np.std(s.finals):.2g}"]
+        final = f"{np.mean(s.finals):.3g} ± {np.std(s.finals):.2g}" if s.finals else "—"
+        if s.diverged:
+            final += f" ({len(s.diverged)} of {n} diverged)"
+        cells = [s.label, str(n), _steps(min(s.last_steps)) if s.last_steps else "—", final]
         for threshold in thresholds:
             hits = s.reached[threshold]
             cells.append(f"{_steps(float(np.mean(hits)))} ({len(hits)}/{n})" if hits else f"— (0/{n})")

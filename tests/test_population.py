@@ -434,9 +434,10 @@ def test_a_stream_ac_member_whose_policy_stops_being_finite_retires(float64):
                                        rtol=RTOL, msg=name)
 
 
-def test_a_run_goes_on_past_a_diverged_member_and_says_so(tmp_path: Path):
+def test_a_run_goes_on_past_a_diverged_member_and_says_so(tmp_path: Path, capsys):
     """Through the training loop: the member's divergence is reported once (and in its own TensorBoard
-    text), its curve ends, the run finishes with the others and resumes with the member still retired."""
+    text), its curve ends, the run finishes with the others and resumes with the member still retired;
+    ``rlmem summary`` and ``rlmem plot`` count it as diverged rather than fail on its missing curve."""
     lines: list[str] = []
     settings = {"defaults": {"memory": "elstm", "env": "trace_patterning", "agent": "td"},
                 "memory": {"hidden_size": 4}, "env": {k: v for k, v in SMALL_TASK.items() if k != "name"},
@@ -457,6 +458,12 @@ def test_a_run_goes_on_past_a_diverged_member_and_says_so(tmp_path: Path):
     assert len(read_scalars(members / "lr0.01_s0", "charts/prediction_error")[1]) == 5
     with pytest.raises(cfg.ConfigError, match="no scalar"):  # nothing logged: its first update was not finite
         read_scalars(members / "lr1e+200_s0", "charts/prediction_error")
+    runs = [str(members / "lr1e+200_s0"), str(members / "lr0.01_s0")]  # the main tag from the run that logs it
+    capsys.readouterr()
+    assert main(["summary", *runs]) == 0
+    table = capsys.readouterr().out
+    assert "| lr=1e+200 | 1 | — | — (1 of 1 diverged) |" in table and "| lr=0.01 | 1 | 0.1k | 0." in table
+    assert main(["plot", *runs, "--out", str(tmp_path / "curves.png")]) == 0
     config = cfg.load_saved(tmp_path / "run", ["train.total_steps=140"])
     config.train.run_dir = str(tmp_path / "run")
     train(config, resume=True, log=lambda *_: None, report=lines.append)
