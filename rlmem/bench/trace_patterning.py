@@ -703,6 +703,8 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
                                                           gridspec_kw={"width_ratios": [3, 2, 2]})
     else:
         fig, (curves, finals) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    # ten colours repeat after ten methods: twenty (in pairs of a dark and a light shade) beyond that
+    palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     for i, row in enumerate(rows):
         if row["diverged"]:  # every step size of this method diverged on some seed: no curve to draw
             continue
@@ -710,7 +712,7 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
         steps = log_every * np.arange(1, runs.shape[1] + 1)
         mean = runs.mean(0)
         stderr = runs.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
-        color = "black" if row["method"] == "zero" else f"C{i}"
+        color = "black" if row["method"] == "zero" else palette(i)
         curves.plot(steps, mean, color=color, label=row["label"], linestyle="--" if row["method"] == "zero" else "-")
         curves.fill_between(steps, mean - stderr, mean + stderr, color=color, alpha=0.2, linewidth=0)
         finals.errorbar([i], [row["final_error"]], yerr=[row["stderr"]], fmt="o", color=color, capsize=4)
@@ -724,7 +726,7 @@ def plot(results: list[dict[str, Any]], rows: list[dict], log_every: int, path: 
     finals.set_ylabel("final error (mean ± s.e. over seeds)")
     finals.set_yscale("log")
     if swept:
-        colors = {row["method"]: f"C{i}" for i, row in enumerate(rows)}
+        colors = {row["method"]: palette(i) for i, row in enumerate(rows)}
         (zero_final,) = [r["final_error"] for r in sweep_rows if r["method"] == "zero"] or [float("nan")]
         for method in swept:
             points = sorted((r for r in sweep_rows if r["method"] == method), key=lambda r: r["lr"])
