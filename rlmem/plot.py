@@ -189,13 +189,15 @@ def plot_runs(
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, dirs in group_runs(run_dirs, group_by).items():
-        kept = [d for d in dirs if diverged(d) is None]  # a diverged run's curve ends early: left out
-        if len(kept) < len(dirs):
-            label += f" ({len(dirs) - len(kept)} diverged)"
-        if not kept:
+        curves = []
+        for d in dirs:  # each run's events read once (a diverged run's curve ends early: left out)
+            if diverged(d) is None:
+                steps, values = read_scalars(d, tag, until)
+                curves.append((steps, smooth(values, smoothing)))
+        if len(curves) < len(dirs):
+            label += f" ({len(dirs) - len(curves)} diverged)"
+        if not curves:
             continue
-        dirs = kept
-        curves = [(steps, smooth(values, smoothing)) for steps, values in (read_scalars(d, tag, until) for d in dirs)]
         if len(curves) == 1:
             steps, values = curves[0]
             ax.plot(steps, values, label=label)
