@@ -26,7 +26,7 @@ from rlmem.distributed import check_divides
 from rlmem.errors import ConfigError, TrainingDiverged
 from rlmem.evaluation import DEFAULT_EPISODES, DEFAULT_PREDICTION_STEPS, EVAL_SEED, EpisodeScores, evaluate_saved
 from rlmem.memory import CORES
-from rlmem.plot import GROUPINGS, MAIN_TAGS, diverged, main_tag, plot_runs, summarize_runs, summary_table
+from rlmem.plot import GROUPINGS, MAIN_TAGS, diverged, main_tag, plot_runs, scalar_tags, summarize_runs, summary_table
 from rlmem.train import rank_checkpoints, resume_config, train
 
 TAG_HELP = (f"the scalar to show (default: the first the first run logs of {', '.join(MAIN_TAGS)}: "
@@ -228,8 +228,12 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
 
 def _first_not_diverged(run_dirs: list[str]) -> Path:
     """The run whose tags choose the main tag: the first that did not diverge (one that diverged in its
-    first iteration logged no scalar)."""
-    return next((Path(d) for d in run_dirs if diverged(Path(d)) is None), Path(run_dirs[0]))
+    first iteration logged no scalar). ConfigError where every run diverged before logging any."""
+    first = next((Path(d) for d in run_dirs if diverged(Path(d)) is None), Path(run_dirs[0]))
+    why = diverged(first)
+    if why is not None and not any(tag in MAIN_TAGS for tag in scalar_tags(first)):
+        raise ConfigError(f"every run given diverged, and {first} before it logged anything: {why}")
+    return first
 
 
 def _cmd_summary(ns: argparse.Namespace) -> int:

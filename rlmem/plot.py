@@ -53,9 +53,14 @@ def diverged(run_dir: Path) -> str | None:
     return accumulator.Tensors("diverged/text_summary")[-1].tensor_proto.string_val[0].decode()
 
 
+def scalar_tags(run_dir: Path) -> list[str]:
+    """The scalar tags ``run_dir`` logs."""
+    return _events(run_dir).Tags().get("scalars", [])
+
+
 def main_tag(run_dir: Path) -> str:
     """The first of ``MAIN_TAGS`` that ``run_dir`` logs (what ``rlmem plot``/``summary`` show by default)."""
-    tags = _events(run_dir).Tags().get("scalars", [])
+    tags = scalar_tags(run_dir)
     for tag in MAIN_TAGS:
         if tag in tags:
             return tag
