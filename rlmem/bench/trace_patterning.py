@@ -457,23 +457,25 @@ def unfinished_runs(train_root: Path, steps: int, zero: Mapping[int, Sequence[fl
             members = f", {len(population_members(config))} members" if is_population(config) else ""
             line = f"in progress: {run_dir.name}: checkpoint at step {step:,} of {steps:,}{members}"
             if zero and checkpoint is not None and step > 0:
-                diverged = checkpoint["learner"].get("diverged") or []
-                line += _error_so_far(run_dir, config, step, zero, log_every, window, diverged)
+                line += _error_so_far(run_dir, config, step, zero, log_every, window,
+                                      checkpoint["learner"].get("diverged"))
             lines.append(line)
     return lines
 
 
 def _error_so_far(run_dir: Path, config: RunConfig, step: int, zero: Mapping[int, Sequence[float]],
-                  log_every: int, window: int, diverged: Sequence[str | None] = ()) -> str:
+                  log_every: int, window: int, diverged: Sequence[str | None] | None = None) -> str:
     """``; error / V = 0 over steps a–b: lr X m ± s.e., ...`` of a run in progress (see unfinished_runs),
-    leaving out and counting the members that have diverged (``diverged``: why, per member)."""
+    leaving out and counting the members that have diverged (``diverged``: why, per member; None in
+    checkpoints of single runs and of populations from before members could diverge alone)."""
     members = population_members(config) if is_population(config) else [config]
     start = max(step - window, 0)
     ratios: dict[float, list[float]] = {}
     stopped: dict[float, int] = {}
-    for i, member in enumerate(members):
-        if i < len(diverged) and diverged[i] is not None:
-            stopped[float(member.agent["lr"])] = stopped.get(float(member.agent["lr"]), 0) + 1
+    for member, why in zip(members, diverged or [None] * len(members), strict=True):
+        lr = float(member.agent["lr"])
+        if why is not None:
+            stopped[lr] = stopped.get(lr, 0) + 1
             continue
         member_dir = run_dir
         if is_population(config):
@@ -489,7 +491,7 @@ def _error_so_far(run_dir: Path, config: RunConfig, step: int, zero: Mapping[int
             continue
         learned = statistics.fmean(error for _, error in kept)
         nothing = statistics.fmean(zero[seed][at // log_every - 1] for at, _ in kept)
-        ratios.setdefault(float(member.agent["lr"]), []).append(learned / nothing)
+        ratios.setdefault(lr, []).append(learned / nothing)
     if not ratios and not stopped:
         return ""
     parts = []
@@ -596,10 +598,11 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
     rows = []
     for name, lr in [(m, lr) for m in methods for lr in sorted({r["lr"] for r in results if r["method"] == m})]:
         runs = [r for r in results if r["method"] == name and r["lr"] == lr]
+        diverged = [r["seed"] for r in runs if "diverged" in r]
         finals = [math.inf if "diverged" in r else statistics.fmean(r["curve"][-last:]) for r in runs]
         whole = [math.inf if "diverged" in r else statistics.fmean(r["curve"]) for r in runs]
-        mean, stderr = mean_stderr(finals) if all(map(math.isfinite, finals)) else (math.inf, math.nan)
-        whole_mean, whole_stderr = mean_stderr(whole) if all(map(math.isfinite, whole)) else (math.inf, math.nan)
+        mean, stderr = (math.inf, math.nan) if diverged else mean_stderr(finals)
+        whole_mean, whole_stderr = (math.inf, math.nan) if diverged else mean_stderr(whole)
         rows.append({
             "method": name,
             "lr": lr,
@@ -614,7 +617,7 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str], log_every: 
             "whole_run_error": whole_mean,
             "whole_run_stderr": whole_stderr,
             "per_seed_whole_run": whole,
-            "diverged": [r["seed"] for r in runs if "diverged" in r],
+            "diverged": diverged,
             "macs_per_step": max(r["macs_per_step"] for r in runs),
             "ms_per_step": sum(r["ms_per_step"] for r in runs) / len(runs),
         })
