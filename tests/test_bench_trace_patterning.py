@@ -525,4 +525,4 @@ def test_saved_only_lists_the_runs_in_progress_that_the_same_call_would_continue
     capsys.readouterr()
     assert main([*argv, "--methods", "columnar", "--saved-only"]) == 0
     (listed,) = [line for line in capsys.readouterr().out.splitlines() if "in progress" in line]
-    assert "in progress: columnar-seeds0-1-" in listed and "2 members" in listed
+    assert "in progress: columnar (columnar-seeds0-1-" in listed and "2 members" in listed

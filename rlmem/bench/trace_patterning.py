@@ -105,7 +105,7 @@ import re
 import shutil
 import statistics
 import string
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,14 +250,14 @@ def _learning_settings(config: RunConfig) -> list[dict[str, Any]]:
     return settings
 
 
-def train_or_continue(config: RunConfig) -> dict[str, Any]:
+def train_or_continue(config: RunConfig, name: str) -> dict[str, Any]:
     """Train ``config`` into its run dir and return its final checkpoint. A run dir holding an interrupted
     run of the same learners (its checkpoint's members are ours, up to the options a resume may change)
     is continued from that checkpoint, so a study of hours survives being stopped, and one that has
     finished is left as it is; anything else there is replaced. A run that Ctrl-C stopped returns from
     ``train`` with its checkpoint saved: the bench stops there too (KeyboardInterrupt), rather than take
-    the part run for a finished one. Each checkpoint prints a progress line (``<run dir name>: step N of
-    M (…), … steps/s, about … left``), as a background ``rlmem train`` logs it."""
+    the part run for a finished one. Each checkpoint prints a progress line (``<method name> (<run dir
+    name>): step N of M (…), … steps/s, about … left``), as a background ``rlmem train`` logs it."""
     run_dir = Path(config.train.run_dir)
     same = False
     if (run_dir / CHECKPOINT_NAME).is_file():
@@ -266,7 +266,7 @@ def train_or_continue(config: RunConfig) -> dict[str, Any]:
     if not same and run_dir.exists():
         shutil.rmtree(run_dir)
     if not same or load_checkpoint(run_dir)["global_step"] < config.train.total_steps:
-        label = run_dir.name
+        label = f"{name} ({run_dir.name})"  # variants of one core share the dir's prefix
         train(config, resume=same, log=lambda message: None,
               report=lambda line: print(f"  {label}: {line}", flush=True))  # a population runs for hours
     checkpoint = load_checkpoint(run_dir)
@@ -281,7 +281,7 @@ def run_one(name: str, method: Method, seed: int, protocol: Protocol, run_dir: P
     streams together) as the loop logged it (``charts/prediction_error``), its speed (the loop's final
     ``charts/SPS``) and, from the final checkpoint, the ``MACs/step`` estimate."""
     config = run_config(method, seed, protocol, run_dir)
-    checkpoint = train_or_continue(config)
+    checkpoint = train_or_continue(config, name)
     _, curve = read_scalars(run_dir, "charts/prediction_error")
     _, env_steps_per_second = read_scalars(run_dir, "charts/SPS")
     env, learner, _ = build(config)
@@ -315,7 +315,7 @@ def run_population(name: str, methods: Sequence[Method], seeds: Sequence[int], p
     config.train.compile = compile
     if len(methods) > 1:
         config.train.population_grid = {"agent.lr": [m.lr for m in methods]}
-    checkpoint = train_or_continue(config)
+    checkpoint = train_or_continue(config, name)
     members = population_members(config)
     by_lr = {m.lr: m for m in methods}
     diverged = checkpoint["learner"].get("diverged", [None] * len(members))
@@ -436,10 +436,11 @@ def stopped_populations(pending: Sequence[tuple], train_root: Path) -> tuple[lis
 
 
 def unfinished_runs(train_root: Path, steps: int, zero: Mapping[int, Sequence[float]] | None = None,
-                    log_every: int = 1, window: int = 0, only: Collection[Path] | None = None) -> list[str]:
-    """One line per training run under ``train_root`` (of those in ``only``, if given) whose last
-    checkpoint is short of ``steps`` (stopped, or still running elsewhere), with how far it got: in a
-    study of many sessions, what the next call continues. Given V = 0's curves (``zero``: seed -> one
+                    log_every: int = 1, window: int = 0, only: Mapping[Path, str] | None = None) -> list[str]:
+    """One line per training run under ``train_root`` (of those in ``only``, run dir -> method name, if
+    given; the line then names the method) whose last checkpoint is short of ``steps`` (stopped, or
+    still running elsewhere), with how far it got: in a study of many sessions, what the next call
+    continues. Given V = 0's curves (``zero``: seed -> one
     point per ``log_every`` steps), the line adds the error so far as the table will give it: over the
     last ``window`` steps up to the checkpoint, divided by V = 0's over the same steps on the same seed,
     mean ± s.e. over seeds, per step size."""
@@ -455,7 +456,8 @@ def unfinished_runs(train_root: Path, steps: int, zero: Mapping[int, Sequence[fl
         step = 0 if checkpoint is None else checkpoint["global_step"]
         if step < steps:
             members = f", {len(population_members(config))} members" if is_population(config) else ""
-            line = f"in progress: {run_dir.name}: checkpoint at step {step:,} of {steps:,}{members}"
+            label = run_dir.name if only is None else f"{only[run_dir]} ({run_dir.name})"
+            line = f"in progress: {label}: checkpoint at step {step:,} of {steps:,}{members}"
             if zero and checkpoint is not None and step > 0:
                 line += _error_so_far(run_dir, config, step, zero, log_every, window,
                                       checkpoint["learner"].get("diverged"))
@@ -944,7 +946,7 @@ def run(argv: list[str]) -> None:
             continued, rest = stopped_populations(pending, out / "train")
             upcoming = continued + population_jobs(rest)
         for line in unfinished_runs(out / "train", protocol.points * protocol.log_every, zero, args.log_every,
-                                    args.window, only={job_dir(out / "train", job) for job in upcoming}):
+                                    args.window, only={job_dir(out / "train", job): job[0] for job in upcoming}):
             print(f"  {line}", flush=True)
         pending = []
 
