@@ -505,7 +505,8 @@ def test_a_step_size_at_which_seeds_diverge_is_reported_and_the_sweep_goes_on(tm
 
 def test_saved_only_lists_the_runs_in_progress_that_the_same_call_would_continue(tmp_path: Path, monkeypatch,
                                                                                  capsys):
-    """Another method's population stopped under the same --out is not listed."""
+    """Another method's population stopped under the same --out is not listed, and the line names the
+    method (a variant shares its core's run-dir prefix)."""
     pytest.importorskip("matplotlib")
     import dataclasses
 
@@ -518,11 +519,12 @@ def test_saved_only_lists_the_runs_in_progress_that_the_same_call_would_continue
                           resume, log, report)
 
     monkeypatch.setattr(bench, "train", stopped_at_100)
-    argv = ["bench", "trace_patterning", *TINY, "--seeds", "2", "--population", "--out", str(tmp_path)]
-    for method in ("columnar", "lstm_tbptt15"):
+    argv = ["bench", "trace_patterning", *TINY, "--seeds", "2", "--population", "--out", str(tmp_path),
+            "--variant", "columns=columnar"]
+    for method in ("columns", "lstm_tbptt15"):
         assert main([*argv, "--methods", method]) == 130
     monkeypatch.undo()
     capsys.readouterr()
-    assert main([*argv, "--methods", "columnar", "--saved-only"]) == 0
+    assert main([*argv, "--methods", "columns", "--saved-only"]) == 0
     (listed,) = [line for line in capsys.readouterr().out.splitlines() if "in progress" in line]
-    assert "in progress: columnar (columnar-seeds0-1-" in listed and "2 members" in listed
+    assert "in progress: columns (columnar-seeds0-1-" in listed and "2 members" in listed

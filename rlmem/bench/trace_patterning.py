@@ -440,10 +440,9 @@ def unfinished_runs(train_root: Path, steps: int, zero: Mapping[int, Sequence[fl
     """One line per training run under ``train_root`` (of those in ``only``, run dir -> method name, if
     given; the line then names the method) whose last checkpoint is short of ``steps`` (stopped, or
     still running elsewhere), with how far it got: in a study of many sessions, what the next call
-    continues. Given V = 0's curves (``zero``: seed -> one
-    point per ``log_every`` steps), the line adds the error so far as the table will give it: over the
-    last ``window`` steps up to the checkpoint, divided by V = 0's over the same steps on the same seed,
-    mean ± s.e. over seeds, per step size."""
+    continues. Given V = 0's curves (``zero``: seed -> one point per ``log_every`` steps), the line adds
+    the error so far as the table will give it: over the last ``window`` steps up to the checkpoint,
+    divided by V = 0's over the same steps on the same seed, mean ± s.e. over seeds, per step size."""
     lines = []
     for run_dir in sorted(p for p in train_root.glob("*") if (p / "config.yaml").is_file()):
         if only is not None and run_dir not in only:
