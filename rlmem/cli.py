@@ -229,10 +229,12 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
 def _first_not_diverged(run_dirs: list[str]) -> Path:
     """The run whose tags choose the main tag: the first that did not diverge (one that diverged in its
     first iteration logged no scalar). ConfigError where every run diverged before logging any."""
-    first = next((Path(d) for d in run_dirs if diverged(Path(d)) is None), Path(run_dirs[0]))
-    why = diverged(first)
-    if why is not None and not any(tag in MAIN_TAGS for tag in scalar_tags(first)):
-        raise ConfigError(f"every run given diverged, and {first} before it logged anything: {why}")
+    for run_dir in map(Path, run_dirs):
+        if diverged(run_dir) is None:
+            return run_dir
+    first = Path(run_dirs[0])
+    if not any(tag in MAIN_TAGS for tag in scalar_tags(first)):
+        raise ConfigError(f"every run given diverged, and {first} before it logged anything: {diverged(first)}")
     return first
 
 
