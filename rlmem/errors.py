@@ -5,6 +5,11 @@ class ConfigError(ValueError):
     """A configuration, command-line or file error: the message names the key and the valid choices."""
 
 
+# The TensorBoard text tag under which a population's member records that it diverged: the train loop
+# writes it, and ``rlmem summary``/``rlmem plot`` read it to count the member as diverged.
+DIVERGED_TAG = "diverged"
+
+
 class TrainingDiverged(RuntimeError):
     """A loss, gradient, parameter or carried memory state stopped being finite.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlmem.errors import ConfigError
+from rlmem.errors import DIVERGED_TAG, ConfigError
 
 IGNORED_KEYS = {"train.seed", "train.run_dir", "train.name", "train.progress", "train.checkpoint_every"}
 
@@ -45,12 +45,12 @@ def _read_events(run_dir: str, files: tuple):  # ``files`` only keys the cache
 
 
 def diverged(run_dir: Path) -> str | None:
-    """What the run says about its divergence (the text ``diverged`` that a population's member that
-    diverged logs: it took no further steps from there), or None."""
-    accumulator = _events(run_dir)
-    if "diverged/text_summary" not in accumulator.Tags().get("tensors", []):
+    """What the run says about its divergence (the text under ``DIVERGED_TAG`` that a population's
+    member that diverged logs: it took no further steps from there), or None."""
+    accumulator, text_tag = _events(run_dir), f"{DIVERGED_TAG}/text_summary"  # where add_text puts it
+    if text_tag not in accumulator.Tags().get("tensors", []):
         return None
-    return accumulator.Tensors("diverged/text_summary")[-1].tensor_proto.string_val[0].decode()
+    return accumulator.Tensors(text_tag)[-1].tensor_proto.string_val[0].decode()
 
 
 def scalar_tags(run_dir: Path) -> list[str]:
@@ -193,16 +193,21 @@ def plot_runs(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = 0
     for label, dirs in group_runs(run_dirs, group_by).items():
+        # a diverged run's curve ends early, so it is left out of its group's band; a group whose runs
+        # all diverged is drawn from those that logged the tag, up to where the first of them stopped
+        finite = [d for d in dirs if diverged(d) is None]
+        if len(finite) < len(dirs):
+            label += f" ({len(dirs) - len(finite)} diverged)" if finite else f" (all {len(dirs)} diverged)"
+        shown = finite or [d for d in dirs if tag in scalar_tags(d)]
         curves = []
-        for d in dirs:  # each run's events read once (a diverged run's curve ends early: left out)
-            if diverged(d) is None:
-                steps, values = read_scalars(d, tag, until)
-                curves.append((steps, smooth(values, smoothing)))
-        if len(curves) < len(dirs):
-            label += f" ({len(dirs) - len(curves)} diverged)"
+        for d in shown:
+            steps, values = read_scalars(d, tag, until)
+            curves.append((steps, smooth(values, smoothing)))
         if not curves:
             continue
+        drawn += 1
         if len(curves) == 1:
             steps, values = curves[0]
             ax.plot(steps, values, label=label)
@@ -210,6 +215,9 @@ def plot_runs(
         end = min(s[-1] for s, _ in curves)
         grid = np.linspace(max(s[0] for s, _ in curves), end, 200)
         draw_mean_band(ax, grid, np.stack([np.interp(grid, s, v) for s, v in curves]), label)
+    if not drawn:
+        plt.close(fig)
+        raise ConfigError(f"nothing to draw: every run given diverged before it logged {tag!r}")
     ax.set_xlabel("environment steps")
     ax.set_ylabel(tag if smoothing <= 1 else f"{tag} (trailing mean of {smoothing} points)")
     if title:

@@ -45,7 +45,7 @@ from rlmem import config as cfg
 from rlmem.checkpoint import CHECKPOINT_NAME, exclusive_run_dir, load_checkpoint, save_checkpoint
 from rlmem.config import RunConfig
 from rlmem.distributed import Distributed, check_divides, launched_world_size
-from rlmem.errors import ConfigError, TrainingDiverged
+from rlmem.errors import DIVERGED_TAG, ConfigError, TrainingDiverged
 
 
 def resolve_device(name: str) -> torch.device:
@@ -288,7 +288,7 @@ def _announce_divergence(writer: Any, why: str, step: int, report: Callable[[str
     diverged: it takes no further steps, and its curves end here."""
     message = (f"member {Path(writer.log_dir).name} diverged by step {step}: non-finite {why}; it takes no "
                "further steps and the other members go on")
-    writer.add_text("diverged", message, step)
+    writer.add_text(DIVERGED_TAG, message, step)
     report(message)
 
 

@@ -273,6 +273,37 @@ def test_plot_and_summary_show_a_prediction_run_by_its_error_unless_told_otherwi
     assert main(["summary", neither, "--tag", "charts/value"]) == 0
 
 
+def test_plot_draws_a_group_whose_runs_all_diverged_up_to_where_they_stopped(tmp_path: Path, capsys, monkeypatch):
+    """A group whose every run diverged after logging is drawn (labelled so), not left out of the figure;
+    with nothing logged anywhere there is nothing to draw: one message, exit 2."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+    from torch.utils.tensorboard import SummaryWriter
+
+    def run(name: str, steps: tuple[int, ...], diverged_at: int | None) -> str:
+        writer = SummaryWriter(str(tmp_path / name))
+        for step in steps:
+            writer.add_scalar("charts/prediction_error", 0.1 * step, step)
+        if diverged_at is not None:
+            writer.add_text("diverged", f"member {name} diverged by step {diverged_at}", diverged_at)
+        writer.close()
+        return str(tmp_path / name)
+
+    labels: list[str] = []
+    drawn = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, *a, **kw: labels.append(kw.get("label")) or drawn(ax, *a, **kw))
+    blown = [run(f"blown_s{seed}", (1, 2, 3 + seed), 4 + seed) for seed in (0, 1)]
+    fine = run("fine_s0", (1, 2, 3, 4), None)
+    half = [run("half_s0", (1, 2), 3), run("half_s1", (1, 2, 3, 4), None)]
+    assert main(["plot", *blown, fine, *half, "-o", str(tmp_path / "p.png"), "--group-by", "name"]) == 0
+    assert labels == ["blown (all 2 diverged) (2 seeds)", "fine", "half (1 diverged)"]
+    silent = run("silent_s0", (), 1)
+    capsys.readouterr()
+    assert main(["plot", silent, "--tag", "charts/prediction_error", "-o", str(tmp_path / "q.png")]) == 2
+    assert "nothing to draw: every run given diverged before it logged" in capsys.readouterr().err
+    assert not (tmp_path / "q.png").exists()
+
+
 def test_bench_stream_ac_times_both_gradient_paths_and_checks_they_agree(capsys):
     args = ["bench", "stream_ac", "--envs", "1,3", "--hidden", "4", "--steps", "1", "--repeats", "1"]
     assert main(args) == 0
