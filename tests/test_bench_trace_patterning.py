@@ -4,6 +4,7 @@ it only when the settings match, and refuses bad arguments with exit status 2.""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -462,6 +463,9 @@ def test_a_stopped_population_is_continued_when_a_later_call_adds_seeds_and_step
     (line,) = bench.unfinished_runs(tmp_path / "train", 200, {0: [1.0, 1.0], 1: [1.0, 1.0]}, 100, 100)
     assert line.startswith(f"in progress: {stopped.name}: checkpoint at step 100 of 200, 4 members; error / V = 0 "
                            "over steps 0–100: lr 0.005 ") and ", lr 0.02 " in line  # both step sizes, 2 seeds each
+    assert re.search(r"lr 0\.005 \d+\.\d\d ± \d+\.\d\d \(median \d+\.\d\d\), lr 0\.02 ", line)
+    (spiking,) = bench.unfinished_runs(tmp_path / "train", 200, {0: [1e-9, 1e-9], 1: [1e-9, 1e-9]}, 100, 100)
+    assert re.search(r"lr 0\.005 [\d.]+e\+\d\d ± [\d.]+e\+\d\d \(median [\d.]+e\+\d\d\)", spiking)  # blown up
     monkeypatch.undo()
     capsys.readouterr()
 

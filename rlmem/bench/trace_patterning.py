@@ -500,9 +500,16 @@ def _error_so_far(run_dir: Path, config: RunConfig, step: int, zero: Mapping[int
         part = f"lr {lr:g}"
         if lr in ratios:
             mean, stderr = mean_stderr(ratios[lr])
-            part += f" {mean:.2f}" + (f" ± {stderr:.2f}" if len(ratios[lr]) > 1 else "")
+            part += f" {_ratio(mean)}"
+            if len(ratios[lr]) > 1:  # the median too: one member that blows up makes the mean its own
+                part += f" ± {_ratio(stderr)} (median {_ratio(statistics.median(ratios[lr]))})"
         parts.append(part + (f" ({stopped[lr]} diverged)" if lr in stopped else ""))
     return f"; error / V = 0 over steps {start:,}–{step:,}: {', '.join(parts)}"
+
+
+def _ratio(value: float) -> str:
+    """An error / V = 0 as the tables print it, and a run that has blown up by factors of millions legibly."""
+    return f"{value:.2f}" if value < 1000 else f"{value:.2g}"
 
 
 def zero_prediction_curves(seeds: Sequence[int], protocol: Protocol) -> list[list[float]]:
