@@ -264,7 +264,24 @@ def read_dotted(dotted: Sequence[str]) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(dotted))) if dotted else {}  # type: ignore[return-value]
     except (OmegaConfBaseException, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read overrides {' '.join(dotted)!r}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(_unreadable(dotted, err)) from None
+
+
+def _unreadable(dotted: Sequence[str], err: Exception) -> str:
+    """Which override YAML cannot read, and what it found there."""
+    for arg in dotted:  # the first that fails alone
+        try:
+            OmegaConf.from_dotlist([arg])
+        except (OmegaConfBaseException, yaml.YAMLError) as alone:
+            err = alone
+            break
+    else:
+        arg = " ".join(dotted)
+    problem = getattr(err, "problem", None)
+    message = f"cannot read override {arg!r}: " + (f"{problem} {err.context}" if problem else str(err).splitlines()[0])
+    if "{" in arg:  # the usual slip: YAML's flow mapping {key: value} needs the space after the colon
+        message += "; a mapping is written {key: value}, with a space after the colon"
+    return message
 
 
 def _typed(section: str, options_cls: type, values: Mapping[str, Any]) -> Any:

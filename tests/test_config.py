@@ -68,7 +68,10 @@ def test_registered_name_works_without_a_group_file():
         (["env.overlap=sometimes"], "env.overlap must be true, false or auto"),
         (["train.acting_threads=-1"], "train.acting_threads must be >= 0"),
         (["model.encoder=resnet999"], "model.encoder must be one of"),
-        (["memory.init_std=[1"], "cannot read overrides 'memory.init_std=[1'"),
+        (["memory.init_std=[1"], "cannot read override 'memory.init_std=[1': did not find expected ',' or ']'"),
+        (["train.seed=3", "train.population_grid={agent.lr:[1,2]}"],  # the override that fails, and the usual slip
+         "cannot read override 'train.population_grid={agent.lr:[1,2]}': found unexpected ':' while scanning a plain "
+         "scalar; a mapping is written {key: value}, with a space after the colon"),
     ],
 )
 def test_config_errors_name_the_key(args, fragment):
