@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlmem.errors import ConfigError, TrainingDiverged
+from rlmem.errors import ConfigError, TrainingDiverged, writable_dir
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOCK_NAME = ".lock"
@@ -232,7 +232,7 @@ def exclusive_run_dir(run_dir: Path) -> Iterator[None]:
 
     An advisory ``flock`` on ``RUN_DIR/.lock``, which names the holder's pid. Where there is no
     ``fcntl`` (Windows) nothing is locked."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    writable_dir(run_dir, "the run")
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX

@@ -23,7 +23,7 @@ from kernels.loader import build_command
 from rlmem import config as cfg
 from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from rlmem.distributed import check_divides
-from rlmem.errors import ConfigError, TrainingDiverged
+from rlmem.errors import ConfigError, TrainingDiverged, writable_dir
 from rlmem.evaluation import DEFAULT_EPISODES, DEFAULT_PREDICTION_STEPS, EVAL_SEED, EpisodeScores, evaluate_saved
 from rlmem.memory import CORES
 from rlmem.plot import GROUPINGS, MAIN_TAGS, diverged, main_tag, plot_runs, scalar_tags, summarize_runs, summary_table
@@ -219,6 +219,7 @@ def _cmd_list(ns: argparse.Namespace) -> int:
 def _cmd_plot(ns: argparse.Namespace) -> int:
     if ns.smooth < 1:
         raise ConfigError(f"--smooth must be a positive integer, got {ns.smooth}")
+    writable_dir(Path(ns.output).absolute().parent, "the figure")
     tag = ns.tag or main_tag(_first_not_diverged(ns.run_dirs))
     path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=tag, title=ns.title, smoothing=ns.smooth,
                      group_by=ns.group_by, until=ns.until)

@@ -1,5 +1,10 @@
 """Errors a user can cause. The CLI turns each into one message and exit status 2."""
 
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
 
 class ConfigError(ValueError):
     """A configuration, command-line or file error: the message names the key and the valid choices."""
@@ -21,3 +26,19 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, quantity: str) -> None:
         super().__init__(f"non-finite {quantity}")
         self.quantity = quantity
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """``path``, created if missing, once a file could be made in it: a folder the user named that cannot
+    be written (no permission, a read-only or missing mount) is a ConfigError naming ``what`` goes there,
+    found before any work is done rather than when its results are written."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"cannot write {what} in {path}: {existing} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot write {what} in {path}: {err.strerror or err}") from None
+    return path

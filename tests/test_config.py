@@ -105,6 +105,44 @@ def test_cli_user_errors_exit_2_with_one_message(argv, capsys):
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["train", "train.total_steps=8", "train.run_dir={blocked}/run"], "the run"),
+        (["plot", "{run}", "-o", "{blocked}/curves.png"], "the figure"),
+        (["bench", "population", "--members", "1", "--methods", "elstm", "--out", "{blocked}/table.json"], "the table"),
+        (["bench", "trace_patterning", "--methods", "elstm", "--out", "{blocked}/study"], "the runs, table and figure"),
+        (["bench", "trace_patterning", "--methods", "elstm", "--results", "{blocked}/saved"], "the finished runs"),
+        (["bench", "popgym", "--out", "{blocked}/suite"], "the runs, table and figure"),
+        (["bench", "robustness", "{run}", "--out", "{blocked}/report"], "the report"),
+    ],
+)
+def test_an_output_folder_that_cannot_be_written_is_one_message_before_any_work(argv, what, tmp_path: Path,
+                                                                                capsys):
+    """A file where a folder must go, or a folder this process may not write in: the command says so and
+    stops before it trains or measures anything."""
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    run = tmp_path / "run"
+    run.mkdir()
+    argv = [arg.format(blocked=blocked, run=run) for arg in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlmem: error: cannot write {what} in {blocked}") and len(err.splitlines()) == 1
+    assert err.endswith(f"{blocked} is a file, not a folder")
+
+
+def test_a_folder_that_cannot_be_written_says_why(tmp_path: Path, monkeypatch):
+    from rlmem.errors import writable_dir
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", refused)  # as for a folder without write permission
+    with pytest.raises(ConfigError, match=r"cannot write the run in .*/run: Permission denied$"):
+        writable_dir(tmp_path / "run", "the run")
+
+
 def test_broken_yaml_is_a_config_error(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("memory: {hidden_size: [\n")

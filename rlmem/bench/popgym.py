@@ -49,7 +49,7 @@ import numpy as np
 
 from rlmem import config as cfg
 from rlmem.checkpoint import load_checkpoint
-from rlmem.errors import ConfigError
+from rlmem.errors import ConfigError, writable_dir
 from rlmem.plot import read_scalars
 from rlmem.train import train
 
@@ -439,7 +439,7 @@ def run(argv: list[str]) -> None:
             raise ConfigError(f"--saved-only: none of these runs has finished under {out}")
         print(f"  leaving out {len(pending)} run(s) not finished yet", flush=True)
         pending = []
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "the runs, table and figure")
     if results:
         write_results(out, settings, results, tasks, cores)
 

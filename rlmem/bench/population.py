@@ -37,7 +37,7 @@ import torch
 from agents.population import POPULATIONS
 from rlmem.bench.measure import Column, Table, alternating_seconds, positive_ints, write_json
 from rlmem.bench.trace_patterning import METHODS, Protocol, run_config
-from rlmem.errors import ConfigError
+from rlmem.errors import ConfigError, writable_dir
 from rlmem.train import build
 
 DEFAULT_METHODS = ("elstm", "lru", "ccn", "lstm_tbptt15")
@@ -83,6 +83,8 @@ def run(argv: list[str]) -> None:
         raise ConfigError("--steps and --repeats must be positive")
     if args.stage < 0:
         raise ConfigError(f"--stage must be >= 0, got {args.stage}")
+    if args.out is not None:
+        writable_dir(args.out.absolute().parent, "the table")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: no CUDA device is available here")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rlmem.bench.measure import markdown_table, write_json
-from rlmem.errors import ConfigError
+from rlmem.errors import ConfigError, writable_dir
 from rlmem.evaluation import EVAL_SEED, evaluate_at_noise_levels
 from rlmem.plot import draw_mean_band, group_runs
 
@@ -101,8 +101,8 @@ def run(argv: Sequence[str]) -> None:
     sigmas = _sigmas(ns.sigmas)
     if ns.episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {ns.episodes}")
+    out = writable_dir(Path(ns.out), "the report")
     results = measure([Path(d) for d in ns.run_dirs], sigmas, ns.episodes, ns.greedy, ns.seed, ns.num_envs)
-    out = Path(ns.out)
     write_report(results, out)
     print((out / "results.md").read_text(), end="")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'robustness.png'}")

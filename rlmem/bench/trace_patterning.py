@@ -116,7 +116,7 @@ from envs import make_env
 from rlmem.bench.measure import Column, Table, write_json
 from rlmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from rlmem.config import RunConfig, is_population, load_saved, member_run_dir, population_members, read_dotted, resolve
-from rlmem.errors import ConfigError
+from rlmem.errors import ConfigError, writable_dir
 from rlmem.memory import core_options
 from rlmem.plot import read_scalars
 from rlmem.train import RESUMABLE_OPTIONS, build, train
@@ -920,8 +920,10 @@ def run(argv: list[str]) -> None:
     variants = {name: list({v.lr: v for v in (swept(chosen[name], f) for f in lr_factors)}.values())
                 for name in methods}
 
-    out = Path(args.out or f"runs/bench/{args.task}")
+    out = writable_dir(Path(args.out or f"runs/bench/{args.task}"), "the runs, table and figure")
     saved = Path(args.results) if args.results else out / "runs"
+    if args.results and not args.saved_only:  # --saved-only only reads them
+        writable_dir(saved, "the finished runs")
     # The V = 0 reference steps the same streams, so it runs (and is saved) like a method.
     chosen["zero"] = ZERO
     protocol = Protocol(args.task, args.steps, args.log_every, args.num_envs)
