@@ -690,10 +690,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("DEVICE " + json.dumps(device_info()), flush=True)
         return 0
     out = ns.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     log_path = out / "gpu_check.log"
-    log_path.write_text(f"rlmem gpu check: {sys.executable} (Python {sys.version.split()[0]}), "
-                        f"repository {REPO_ROOT}\n", encoding="utf-8")
+    try:  # before any step runs: on a lent machine a late failure costs the whole window
+        out.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(f"rlmem gpu check: {sys.executable} (Python {sys.version.split()[0]}), "
+                            f"repository {REPO_ROOT}\n", encoding="utf-8")
+    except OSError as err:
+        print(f"rlmem.gpu_check: error: cannot write in --out {out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     # The children import the repository's packages, whatever the working folder.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)

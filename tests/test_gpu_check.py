@@ -43,6 +43,14 @@ def test_bad_arguments_exit_2_with_one_line(argv, capsys):
     assert err.startswith("rlmem.gpu_check: error:") and "\n" not in err
 
 
+def test_an_out_folder_that_cannot_be_written_exits_2_before_any_step(tmp_path: Path, capsys):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    assert gpu_check.main(["--out", str(blocked / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlmem.gpu_check: error: cannot write in --out {blocked}/out") and "\n" not in err
+
+
 def test_arguments_defaults_and_choices():
     ns = gpu_check.parse_args([])
     assert ns.out == gpu_check.DEFAULT_OUT and ns.only is None
