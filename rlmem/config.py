@@ -314,6 +314,10 @@ def resolve(
     unknown = sorted(set(base) - {*SECTIONS, "defaults"})
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}; valid sections: {', '.join((*SECTIONS, 'defaults'))}")
+    for section in SECTIONS:
+        if not isinstance(base.get(section) or {}, Mapping):
+            raise ConfigError(f"section {section} must map its keys to values, e.g. {section}: {{key: value}}; "
+                              f"got {base[section]!r}")
     defaults = base.get("defaults") or {}
     if not isinstance(defaults, Mapping) or set(defaults) - set(GROUPS):
         raise ConfigError(f"defaults must map groups to choices, e.g. {{memory: gru}}; groups: {', '.join(GROUPS)}")

@@ -148,6 +148,9 @@ def test_broken_yaml_is_a_config_error(tmp_path: Path):
     bad.write_text("memory: {hidden_size: [\n")
     with pytest.raises(ConfigError, match="cannot read config file"):
         cfg.load(str(bad))
+    bad.write_text("memory: [1, 2]\n")  # valid YAML, but not a section
+    with pytest.raises(ConfigError, match=r"section memory must map its keys to values, .*; got \[1, 2\]"):
+        cfg.load(str(bad))
 
 
 def _resolves(config_path: str | None, args: list[str]) -> None:
