@@ -29,9 +29,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def writable_dir(path: Path, what: str) -> Path:
-    """``path``, created if missing, once a file could be made in it: a folder the user named that cannot
-    be written (no permission, a read-only or missing mount) is a ConfigError naming ``what`` goes there,
-    found before any work is done rather than when its results are written."""
+    """``path``, created if missing, once a file could be made in it. A folder the user named that cannot
+    be written (a file in the way, no permission, a read-only mount) is a ConfigError that names
+    ``what`` was to go there, raised before any work is done rather than when the results are written."""
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ConfigError(f"cannot write {what} in {path}: {existing} is a file, not a folder")
