@@ -220,29 +220,43 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
     if ns.smooth < 1:
         raise ConfigError(f"--smooth must be a positive integer, got {ns.smooth}")
     writable_dir(Path(ns.output).absolute().parent, "the figure")
-    tag = ns.tag or main_tag(_first_not_diverged(ns.run_dirs))
-    path = plot_runs([Path(d) for d in ns.run_dirs], Path(ns.output), tag=tag, title=ns.title, smoothing=ns.smooth,
+    run_dirs = _with_members(ns.run_dirs)
+    tag = ns.tag or main_tag(_first_not_diverged(run_dirs))
+    path = plot_runs(run_dirs, Path(ns.output), tag=tag, title=ns.title, smoothing=ns.smooth,
                      group_by=ns.group_by, until=ns.until)
     print(f"wrote {path}")
     return 0
 
 
-def _first_not_diverged(run_dirs: list[str]) -> Path:
+def _with_members(run_dirs: list[str]) -> list[Path]:
+    """The runs to read: a population's run dir stands for its members (each logs as its own run under
+    ``members/``, and they group like separate seeds and step sizes); other run dirs as given."""
+    expanded = []
+    for run_dir in map(Path, run_dirs):
+        members = run_dir / "members"
+        if members.is_dir() and (run_dir / "config.yaml").is_file() and cfg.is_population(cfg.load_saved(run_dir)):
+            expanded += sorted(p for p in members.iterdir() if (p / "config.yaml").is_file())
+        else:
+            expanded.append(run_dir)
+    return expanded
+
+
+def _first_not_diverged(run_dirs: list[Path]) -> Path:
     """The run whose tags choose the main tag: the first that did not diverge (one that diverged in its
     first iteration logged no scalar). ConfigError where every run diverged before logging any."""
-    for run_dir in map(Path, run_dirs):
+    for run_dir in run_dirs:
         if diverged(run_dir) is None:
             return run_dir
-    first = Path(run_dirs[0])
+    first = run_dirs[0]
     if not any(tag in MAIN_TAGS for tag in scalar_tags(first)):
         raise ConfigError(f"every run given diverged, and {first} before it logged anything: {diverged(first)}")
     return first
 
 
 def _cmd_summary(ns: argparse.Namespace) -> int:
-    tag = ns.tag or main_tag(_first_not_diverged(ns.run_dirs))
-    summaries = summarize_runs([Path(d) for d in ns.run_dirs], tag, ns.threshold, ns.final_fraction, ns.window,
-                               ns.group_by, ns.until)
+    run_dirs = _with_members(ns.run_dirs)
+    tag = ns.tag or main_tag(_first_not_diverged(run_dirs))
+    summaries = summarize_runs(run_dirs, tag, ns.threshold, ns.final_fraction, ns.window, ns.group_by, ns.until)
     print(summary_table(summaries, tag, ns.final_fraction))
     return 0
 

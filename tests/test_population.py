@@ -464,6 +464,10 @@ def test_a_run_goes_on_past_a_diverged_member_and_says_so(tmp_path: Path, capsys
     table = capsys.readouterr().out
     assert "| lr=1e+200 | 1 | — | — (1 of 1 diverged) |" in table and "| lr=0.01 | 1 | 0.1k | 0." in table
     assert main(["plot", *runs, "--out", str(tmp_path / "curves.png")]) == 0
+    assert main(["summary", str(tmp_path / "run")]) == 0  # the population's run dir stands for its members
+    whole = capsys.readouterr().out
+    assert "| lr=1e+200 | 1 | — | — (1 of 1 diverged) |" in whole and "| lr=0.01 | 1 | 0.1k | 0." in whole
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "population.png")]) == 0
     assert main(["summary", runs[0]]) == 2
     assert "every run given diverged, and" in capsys.readouterr().err
     config = cfg.load_saved(tmp_path / "run", ["train.total_steps=140"])
