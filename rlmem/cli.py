@@ -233,9 +233,11 @@ def _with_members(run_dirs: list[str]) -> list[Path]:
     ``members/``, and they group like separate seeds and step sizes); other run dirs as given."""
     expanded = []
     for run_dir in map(Path, run_dirs):
-        members = run_dir / "members"
-        if members.is_dir() and (run_dir / "config.yaml").is_file() and cfg.is_population(cfg.load_saved(run_dir)):
-            expanded += sorted(p for p in members.iterdir() if (p / "config.yaml").is_file())
+        population = (run_dir / "members").is_dir() and (run_dir / "config.yaml").is_file()
+        config = cfg.load_saved(run_dir) if population else None  # other runs' configs are not read here
+        if config is not None and cfg.is_population(config):
+            grid = config.train.population_grid
+            expanded += [cfg.member_run_dir(run_dir, member, grid) for member in cfg.population_members(config)]
         else:
             expanded.append(run_dir)
     return expanded

@@ -984,7 +984,6 @@ def run(argv: list[str]) -> None:
     sweep_rows = summarise(results, [m for m in [*methods, "zero"] if any(r["method"] == m for r in results)],
                            args.log_every, args.window, {name: chosen[name].label for name in methods})
     rows = best_rows(sweep_rows)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {**dataclasses.asdict(protocol), "seeds": args.seeds, "window": args.window,
                 "gamma": GAMMA, "lam": LAM, "lr": {m: chosen[m].lr for m in methods}}
     if len(lr_factors) > 1:
